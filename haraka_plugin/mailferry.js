@@ -1,0 +1,302 @@
+// mailferry: Haraka queue plugin — spool each message durably, publish it to RabbitMQ on a
+// confirm channel, and answer 250 only after the broker has confirmed it.
+'use strict'
+
+const fsp = require('node:fs/promises')
+const path = require('node:path')
+const { PassThrough } = require('node:stream')
+
+const constants = require('haraka-constants')
+
+// All state lives on the plugin object (this.*), never at module level: Haraka may load the
+// module more than once (cluster workers, tests) and each instance owns its own connection.
+
+exports.register = function () {
+  this.load_config()
+  this.amqp = null // { connection, channel } while usable, null otherwise
+  this.connecting = false
+  this.closing = false
+  this.reconnect_timer = null
+  this.backoff_ms = this.cfg.amqp.reconnect_initial * 1000
+  this.blocked = null // reason string while the broker blocks publishers (resource alarm)
+  this.pending = new Map() // messageId -> { returned } for publishes awaiting their confirm
+  this.register_hook('queue', 'queue_to_rabbitmq')
+}
+
+exports.load_config = function () {
+  const ini = this.config.get('mailferry.ini', { booleans: [] }, () => {
+    // A config reload changes names and timeouts for new messages; the live connection keeps
+    // its URL until it drops (reconnecting on every edit would bounce in-flight publishes).
+    this.load_config()
+  })
+  const amqp = ini.amqp ?? {}
+  const main = ini.main ?? {}
+  this.cfg = {
+    spool_dir: path.resolve(String(main.spool_dir ?? 'var/spool')),
+    amqp: {
+      url: String(amqp.url ?? 'amqp://guest:guest@127.0.0.1:5672/%2F'),
+      exchange: String(amqp.exchange ?? 'mailferry'),
+      routing_key: String(amqp.routing_key ?? 'inbound'),
+      publish_timeout: positive(amqp.publish_timeout, 10),
+      reconnect_initial: positive(amqp.reconnect_initial, 1),
+      reconnect_max: positive(amqp.reconnect_max, 30),
+      heartbeat: positive(amqp.heartbeat, 30),
+    },
+  }
+}
+
+function positive(value, fallback) {
+  const n = Number(value)
+  return Number.isFinite(n) && n > 0 ? n : fallback
+}
+
+// ── Lifecycle ────────────────────────────────────────────────────────────────────────────
+
+// Single process: init_master runs in the one process that also takes SMTP connections.
+// Cluster (smtp.ini nodes>0): the master takes no mail, so only the workers connect.
+exports.hook_init_master = function (next, server) {
+  if (!server?.cluster) this.connect()
+  next()
+}
+
+exports.hook_init_child = function (next) {
+  this.connect()
+  next()
+}
+
+exports.shutdown = function () {
+  this.closing = true
+  clearTimeout(this.reconnect_timer)
+  this.reconnect_timer = null
+  const amqp = this.amqp
+  this.amqp = null
+  if (amqp) amqp.connection.close().catch(() => {})
+}
+
+// The one place that builds an AMQP connection; tests replace this method with a fake.
+exports.amqp_connect = async function (cfg) {
+  const amqplib = require('amqplib')
+  const connection = await amqplib.connect(cfg.url, {
+    heartbeat: cfg.heartbeat,
+    clientProperties: { connection_name: `haraka mailferry pid ${process.pid}` },
+  })
+  try {
+    const channel = await connection.createConfirmChannel()
+    // Only the exchange: the consumer side declares and binds mailferry.inbound. These options
+    // must match the Python declaration exactly or RabbitMQ closes the channel (406).
+    await channel.assertExchange(cfg.exchange, 'direct', { durable: true })
+    return { connection, channel }
+  } catch (err) {
+    connection.close().catch(() => {})
+    throw err
+  }
+}
+
+exports.connect = async function () {
+  if (this.closing || this.connecting || this.amqp) return
+  this.connecting = true
+  try {
+    const amqp = await this.amqp_connect(this.cfg.amqp)
+    if (this.closing) {
+      amqp.connection.close().catch(() => {})
+      return
+    }
+    this.watch(amqp)
+    this.amqp = amqp
+    this.blocked = null
+    this.backoff_ms = this.cfg.amqp.reconnect_initial * 1000
+    this.loginfo(`connected to RabbitMQ, publishing to exchange ${this.cfg.amqp.exchange}`)
+  } catch (err) {
+    this.logwarn(`cannot reach RabbitMQ: ${err.message}`)
+    this.schedule_reconnect()
+  } finally {
+    this.connecting = false
+  }
+}
+
+exports.watch = function (amqp) {
+  const { connection, channel } = amqp
+  // An 'error' without a listener would be rethrown and take Haraka down; the matching
+  // 'close' follows and drives the reconnect.
+  connection.on('error', (err) => this.logerror(`RabbitMQ connection error: ${err.message}`))
+  channel.on('error', (err) => this.logerror(`RabbitMQ channel error: ${err.message}`))
+  connection.on('close', () => this.lost(amqp, 'connection closed'))
+  channel.on('close', () => this.lost(amqp, 'channel closed'))
+  // Publishes stall while RabbitMQ blocks publishers (memory or disk alarm): answer 4xx at
+  // once instead of holding the sender for the whole publish timeout.
+  connection.on('blocked', (reason) => {
+    this.blocked = String(reason || 'resource alarm')
+    this.logwarn(`RabbitMQ blocked publishers: ${this.blocked}`)
+  })
+  connection.on('unblocked', () => {
+    this.blocked = null
+    this.loginfo('RabbitMQ unblocked publishers')
+  })
+  channel.on('return', (msg) => this.on_return(msg))
+}
+
+exports.lost = function (amqp, why) {
+  // Channel and connection both close on most failures; act once, for the current pair only.
+  if (this.amqp !== amqp) return
+  this.amqp = null
+  this.logwarn(`lost RabbitMQ (${why}); reconnecting`)
+  // A channel can die (e.g. 406 on the exchange) under a live connection: drop both, start clean.
+  amqp.connection.close().catch(() => {})
+  this.schedule_reconnect()
+}
+
+exports.schedule_reconnect = function () {
+  if (this.closing || this.reconnect_timer) return
+  const delay = this.backoff_ms
+  this.backoff_ms = Math.min(delay * 2, this.cfg.amqp.reconnect_max * 1000)
+  this.logdebug(`reconnecting to RabbitMQ in ${delay} ms`)
+  this.reconnect_timer = setTimeout(() => {
+    this.reconnect_timer = null
+    this.connect()
+  }, delay)
+  // Never keep the process (or a test run) alive just to reconnect.
+  this.reconnect_timer.unref?.()
+}
+
+// ── Queue hook ───────────────────────────────────────────────────────────────────────────
+
+exports.queue_to_rabbitmq = function (next, connection) {
+  const txn = connection.transaction
+  // Same convention as Haraka's own queue plugins: step aside when another queue is wanted.
+  const wants = txn.notes.get('queue.wants')
+  if (wants && wants !== 'mailferry') return next()
+
+  const unavailable = this.unavailable()
+  if (unavailable) return next(constants.denysoft, unavailable)
+
+  const id = path.basename(txn.uuid) // a transaction uuid never holds '/', but never trust a name
+  const incoming = path.join(this.cfg.spool_dir, 'incoming')
+  const final = path.join(incoming, `${id}.eml`)
+
+  this.spool(txn, incoming, id)
+    .then((size) => this.publish(this.inbound_body(connection, id, size), id))
+    .then(
+      () => {
+        this.loginfo(`published ${id} to RabbitMQ`, connection)
+        next(constants.ok, `queued as ${id}`)
+      },
+      (err) => {
+        this.logwarn(`not queued: ${err.message}`, connection)
+        // The sender will retry, so leave nothing behind for the consumer or the sweeper.
+        fsp.rm(final, { force: true }).finally(() => next(constants.denysoft, err.message))
+      },
+    )
+}
+
+// Why mail cannot be accepted right now, or null.
+exports.unavailable = function () {
+  if (!this.amqp) return 'mail queue unavailable (no connection to RabbitMQ), try again later'
+  if (this.blocked) return `mail queue busy (RabbitMQ: ${this.blocked}), try again later`
+  return null
+}
+
+// Write <incoming>/.<id>.tmp, fsync, rename to <id>.eml, fsync the folder: after this the file
+// survives a crash, and a reader never sees a half-written .eml. Resolves to the size in bytes.
+exports.spool = async function (txn, incoming, id) {
+  await fsp.mkdir(incoming, { recursive: true })
+  const tmp = path.join(incoming, `.${id}.tmp`)
+  let size = 0
+  const file = await fsp.open(tmp, 'wx', 0o640)
+  try {
+    const raw = new PassThrough()
+    // dot_stuffed false: the file holds the message itself, not its SMTP wire form.
+    txn.message_stream.pipe(raw, { dot_stuffed: false, line_endings: '\r\n' })
+    for await (const chunk of raw) {
+      await file.write(chunk)
+      size += chunk.length
+    }
+    await file.sync()
+  } catch (err) {
+    await fsp.rm(tmp, { force: true })
+    throw new Error(`cannot spool message: ${err.message}`)
+  } finally {
+    await file.close()
+  }
+  await fsp.rename(tmp, path.join(incoming, `${id}.eml`))
+  const dir = await fsp.open(incoming, 'r')
+  try {
+    await dir.sync()
+  } finally {
+    await dir.close()
+  }
+  return size
+}
+
+// The mailferry.inbound contract (v1), see DESIGN.md.
+exports.inbound_body = function (connection, id, size) {
+  const txn = connection.transaction
+  return {
+    v: 1,
+    spool_path: `incoming/${id}.eml`,
+    queue_id: id,
+    mail_from: bare(txn.mail_from),
+    rcpt_to: txn.rcpt_to.map(bare),
+    size,
+    received_at: new Date().toISOString(),
+    remote_ip: connection.remote?.ip ?? '',
+    helo: connection.hello?.host ?? '',
+  }
+}
+
+// Bare address ("" for the null sender). @haraka/email-address 3 has a getter; older
+// address-rfc2821 objects have a method.
+function bare(addr) {
+  if (!addr) return ''
+  const a = typeof addr.address === 'function' ? addr.address() : addr.address
+  return a ?? ''
+}
+
+// Resolve on the broker's ack; reject on nack, return (unroutable), timeout or a dead channel.
+exports.publish = function (body, id) {
+  return new Promise((resolve, reject) => {
+    const unavailable = this.unavailable()
+    if (unavailable) return reject(new Error(unavailable))
+    const { exchange, routing_key, publish_timeout } = this.cfg.amqp
+
+    const entry = { returned: null }
+    let settled = false
+    const finish = (err) => {
+      if (settled) return
+      settled = true
+      clearTimeout(timer)
+      this.pending.delete(id)
+      err ? reject(err) : resolve()
+    }
+    const timer = setTimeout(
+      () => finish(new Error(`mail queue timeout (no confirm from RabbitMQ in ${publish_timeout} s), try again later`)),
+      publish_timeout * 1000,
+    )
+    this.pending.set(id, entry)
+
+    try {
+      this.amqp.channel.publish(
+        exchange,
+        routing_key,
+        Buffer.from(JSON.stringify(body), 'utf8'),
+        { persistent: true, mandatory: true, contentType: 'application/json', messageId: id },
+        (err) => {
+          if (err) return finish(new Error('mail queue refused the message (RabbitMQ nack), try again later'))
+          // RabbitMQ sends basic.return before the ack of the same message, so a returned
+          // message is already marked here even though it is "acked".
+          if (entry.returned) return finish(new Error(`mail queue cannot route the message (${entry.returned}), try again later`))
+          finish()
+        },
+      )
+    } catch (err) {
+      finish(new Error(`mail queue publish failed (${err.message}), try again later`))
+    }
+  })
+}
+
+exports.on_return = function (msg) {
+  const id = msg?.properties?.messageId
+  const entry = this.pending.get(id)
+  const why = `${msg?.fields?.replyCode ?? ''} ${msg?.fields?.replyText ?? 'returned'}`.trim()
+  if (entry) entry.returned = why
+  this.logwarn(`RabbitMQ returned ${id}: ${why}`)
+}
