@@ -204,8 +204,10 @@ exports.spool = async function (txn, incoming, id) {
   const file = await fsp.open(tmp, 'wx', 0o640)
   try {
     const raw = new PassThrough()
-    // dot_stuffed false: the file holds the message itself, not its SMTP wire form.
-    txn.message_stream.pipe(raw, { dot_stuffed: false, line_endings: '\r\n' })
+    // The file holds the message itself, not its SMTP wire form. In haraka-message-stream
+    // `dot_stuffed: true` means "the stored lines are dot-stuffed: unstuff them" (its docs read
+    // the other way round; the tests pin the behaviour). CRLF as received.
+    txn.message_stream.pipe(raw, { dot_stuffed: true, line_endings: '\r\n' })
     for await (const chunk of raw) {
       await file.write(chunk)
       size += chunk.length

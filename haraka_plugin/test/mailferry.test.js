@@ -1,0 +1,287 @@
+// Unit tests of the mailferry queue plugin against a fake AMQP channel at the amqp_connect seam.
+'use strict'
+
+const assert = require('node:assert/strict')
+const fs = require('node:fs')
+const fsp = require('node:fs/promises')
+const path = require('node:path')
+const { describe, it } = require('node:test')
+
+const constants = require('haraka-constants')
+const { callQueue, assertOk, assertDeny, assertCont } = require('haraka-test-fixtures')
+
+const { FIXTURE, fakeBroker, makeMailferry, makeMailConnection, spoolFiles, waitFor } = require('./helpers')
+
+async function connected(t, opts = {}) {
+  const broker = fakeBroker()
+  broker.mode = opts.mode ?? 'ack'
+  const plugin = makeMailferry(t, broker, opts.cfg)
+  await plugin.connect()
+  assert.ok(plugin.amqp, 'plugin should be connected to the fake broker')
+  return { broker, plugin }
+}
+
+describe('queue hook', () => {
+  it('answers OK with the queue id after the broker acks', async (t) => {
+    const { plugin } = await connected(t)
+    const conn = makeMailConnection()
+    const r = await callQueue(plugin, conn)
+    assertOk(r, new RegExp(`^queued as ${conn.transaction.uuid.replace('.', '\\.')}$`))
+  })
+
+  it('keeps the spool file, written in full before publishing', async (t) => {
+    const { broker, plugin } = await connected(t)
+    const conn = makeMailConnection()
+    const id = conn.transaction.uuid
+    const eml = path.join(plugin.cfg.spool_dir, 'incoming', `${id}.eml`)
+    let at_publish = null
+    broker.channel.on_publish = () => {
+      at_publish = fs.readFileSync(eml)
+    }
+    assertOk(await callQueue(plugin, conn))
+
+    const expected = fs.readFileSync(FIXTURE) // CRLF, un-dot-stuffed, Received header kept
+    assert.deepEqual(at_publish, expected, 'the consumer may read the file as soon as it is published')
+    assert.deepEqual(fs.readFileSync(eml), expected)
+    assert.deepEqual(spoolFiles(plugin), [`${id}.eml`], 'no temporary file is left behind')
+  })
+
+  it('fsyncs the temporary file, renames it, then fsyncs the folder, before publishing', async (t) => {
+    const { broker, plugin } = await connected(t)
+    const conn = makeMailConnection()
+    const incoming = path.join(plugin.cfg.spool_dir, 'incoming')
+    const id = conn.transaction.uuid
+    const ops = []
+    const realOpen = fsp.open
+    t.mock.method(fsp, 'open', async (file, ...rest) => {
+      const handle = await realOpen(file, ...rest)
+      const realSync = handle.sync.bind(handle)
+      handle.sync = async () => {
+        ops.push(`sync ${path.basename(file)}`)
+        return realSync()
+      }
+      return handle
+    })
+    const realRename = fsp.rename
+    t.mock.method(fsp, 'rename', async (from, to) => {
+      ops.push(`rename ${path.basename(from)} ${path.basename(to)}`)
+      return realRename(from, to)
+    })
+    broker.channel.on_publish = () => ops.push('publish')
+
+    assertOk(await callQueue(plugin, conn))
+    assert.deepEqual(ops, [
+      `sync .${id}.tmp`,
+      `rename .${id}.tmp ${id}.eml`,
+      `sync ${path.basename(incoming)}`,
+      'publish',
+    ])
+  })
+
+  it('publishes the inbound contract with every envelope recipient', async (t) => {
+    const { broker, plugin } = await connected(t)
+    const conn = makeMailConnection()
+    const id = conn.transaction.uuid
+    const before = Date.now()
+    assertOk(await callQueue(plugin, conn))
+
+    assert.equal(broker.channel.published.length, 1)
+    const [call] = broker.channel.published
+    assert.equal(call.exchange, 'mailferry')
+    assert.equal(call.routingKey, 'inbound')
+    assert.deepEqual(call.options, {
+      persistent: true,
+      mandatory: true,
+      contentType: 'application/json',
+      messageId: id,
+    })
+    const { received_at, ...rest } = call.body
+    assert.deepEqual(rest, {
+      v: 1,
+      spool_path: `incoming/${id}.eml`,
+      queue_id: id,
+      mail_from: 'sender@example.org',
+      rcpt_to: ['first@example.com', 'second@example.com', 'bcc-only@example.net'],
+      size: fs.statSync(FIXTURE).size,
+      remote_ip: '192.0.2.7',
+      helo: 'mx.example.net',
+    })
+    assert.match(received_at, /^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$/)
+    assert.ok(Date.parse(received_at) >= before - 1000)
+  })
+
+  it('sends the null sender as an empty mail_from', async (t) => {
+    const { broker, plugin } = await connected(t)
+    const conn = makeMailConnection({ mailFrom: '<>', rcptTo: ['postmaster@example.com'] })
+    assertOk(await callQueue(plugin, conn))
+    assert.equal(broker.channel.published[0].body.mail_from, '')
+    assert.deepEqual(broker.channel.published[0].body.rcpt_to, ['postmaster@example.com'])
+  })
+
+  it('answers DENYSOFT and removes the spool file when the broker nacks', async (t) => {
+    const { plugin } = await connected(t, { mode: 'nack' })
+    const r = await callQueue(plugin, makeMailConnection())
+    assertDeny(r, /nack/, constants.denysoft)
+    assert.deepEqual(spoolFiles(plugin), [])
+  })
+
+  it('answers DENYSOFT when the message is returned as unroutable, though its ack follows', async (t) => {
+    const { plugin } = await connected(t, { mode: 'return' })
+    const r = await callQueue(plugin, makeMailConnection())
+    assertDeny(r, /cannot route.*312 NO_ROUTE/, constants.denysoft)
+    assert.deepEqual(spoolFiles(plugin), [])
+    assert.equal(plugin.pending.size, 0)
+  })
+
+  it('does not blame a message for the return of another one', async (t) => {
+    const { broker, plugin } = await connected(t)
+    broker.channel.on_publish = () =>
+      broker.channel.emit('return', {
+        fields: { replyCode: 312, replyText: 'NO_ROUTE' },
+        properties: { messageId: 'someone-else.1' },
+      })
+    assertOk(await callQueue(plugin, makeMailConnection()))
+  })
+
+  it('answers DENYSOFT when no confirm arrives in time, and ignores the late one', async (t) => {
+    const { broker, plugin } = await connected(t, { mode: 'silent', cfg: { publish_timeout: 0.05 } })
+    const started = Date.now()
+    const r = await callQueue(plugin, makeMailConnection())
+    assertDeny(r, /timeout/, constants.denysoft)
+    assert.ok(Date.now() - started < 1000)
+    assert.deepEqual(spoolFiles(plugin), [])
+    assert.equal(plugin.pending.size, 0)
+    assert.equal(broker.channel.published.length, 1)
+  })
+
+  it('answers DENYSOFT without touching the spool when there is no connection', async (t) => {
+    const broker = fakeBroker()
+    const plugin = makeMailferry(t, broker)
+    const r = await callQueue(plugin, makeMailConnection())
+    assertDeny(r, /no connection to RabbitMQ/, constants.denysoft)
+    assert.deepEqual(spoolFiles(plugin), [])
+  })
+
+  it('answers DENYSOFT when the channel dies between spooling and publishing', async (t) => {
+    const { broker, plugin } = await connected(t)
+    broker.channel.publish = () => {
+      throw new Error('Channel closed')
+    }
+    const r = await callQueue(plugin, makeMailConnection())
+    assertDeny(r, /Channel closed/, constants.denysoft)
+    assert.deepEqual(spoolFiles(plugin), [])
+  })
+
+  it('answers DENYSOFT at once while the broker blocks publishers', async (t) => {
+    const { broker, plugin } = await connected(t)
+    broker.connection.emit('blocked', 'low on disk')
+    assertDeny(await callQueue(plugin, makeMailConnection()), /low on disk/, constants.denysoft)
+    broker.connection.emit('unblocked')
+    assertOk(await callQueue(plugin, makeMailConnection()))
+  })
+
+  it('steps aside when the transaction wants another queue', async (t) => {
+    const { broker, plugin } = await connected(t)
+    const conn = makeMailConnection()
+    conn.transaction.notes.set('queue.wants', 'smtp_forward')
+    assertCont(await callQueue(plugin, conn))
+    assert.equal(broker.channel.published.length, 0)
+  })
+})
+
+describe('connection lifecycle', () => {
+  it('gives 4xx while the broker is down at start, then 250 once it appears, without a restart', async (t) => {
+    const broker = fakeBroker()
+    broker.down = true
+    const plugin = makeMailferry(t, broker)
+    await plugin.hook_init_master(() => {}, {}) // single process: the master connects
+    await waitFor(() => broker.attempts >= 2)
+    assertDeny(await callQueue(plugin, makeMailConnection()), /no connection/, constants.denysoft)
+
+    broker.down = false
+    await waitFor(() => plugin.amqp !== null)
+    assertOk(await callQueue(plugin, makeMailConnection()))
+  })
+
+  it('survives an error event and reconnects after the connection drops', async (t) => {
+    const { broker, plugin } = await connected(t)
+    const first = broker.connection
+    broker.down = true
+    first.emit('error', new Error('Heartbeat timeout')) // would crash Haraka without a listener
+    first.emit('close')
+    broker.channel.emit('close') // both close on a broker loss; act once
+    assert.equal(plugin.amqp, null)
+    assertDeny(await callQueue(plugin, makeMailConnection()), /no connection/, constants.denysoft)
+
+    broker.down = false
+    await waitFor(() => plugin.amqp !== null)
+    assert.notEqual(broker.connection, first)
+    assertOk(await callQueue(plugin, makeMailConnection()))
+  })
+
+  it('drops the connection and starts over when only the channel dies', async (t) => {
+    const { broker, plugin } = await connected(t)
+    const first = broker.connection
+    broker.channel.emit('error', new Error('PRECONDITION_FAILED - inequivalent arg'))
+    broker.channel.emit('close')
+    assert.equal(first.closed, true)
+    await waitFor(() => plugin.amqp !== null && broker.connection !== first)
+    assertOk(await callQueue(plugin, makeMailConnection()))
+  })
+
+  it('backs off exponentially up to the configured maximum', async (t) => {
+    const broker = fakeBroker()
+    broker.down = true
+    const plugin = makeMailferry(t, broker, { reconnect_initial: 0.01, reconnect_max: 0.04 })
+    const delays = []
+    const realSchedule = plugin.schedule_reconnect
+    plugin.schedule_reconnect = function () {
+      if (!this.reconnect_timer) delays.push(this.backoff_ms)
+      return realSchedule.call(this)
+    }
+    await plugin.connect()
+    await waitFor(() => delays.length >= 5)
+    assert.deepEqual(delays.slice(0, 5), [10, 20, 40, 40, 40])
+
+    broker.down = false
+    await waitFor(() => plugin.amqp !== null)
+    assert.equal(plugin.backoff_ms, 10, 'a successful connect resets the backoff')
+  })
+
+  it('connects in cluster workers, not in the cluster master', async (t) => {
+    const broker = fakeBroker()
+    const plugin = makeMailferry(t, broker)
+    plugin.hook_init_master(() => {}, { cluster: {} })
+    await new Promise((r) => setImmediate(r))
+    assert.equal(broker.attempts, 0)
+    plugin.hook_init_child(() => {}, {})
+    await waitFor(() => plugin.amqp !== null)
+  })
+
+  it('closes the connection on shutdown and stops reconnecting', async (t) => {
+    const { broker, plugin } = await connected(t)
+    plugin.shutdown()
+    assert.equal(broker.connection.closed, true)
+    const attempts = broker.attempts
+    await new Promise((r) => setTimeout(r, 60))
+    assert.equal(broker.attempts, attempts)
+    assert.equal(plugin.amqp, null)
+  })
+})
+
+describe('configuration', () => {
+  it('reads its defaults from config/mailferry.ini', (t) => {
+    const plugin = makeMailferry(t, fakeBroker())
+    plugin.load_config()
+    assert.deepEqual(plugin.cfg.amqp, {
+      url: 'amqp://guest:guest@127.0.0.1:5672/%2F',
+      exchange: 'mailferry',
+      routing_key: 'inbound',
+      publish_timeout: 10,
+      reconnect_initial: 1,
+      reconnect_max: 30,
+      heartbeat: 30,
+    })
+    assert.equal(plugin.cfg.spool_dir, path.resolve('var/spool'))
+  })
+})

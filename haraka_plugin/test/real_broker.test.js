@@ -1,0 +1,76 @@
+// The plugin against a real RabbitMQ, named by MAILFERRY_TEST_AMQP_URL (skipped when unset).
+'use strict'
+
+const assert = require('node:assert/strict')
+const crypto = require('node:crypto')
+const fs = require('node:fs')
+const path = require('node:path')
+const { describe, it, before, after } = require('node:test')
+
+const amqplib = require('amqplib')
+const constants = require('haraka-constants')
+const { makePlugin, callQueue, assertOk, assertDeny } = require('haraka-test-fixtures')
+
+const { FIXTURE, makeMailConnection, tempSpool, waitFor } = require('./helpers')
+
+const URL = process.env.MAILFERRY_TEST_AMQP_URL
+
+describe('against a real RabbitMQ', { skip: !URL && 'MAILFERRY_TEST_AMQP_URL is not set' }, () => {
+  // A private exchange per run, so a real consumer on the broker never sees these messages.
+  const exchange = `mailferry.test.${crypto.randomUUID()}`
+  const queue = `${exchange}.inbound`
+  let admin, channel
+
+  before(async () => {
+    admin = await amqplib.connect(URL)
+    channel = await admin.createChannel()
+    await channel.assertExchange(exchange, 'direct', { durable: true })
+    await channel.assertQueue(queue, { durable: true })
+    await channel.bindQueue(queue, exchange, 'inbound')
+  })
+
+  after(async () => {
+    await channel.deleteQueue(queue)
+    await channel.deleteExchange(exchange)
+    await admin.close()
+  })
+
+  function realPlugin(t, routing_key = 'inbound') {
+    const plugin = makePlugin('mailferry')
+    for (const m of ['logdebug', 'loginfo', 'logwarn', 'logerror']) plugin[m] = () => {}
+    plugin.cfg.spool_dir = tempSpool(t)
+    Object.assign(plugin.cfg.amqp, { url: URL, exchange, routing_key, publish_timeout: 5 })
+    t.after(() => plugin.shutdown())
+    return plugin
+  }
+
+  it('spools, publishes a persistent JSON message, and answers OK after the confirm', async (t) => {
+    const plugin = realPlugin(t)
+    await plugin.connect()
+    await waitFor(() => plugin.amqp !== null, 5000)
+
+    const conn = makeMailConnection()
+    const id = conn.transaction.uuid
+    assertOk(await callQueue(plugin, conn), /queued as/)
+
+    const msg = await channel.get(queue, { noAck: true })
+    assert.ok(msg, 'a message is waiting on the bound queue')
+    assert.equal(msg.properties.messageId, id)
+    assert.equal(msg.properties.contentType, 'application/json')
+    assert.equal(msg.properties.deliveryMode, 2)
+    const body = JSON.parse(msg.content.toString('utf8'))
+    assert.equal(body.spool_path, `incoming/${id}.eml`)
+    assert.deepEqual(body.rcpt_to, ['first@example.com', 'second@example.com', 'bcc-only@example.net'])
+    assert.deepEqual(fs.readFileSync(path.join(plugin.cfg.spool_dir, body.spool_path)), fs.readFileSync(FIXTURE))
+  })
+
+  it('answers DENYSOFT and removes the spool file when nothing is bound to the routing key', async (t) => {
+    const plugin = realPlugin(t, 'nobody-listens-here')
+    await plugin.connect()
+    await waitFor(() => plugin.amqp !== null, 5000)
+
+    const r = await callQueue(plugin, makeMailConnection())
+    assertDeny(r, /cannot route.*NO_ROUTE/, constants.denysoft)
+    assert.deepEqual(fs.readdirSync(path.join(plugin.cfg.spool_dir, 'incoming')), [])
+  })
+})
