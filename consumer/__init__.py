@@ -1,0 +1,1 @@
+"""The consumer: workers that turn queue messages into stored, routed email."""

@@ -1,0 +1,3 @@
+from consumer.main import main
+
+raise SystemExit(main())

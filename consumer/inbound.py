@@ -1,0 +1,189 @@
+"""The inbound worker: ``mailferry.inbound`` jobs (a spooled file + its SMTP envelope) become
+stored messages, one per routed user, in one transaction per batch.
+
+Per batch: check each job (contract, path, receipt), read and parse the spooled file, write
+its blobs; then one transaction with a savepoint per message; then, after the commit, remove
+the spool files. The runner acks only after ``handle`` returned.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import peewee
+
+from consumer.parse import Limits, ParsedEmail, parse_email
+from consumer.route import Route, Router
+from consumer.save import StoredFiles, save_for_users, store_files
+from mailferry import broker, metrics
+from mailferry.config import Settings
+from mailferry.contracts import InboundJob
+from mailferry.errors import EmailParseError, PermanentError, TransientError
+from mailferry.models import InboundReceipt, UnroutedMessage, db
+from mailferry.runner import Delivery, Outcome
+from mailferry.spool import Spool
+from mailferry.storage import BlobStore
+
+log = logging.getLogger(__name__)
+SOURCE = "smtp"
+
+
+@dataclass
+class _Prepared:
+    index: int
+    job: InboundJob
+    path: object
+    parsed: ParsedEmail
+    files: StoredFiles
+    routes: list[Route] | None = None
+
+
+class InboundHandler:
+    queue = broker.INBOUND
+
+    def __init__(self, settings: Settings, spool: Spool | None = None, store: BlobStore | None = None):
+        self.settings = settings
+        self.prefetch = settings.prefetch
+        self.spool = (spool or Spool(settings.resolved_spool_dir)).ensure()
+        self.store = store or BlobStore(settings.resolved_storage_dir)
+        self.limits = Limits.from_settings(settings)
+        self.router = Router()
+
+    def handle(self, deliveries: list[Delivery]) -> list[Outcome]:
+        started = time.perf_counter()
+        outcomes: list[Outcome | None] = [None] * len(deliveries)
+        jobs: dict[int, InboundJob] = {}
+        for i, delivery in enumerate(deliveries):
+            try:
+                jobs[i] = InboundJob.from_body(delivery.body)
+            except PermanentError as exc:
+                outcomes[i] = Outcome.dead(f"malformed inbound job: {exc}")
+                metrics.emails.labels(SOURCE, "failed").inc()
+
+        done = self._already_handled({job.queue_id for job in jobs.values()})
+        prepared: list[_Prepared] = []
+        for i, job in jobs.items():
+            if job.queue_id in done:
+                outcomes[i] = Outcome.ack()  # a redelivery of work already committed
+                self._remove_spool_file(job)
+                metrics.emails.labels(SOURCE, "duplicate").inc()
+                continue
+            result = self._prepare(i, job)
+            if isinstance(result, Outcome):
+                outcomes[i] = result
+            else:
+                prepared.append(result)
+
+        for item, routes in zip(prepared, self.router.route_many([p.job.rcpt_to for p in prepared])):
+            item.routes = routes
+        for index, outcome in self._commit(prepared).items():
+            outcomes[index] = outcome
+        for item in prepared:
+            if outcomes[item.index].action == "ack":
+                self.spool.remove(item.path)
+        metrics.batch_seconds.labels(self.queue).observe(time.perf_counter() - started)
+        return outcomes  # type: ignore[return-value]
+
+    def _already_handled(self, queue_ids: set[str]) -> set[str]:
+        if not queue_ids:
+            return set()
+        try:
+            query = InboundReceipt.select(InboundReceipt.queue_id).where(
+                InboundReceipt.queue_id.in_(list(queue_ids)))
+            return {row.queue_id for row in query}
+        except peewee.OperationalError as exc:
+            raise TransientError(f"database unavailable: {exc}") from exc
+
+    def _prepare(self, index: int, job: InboundJob) -> _Prepared | Outcome:
+        try:
+            path = self.spool.resolve(job.spool_path)
+        except PermanentError as exc:
+            metrics.emails.labels(SOURCE, "failed").inc()
+            return Outcome.dead(str(exc))
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            metrics.emails.labels(SOURCE, "failed").inc()
+            return Outcome.dead(f"spool file {job.spool_path} is missing and was never stored")
+        except OSError as exc:
+            raise TransientError(f"cannot read {job.spool_path}: {exc.strerror}") from exc
+        if len(job.rcpt_to) > self.limits.max_addresses:
+            return self._quarantine(job, path, f"{len(job.rcpt_to)} envelope recipients, over "
+                                               f"the limit of {self.limits.max_addresses}")
+        parse_started = time.perf_counter()
+        try:
+            parsed = parse_email(raw, self.limits)
+        except EmailParseError as exc:
+            return self._quarantine(job, path, str(exc))
+        metrics.parse_seconds.observe(time.perf_counter() - parse_started)
+        for warning in parsed.warnings:
+            log.warning("queue_id=%s message_id=%s: %s", job.queue_id, parsed.message_id, warning)
+        try:
+            files = store_files(self.store, raw, parsed)
+        except OSError as exc:
+            raise TransientError(f"cannot write to storage: {exc.strerror}") from exc
+        return _Prepared(index, job, path, parsed, files)
+
+    def _quarantine(self, job: InboundJob, path, reason: str) -> Outcome:
+        log.warning("queue_id=%s quarantined: %s", job.queue_id, reason)
+        self.spool.quarantine(path, reason)
+        metrics.emails.labels(SOURCE, "quarantined").inc()
+        return Outcome.dead(f"quarantined in spool/failed/{path.name}: {reason}")
+
+    def _commit(self, prepared: list[_Prepared]) -> dict[int, Outcome]:
+        if not prepared:
+            return {}
+        outcomes: dict[int, Outcome] = {}
+        counts: list[tuple[str, int]] = []
+        try:
+            with db.atomic():
+                for item in prepared:
+                    outcome, count = self._save_one(item)
+                    outcomes[item.index] = outcome
+                    counts.append(count)
+        except peewee.OperationalError as exc:
+            raise TransientError(f"database commit failed: {exc}") from exc
+        for outcome_name, number in counts:
+            metrics.emails.labels(SOURCE, outcome_name).inc(number)
+        if any(name == "stored" for name, _ in counts):
+            metrics.last_success.labels(SOURCE).set_to_current_time()
+        return outcomes
+
+    def _save_one(self, item: _Prepared) -> tuple[Outcome, tuple[str, int]]:
+        job, parsed = item.job, item.parsed
+        try:
+            with db.atomic():  # savepoint: this message alone rolls back on error
+                if not item.routes:
+                    outcome = "unrouted"
+                    UnroutedMessage.create(
+                        queue_id=job.queue_id, message_id=parsed.message_id,
+                        mail_from=job.mail_from, rcpt_to=job.rcpt_to,
+                        raw_path=item.files.raw_path, sha256=parsed.sha256, size=parsed.size)
+                    log.warning("queue_id=%s message_id=%s unrouted: no user for %s",
+                                job.queue_id, parsed.message_id, ", ".join(job.rcpt_to))
+                    saved = 1
+                else:
+                    result = save_for_users(parsed, item.files, item.routes, source=SOURCE,
+                                            envelope=job.envelope())
+                    outcome = "stored" if result.stored else "duplicate"
+                    saved = len(result.stored) if result.stored else result.duplicates
+                    if result.stored and result.duplicates:
+                        metrics.emails.labels(SOURCE, "duplicate").inc(result.duplicates)
+                InboundReceipt.create(queue_id=job.queue_id, outcome=outcome,
+                                      stored_count=saved if outcome == "stored" else 0)
+        except peewee.IntegrityError:
+            # The same queue id twice in flight (a sweep republished it): already handled.
+            return Outcome.ack(), ("duplicate", 1)
+        except peewee.OperationalError:
+            raise
+        except peewee.PeeweeException as exc:
+            return Outcome.dead(f"cannot save: {exc}"), ("failed", 1)
+        return Outcome.ack(), (outcome, saved)
+
+    def _remove_spool_file(self, job: InboundJob) -> None:
+        try:
+            self.spool.remove(self.spool.resolve(job.spool_path))
+        except PermanentError:
+            pass

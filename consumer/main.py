@@ -1,0 +1,45 @@
+"""The consumer process: every queue handler on one connection, until SIGTERM."""
+
+from __future__ import annotations
+
+import logging
+
+from consumer.inbound import InboundHandler
+from mailferry.app import bootstrap
+from mailferry.config import Settings
+from mailferry.runner import Runner
+
+log = logging.getLogger(__name__)
+
+
+def build_handlers(settings: Settings) -> list:
+    handlers = [InboundHandler(settings)]
+    for extra in _optional_handlers():
+        handlers.extend(extra(settings))
+    return handlers
+
+
+def _optional_handlers():
+    """Handlers of the IMAP and task parts, present once those modules exist."""
+    found = []
+    try:
+        from consumer.imap_worker import build_handlers as imap
+        found.append(imap)
+    except ImportError:
+        pass
+    try:
+        from consumer.expiry import build_handlers as expiry
+        found.append(expiry)
+    except ImportError:
+        pass
+    return found
+
+
+def main(settings: Settings | None = None) -> int:
+    settings = bootstrap(settings)
+    from mailferry import health
+    health.serve(settings, settings.consumer_metrics_port, role="consumer")
+    runner = Runner(settings, build_handlers(settings))
+    runner.install_signal_handlers()
+    runner.run()
+    return 0

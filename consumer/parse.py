@@ -1,0 +1,275 @@
+"""Parsing: raw RFC 5322 bytes -> one plain ``ParsedEmail`` value.
+
+flanker gives the MIME tree; headers are read with the standard library (flanker returns
+None for some Message-IDs that are present, and decodes some charsets wrongly), and text is
+decoded here with the charset fallbacks of ``consumer.charsets``. Limits are checked before
+and during the walk, so an oversized or absurdly nested message becomes an EmailParseError
+with a reason instead of eating the worker.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import re
+from dataclasses import dataclass, field
+from email.parser import BytesHeaderParser
+from email.policy import compat32
+from email.utils import getaddresses, parsedate_to_datetime
+
+from consumer.charsets import decode_header_value, decode_text
+from consumer.quiet_flanker import mime, flanker_errors, transfer_decode
+from mailferry.config import Settings
+from mailferry.errors import EmailParseError
+
+MESSAGE_ID_RE = re.compile(r"<([^<>\s]+)>")
+MAX_MESSAGE_ID_LEN = 500
+_HEADER_END = re.compile(rb"\r?\n\r?\n")
+# Charsets chardet guesses for short raw UTF-8 strings (see _repair_mojibake).
+_MOJIBAKE_GUESSES = ("mac_roman", "mac_latin2", "cp1252", "cp1250", "cp1257", "latin-1")
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_message_bytes: int = 50 * 1024 * 1024
+    max_mime_parts: int = 1_000
+    max_mime_depth: int = 20
+    max_header_bytes: int = 1024 * 1024
+    max_addresses: int = 1_000
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> "Limits":
+        return cls(s.max_message_bytes, s.max_mime_parts, s.max_mime_depth,
+                   s.max_header_bytes, s.max_addresses)
+
+
+@dataclass
+class ParsedAttachment:
+    filename: str
+    content_type: str
+    data: bytes
+    content_id: str | None = None
+    is_inline: bool = False
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+    @property
+    def is_image(self) -> bool:
+        return self.content_type.startswith("image/")
+
+
+@dataclass
+class ParsedEmail:
+    message_id: str
+    subject: str
+    sender: str
+    to: list[str]
+    cc: list[str]
+    reply_to: list[str]
+    date: dt.datetime | None
+    in_reply_to: str | None
+    references: list[str]
+    text: str
+    html: str
+    attachments: list[ParsedAttachment]
+    size: int
+    sha256: str
+    nested_subjects: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def parse_email(raw: bytes, limits: Limits = Limits()) -> ParsedEmail:
+    """Parse ``raw``; raise EmailParseError with a readable reason if it cannot be used."""
+    if len(raw) > limits.max_message_bytes:
+        raise EmailParseError(
+            f"message is {len(raw)} bytes, over the limit of {limits.max_message_bytes}")
+    header_end = _HEADER_END.search(raw)
+    header_size = header_end.start() if header_end else len(raw)
+    if header_size > limits.max_header_bytes:
+        raise EmailParseError(
+            f"header block is {header_size} bytes, over the limit of {limits.max_header_bytes}")
+    sha256 = hashlib.sha256(raw).hexdigest()
+    headers = BytesHeaderParser(policy=compat32).parsebytes(raw)
+
+    to = _addresses(headers.get_all("To", []))
+    cc = _addresses(headers.get_all("Cc", []))
+    if len(to) + len(cc) > limits.max_addresses:
+        raise EmailParseError(
+            f"message has {len(to) + len(cc)} To/Cc addresses, over the limit of {limits.max_addresses}")
+
+    try:
+        root = mime.from_string(raw)
+        text, html, attachments, nested, warnings = _walk(root, limits)
+    except EmailParseError:
+        raise
+    except RecursionError as exc:
+        raise EmailParseError("MIME structure nests too deeply to parse") from exc
+    except flanker_errors as exc:
+        if "Too many parts" in str(exc):
+            raise EmailParseError(f"MIME structure over flanker's limit: {exc}") from exc
+        # Broken MIME (a missing boundary, a malformed report) still carries a message a
+        # person wrote: keep it, its body as plain text, and say why in the warnings.
+        text, html, attachments, nested = _plain_fallback(raw, headers, header_end), "", [], []
+        warnings = [f"MIME structure broken ({exc}); body kept as plain text"]
+
+    senders = _addresses(headers.get_all("From", []))
+    return ParsedEmail(
+        message_id=message_id_of(headers.get("Message-ID"), sha256),
+        subject=decode_header_value(_str(headers.get("Subject"))),
+        sender=senders[0] if senders else "",
+        to=to,
+        cc=cc,
+        reply_to=_addresses(headers.get_all("Reply-To", [])),
+        date=_date(headers.get("Date")),
+        in_reply_to=_first_id(headers.get("In-Reply-To")),
+        references=MESSAGE_ID_RE.findall(_str(headers.get("References")))[:100],
+        text=text,
+        html=html,
+        attachments=attachments,
+        size=len(raw),
+        sha256=sha256,
+        nested_subjects=nested,
+        warnings=warnings,
+    )
+
+
+def message_id_of(header: str | None, sha256: str) -> str:
+    """The Message-ID as ``<id>``; one made from the content hash when there is none."""
+    found = MESSAGE_ID_RE.search(_str(header))
+    if found and len(found.group(0)) <= MAX_MESSAGE_ID_LEN:
+        return found.group(0)
+    bare = _str(header).strip()
+    if bare and " " not in bare and len(bare) + 2 <= MAX_MESSAGE_ID_LEN:
+        return f"<{bare}>"  # some senders omit the brackets
+    return f"<{sha256}@mailferry>"
+
+
+def _walk(root, limits: Limits):
+    text_parts: list[str] = []
+    html_parts: list[str] = []
+    attachments: list[ParsedAttachment] = []
+    nested: list[str] = []
+    warnings: list[str] = []
+    count = 0
+    # Iterative walk with explicit depth: flanker's own walk has no depth bound.
+    stack = [(root, 0)]
+    while stack:
+        part, depth = stack.pop()
+        count += 1
+        if count > limits.max_mime_parts:
+            raise EmailParseError(f"message has more than {limits.max_mime_parts} MIME parts")
+        if depth > limits.max_mime_depth:
+            raise EmailParseError(f"MIME nesting deeper than {limits.max_mime_depth} levels")
+        ctype = part.content_type
+        if ctype.is_multipart():
+            stack.extend((child, depth + 1) for child in reversed(part.parts))
+            continue
+        if ctype.is_message_container() and part.enclosed is not None:
+            attachments.append(_enclosed_attachment(part))
+            nested.append(decode_header_value(_str(part.enclosed.headers.get("Subject"))))
+            continue
+        disposition = (part.content_disposition[0] or "").lower()
+        filename = _filename(part)
+        is_body_text = (ctype.main == "text" and ctype.sub in ("plain", "html")
+                        and disposition != "attachment" and not filename)
+        if is_body_text:
+            decoded, lossy = decode_text(transfer_decode(part), ctype.params.get("charset"))
+            if lossy:
+                warnings.append(f"text part in {ctype.params.get('charset')!r} decoded lossily")
+            (html_parts if ctype.sub == "html" else text_parts).append(decoded)
+            continue
+        data = transfer_decode(part)
+        if not data and not filename:
+            continue  # an empty non-text leaf (e.g. a bare multipart preamble)
+        attachments.append(ParsedAttachment(
+            filename=filename,
+            content_type=str(ctype.value).lower()[:255],
+            data=data,
+            content_id=_content_id(part),
+            is_inline=disposition == "inline" or (disposition != "attachment" and bool(_content_id(part))),
+        ))
+    return "\n".join(text_parts), "\n".join(html_parts), attachments, nested, warnings
+
+
+def _plain_fallback(raw: bytes, headers, header_end) -> str:
+    body = raw[header_end.end():] if header_end else b""
+    charset = headers.get_content_charset() if headers.get_content_maintype() == "text" else None
+    return decode_text(body, charset)[0]
+
+
+def _enclosed_attachment(part) -> ParsedAttachment:
+    data = transfer_decode(part)
+    subject = decode_header_value(_str(part.enclosed.headers.get("Subject"))) or "message"
+    return ParsedAttachment(filename=_filename(part) or f"{subject[:100]}.eml",
+                            content_type="message/rfc822", data=data,
+                            content_id=_content_id(part))
+
+
+def _filename(part) -> str:
+    try:
+        name = part.detected_file_name or ""
+    except Exception:  # flanker trips over some RFC 2231 parameters
+        name = ""
+    name = decode_header_value(name) if "=?" in name else name
+    return _repair_mojibake(name)
+
+
+def _repair_mojibake(name: str) -> str:
+    """Undo flanker's guess of a legacy charset for raw UTF-8 header bytes.
+
+    Raw 8-bit UTF-8 in a filename parameter (Yahoo sends it) comes back from flanker decoded
+    as a Mac or Windows legacy charset; re-encoding and decoding as UTF-8 recovers it. A real
+    Latin-1 name does not survive the strict UTF-8 decode, so it is left alone.
+    """
+    if name.isascii():
+        return name
+    for guess in _MOJIBAKE_GUESSES:
+        try:
+            data = name.encode(guess)
+        except UnicodeError:
+            continue
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            if exc.start >= len(data) - 3:  # only a character cut in half at the end
+                return data[:exc.start].decode("utf-8") + "\ufffd"
+    return name
+
+
+def _content_id(part) -> str | None:
+    value = part.headers.get("Content-Id")
+    return str(value).strip()[:998] if value else None
+
+
+def _addresses(values: list) -> list[str]:
+    decoded = [decode_header_value(_str(v)) for v in values]
+    out = []
+    for name, addr in getaddresses(decoded):
+        addr = addr.strip()
+        if addr and "@" in addr:
+            out.append(addr)
+    return out
+
+
+def _first_id(value) -> str | None:
+    found = MESSAGE_ID_RE.search(_str(value))
+    return found.group(0) if found else None
+
+
+def _date(value) -> dt.datetime | None:
+    if not value:
+        return None
+    try:
+        parsed = parsedate_to_datetime(_str(value))
+    except (TypeError, ValueError, IndexError):
+        return None
+    if parsed.tzinfo is not None:
+        parsed = parsed.astimezone(dt.timezone.utc).replace(tzinfo=None)
+    return parsed
+
+
+def _str(value) -> str:
+    """Header values from compat32 are str, or Header objects for undecodable bytes."""
+    return "" if value is None else str(value)

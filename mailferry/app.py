@@ -1,0 +1,34 @@
+"""Start-up shared by every process: settings, logging, database, broker topology."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from mailferry import broker
+from mailferry.config import Settings, load_settings
+from mailferry.db import open_database
+from mailferry.errors import ConfigError
+from mailferry.logs import setup_logging
+
+log = logging.getLogger(__name__)
+
+
+def settings_or_exit() -> Settings:
+    """Load the settings; an invalid value stops the process with one readable line."""
+    try:
+        return load_settings()
+    except ConfigError as exc:
+        print(f"mailferry: configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def bootstrap(settings: Settings | None = None, *, topology: bool = False, quiet: bool = False) -> Settings:
+    settings = settings or settings_or_exit()
+    if not quiet:
+        setup_logging(settings.log_level)
+    settings.var_dir.mkdir(parents=True, exist_ok=True)
+    open_database(settings.resolved_database_url)
+    if topology:
+        broker.setup_topology(settings)
+    return settings

@@ -1,0 +1,36 @@
+"""The ``mailferry`` command line. Each command group lives in its own module and registers
+its sub-commands with ``register(subparsers)``; ``COMMAND_MODULES`` lists them."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from mailferry.errors import MailferryError
+
+COMMAND_MODULES = [
+    "mailferry.cli.users",
+    "mailferry.cli.mail",
+    "mailferry.cli.processes",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mailferry", description="Inbound mail from Haraka and IMAP, parsed, routed and stored.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except MailferryError as exc:
+        print(f"mailferry {args.command}: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        return 0

@@ -1,0 +1,180 @@
+"""Settings: read once from MAILFERRY_* variables (and an optional TOML file), validated, frozen.
+
+Precedence: environment over the TOML file named by MAILFERRY_CONFIG over the defaults below.
+The defaults run on one machine: SQLite, a local RabbitMQ, folders under ``var/``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from mailferry.errors import ConfigError
+
+QUEUE_TYPES = ("classic", "quorum")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def _meta(help: str, *, minimum: int | None = None, maximum: int | None = None,
+          choices: tuple[str, ...] | None = None, scheme: tuple[str, ...] | None = None) -> dict:
+    return {"help": help, "minimum": minimum, "maximum": maximum, "choices": choices,
+            "scheme": scheme}
+
+
+@dataclass(frozen=True)
+class Settings:
+    var_dir: Path = field(default=Path("var"), metadata=_meta(
+        "folder that holds the default database, spool and storage"))
+    amqp_url: str = field(default="amqp://guest:guest@127.0.0.1:5672/%2F", metadata=_meta(
+        "RabbitMQ URL", scheme=("amqp", "amqps")))
+    management_url: str = field(default="http://guest:guest@127.0.0.1:15672", metadata=_meta(
+        "RabbitMQ management API URL (for `mailferry status`)", scheme=("http", "https")))
+    database_url: str = field(default="", metadata=_meta(
+        "database URL; empty means sqlite:///<var_dir>/mailferry.db",
+        scheme=("sqlite", "postgresql", "postgres")))
+    spool_dir: Path = field(default=Path(""), metadata=_meta(
+        "spool root shared with Haraka; empty means <var_dir>/spool"))
+    storage_dir: Path = field(default=Path(""), metadata=_meta(
+        "root of raw messages and attachments; empty means <var_dir>/storage"))
+    secret_key: str = field(default="", metadata=_meta(
+        "Fernet key for IMAP passwords at rest; empty means <var_dir>/secret.key, made once"))
+    queue_type: str = field(default="classic", metadata=_meta(
+        "RabbitMQ queue type", choices=QUEUE_TYPES))
+    prefetch: int = field(default=64, metadata=_meta(
+        "messages a consumer holds unacked; also its largest batch per commit",
+        minimum=1, maximum=10_000))
+    log_level: str = field(default="INFO", metadata=_meta("log level", choices=LOG_LEVELS))
+    # Parse limits: a message over one of them is quarantined with the reason.
+    max_message_bytes: int = field(default=50 * 1024 * 1024, metadata=_meta(
+        "largest message accepted, in bytes", minimum=1024))
+    max_mime_parts: int = field(default=1_000, metadata=_meta(
+        "most MIME parts in one message", minimum=1))
+    max_mime_depth: int = field(default=20, metadata=_meta(
+        "deepest MIME nesting in one message", minimum=1))
+    max_header_bytes: int = field(default=1024 * 1024, metadata=_meta(
+        "largest header block of a message, in bytes", minimum=1024))
+    max_addresses: int = field(default=1_000, metadata=_meta(
+        "most addresses in To/Cc/envelope recipients of one message", minimum=1))
+    # Tasks and scheduling.
+    schedule_interval: int = field(default=60, metadata=_meta(
+        "seconds between scheduler ticks", minimum=1, maximum=86_400))
+    task_timeout: int = field(default=600, metadata=_meta(
+        "seconds a RUNNING fetch task may take before the watchdog cancels it", minimum=1))
+    fetch_job_ttl: int = field(default=300, metadata=_meta(
+        "seconds a fetch job may wait in its queue before it expires", minimum=1))
+    spool_sweep_age: int = field(default=300, metadata=_meta(
+        "seconds after which an unclaimed spool file is republished", minimum=10))
+    lease_seconds: int = field(default=30, metadata=_meta(
+        "seconds a scheduler's lease lasts without renewal", minimum=2))
+    retention_completed_days: int = field(default=1, metadata=_meta(
+        "days completed tasks are kept", minimum=0))
+    retention_failed_days: int = field(default=7, metadata=_meta(
+        "days failed tasks are kept", minimum=0))
+    retention_cancelled_days: int = field(default=1, metadata=_meta(
+        "days cancelled and skipped tasks are kept", minimum=0))
+    retention_batch_size: int = field(default=1_000, metadata=_meta(
+        "tasks deleted per retention batch", minimum=1))
+    imap_batch_size: int = field(default=100, metadata=_meta(
+        "messages fetched from IMAP per batch (one checkpoint per batch)", minimum=1))
+    imap_timeout: int = field(default=30, metadata=_meta(
+        "seconds for IMAP connect and read", minimum=1))
+    # Metrics and health: one port per long-running process.
+    metrics_host: str = field(default="127.0.0.1", metadata=_meta("address metrics listen on"))
+    consumer_metrics_port: int = field(default=9101, metadata=_meta(
+        "consumer /metrics port (0 turns it off)", minimum=0, maximum=65_535))
+    scheduler_metrics_port: int = field(default=9102, metadata=_meta(
+        "scheduler /metrics port (0 turns it off)", minimum=0, maximum=65_535))
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.var_dir / 'mailferry.db').resolve()}"
+
+    @property
+    def resolved_spool_dir(self) -> Path:
+        return (self.spool_dir if str(self.spool_dir) not in ("", ".") else self.var_dir / "spool").resolve()
+
+    @property
+    def resolved_storage_dir(self) -> Path:
+        return (self.storage_dir if str(self.storage_dir) not in ("", ".") else self.var_dir / "storage").resolve()
+
+    def replace(self, **changes: Any) -> "Settings":
+        return dataclasses.replace(self, **changes)
+
+
+def env_name(name: str) -> str:
+    return "MAILFERRY_" + name.upper()
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Build the settings from the environment; raise ConfigError naming the bad field."""
+    environ = os.environ if environ is None else environ
+    raw: dict[str, Any] = {}
+    config_file = environ.get("MAILFERRY_CONFIG")
+    if config_file:
+        raw.update(_read_toml(Path(config_file)))
+    for f in dataclasses.fields(Settings):
+        if env_name(f.name) in environ:
+            raw[f.name] = environ[env_name(f.name)]
+    unknown = sorted(set(raw) - {f.name for f in dataclasses.fields(Settings)})
+    if unknown:
+        raise ConfigError(f"{config_file}: unknown setting(s) {', '.join(unknown)}")
+    values = {f.name: _convert(f, raw[f.name]) for f in dataclasses.fields(Settings) if f.name in raw}
+    return Settings(**values)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"MAILFERRY_CONFIG: cannot read {path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"MAILFERRY_CONFIG: {path} is not valid TOML: {exc}") from exc
+    return data.get("mailferry", data)
+
+
+def _convert(f: dataclasses.Field, value: Any) -> Any:
+    name, meta = env_name(f.name), f.metadata
+    if f.type in ("int", int):
+        try:
+            number = int(str(value).strip())
+        except ValueError:
+            raise ConfigError(f"{name}={value!r}: expected a whole number ({meta['help']})") from None
+        low, high = meta["minimum"], meta["maximum"]
+        if (low is not None and number < low) or (high is not None and number > high):
+            bounds = f"at least {low}" if high is None else f"between {low} and {high}"
+            raise ConfigError(f"{name}={number}: must be {bounds} ({meta['help']})")
+        return number
+    if f.type in ("Path", Path):
+        return Path(str(value))
+    text = str(value).strip()
+    if meta["choices"]:
+        normal = text.upper() if f.name == "log_level" else text.lower()
+        if normal not in meta["choices"]:
+            raise ConfigError(f"{name}={text!r}: must be one of {', '.join(meta['choices'])}")
+        return normal
+    if meta["scheme"] and text:
+        scheme = text.split("://", 1)[0].lower() if "://" in text else ""
+        if scheme not in meta["scheme"]:
+            accepted = ", ".join(s + "://" for s in meta["scheme"])
+            raise ConfigError(f"{name}={_redact(text)!r}: must start with {accepted}")
+    return text
+
+
+def _redact(url: str) -> str:
+    """Hide a password in a URL before it reaches a log line."""
+    if "://" in url and "@" in url:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        user = creds.split(":", 1)[0]
+        return f"{scheme}://{user}:***@{host}"
+    return url
+
+
+def describe() -> list[tuple[str, str, str]]:
+    """(variable, default, help) for every setting: the README's table and `mailferry config`."""
+    return [(env_name(f.name), str(f.default), f.metadata["help"]) for f in dataclasses.fields(Settings)]

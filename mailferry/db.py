@@ -1,0 +1,100 @@
+"""Opening the database and keeping its schema current.
+
+The schema is versioned: ``MIGRATIONS`` is an ordered list, each step runs once, in one
+transaction, recorded in ``schema_version``. Every process calls ``open_database`` at start,
+so a later change of columns is one new step here, never a hand-run script.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable
+
+import peewee
+from playhouse.db_url import connect as url_connect
+
+from mailferry import models
+from mailferry.errors import ConfigError, TransientError
+from mailferry.models import db
+
+log = logging.getLogger(__name__)
+
+# WAL lets readers (the CLI, metrics) run beside the writer; synchronous=FULL because a
+# commit must survive a power cut: the broker message is acked right after it.
+SQLITE_PRAGMAS = {
+    "journal_mode": "wal",
+    "synchronous": "full",
+    "busy_timeout": 30_000,
+    "foreign_keys": 1,
+}
+
+
+def _v1_initial(database: peewee.Database) -> None:
+    database.create_tables(models.ALL_MODELS, safe=True)
+
+
+MIGRATIONS: list[tuple[int, str, Callable[[peewee.Database], None]]] = [
+    (1, "initial schema", _v1_initial),
+]
+
+
+def open_database(url: str, *, migrate: bool = True) -> peewee.Database:
+    """Connect the shared proxy to ``url`` and bring the schema up to date."""
+    if url.startswith("sqlite:///"):
+        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        database = url_connect(url, pragmas=SQLITE_PRAGMAS, timeout=30)
+    elif url.startswith(("postgresql://", "postgres://")):
+        database = url_connect(url, autorollback=True)
+    else:
+        raise ConfigError(f"MAILFERRY_DATABASE_URL: unsupported database {url.split(':', 1)[0]!r}")
+    db.initialize(database)
+    try:
+        database.connect(reuse_if_open=True)
+    except peewee.OperationalError as exc:
+        raise TransientError(f"database unreachable: {exc}".strip()) from exc
+    if migrate:
+        migrate_schema(database)
+    return database
+
+
+def is_postgres(database: peewee.Database | None = None) -> bool:
+    target = database or db.obj
+    return isinstance(target, peewee.PostgresqlDatabase)
+
+
+def migrate_schema(database: peewee.Database) -> int:
+    """Apply the steps not yet applied; safe when several processes start at once."""
+    with _schema_lock(database):
+        database.create_tables([models.SchemaVersion], safe=True)
+        done = {row.version for row in models.SchemaVersion.select()}
+        for version, name, step in MIGRATIONS:
+            if version in done:
+                continue
+            log.info("applying schema step %d: %s", version, name)
+            step(database)
+            models.SchemaVersion.create(version=version)
+    return max(v for v, _, _ in MIGRATIONS)
+
+
+def _schema_lock(database: peewee.Database):
+    if isinstance(database, peewee.PostgresqlDatabase):
+        tx = database.atomic()
+
+        class _Locked:
+            def __enter__(self):
+                tx.__enter__()
+                # A transaction-scoped advisory lock: two processes never migrate at once.
+                database.execute_sql("SELECT pg_advisory_xact_lock(727274)")
+
+            def __exit__(self, *exc):
+                return tx.__exit__(*exc)
+
+        return _Locked()
+    # SQLite: BEGIN IMMEDIATE takes the write lock up front.
+    return database.atomic(lock_type="IMMEDIATE")
+
+
+def close_database() -> None:
+    if db.obj is not None and not db.obj.is_closed():
+        db.obj.close()

@@ -1,0 +1,234 @@
+"""The peewee models: users and their mailboxes, tasks, stored messages, attachments, audit.
+
+Idempotency lives here, in unique keys: (user, message_id) for messages, task_id for tasks,
+and ``EmailTask.lock_key`` — set while a task is PENDING or RUNNING, NULL once it ended — so
+at most one live fetch per (source, user) exists, whatever the number of processes.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import uuid
+
+from peewee import (
+    BigIntegerField, BooleanField, CharField, DatabaseProxy, DateTimeField, ForeignKeyField,
+    IntegerField, Model, TextField,
+)
+
+db = DatabaseProxy()
+
+
+def utcnow() -> dt.datetime:
+    """Naive UTC: stored the same way by SQLite and PostgreSQL."""
+    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+
+
+class JSONField(TextField):
+    """JSON kept as text, so the same column works on SQLite and PostgreSQL."""
+
+    def db_value(self, value):
+        return None if value is None else json.dumps(value, ensure_ascii=False, sort_keys=True)
+
+    def python_value(self, value):
+        return None if value is None else json.loads(value)
+
+
+class BaseModel(Model):
+    class Meta:
+        database = db
+        legacy_table_names = False
+
+
+class SchemaVersion(BaseModel):
+    version = IntegerField(primary_key=True)
+    applied_at = DateTimeField(default=utcnow)
+
+
+class User(BaseModel):
+    email = CharField(max_length=320, unique=True)  # stored lower-cased
+    is_active = BooleanField(default=True)
+    created_at = DateTimeField(default=utcnow)
+
+
+class EmailAlias(BaseModel):
+    address = CharField(max_length=320, unique=True)  # stored lower-cased
+    user = ForeignKeyField(User, backref="aliases", on_delete="CASCADE")
+    created_at = DateTimeField(default=utcnow)
+
+
+class Settings(BaseModel):
+    """Per-user settings; key ``email_config`` holds the IMAP and filter configuration."""
+
+    user = ForeignKeyField(User, backref="settings", on_delete="CASCADE")
+    key = CharField(max_length=100)
+    value = JSONField(default=dict)
+    is_active = BooleanField(default=True)
+    updated_at = DateTimeField(default=utcnow)
+
+    class Meta:
+        indexes = ((("user", "key"), True),)
+
+
+class MailboxState(BaseModel):
+    """The IMAP checkpoint of one folder: never a date, always UIDVALIDITY + last UID."""
+
+    user = ForeignKeyField(User, backref="mailbox_states", on_delete="CASCADE")
+    folder = CharField(max_length=255)
+    uidvalidity = BigIntegerField(null=True)
+    last_uid = BigIntegerField(default=0)
+    highestmodseq = BigIntegerField(null=True)
+    last_fetch_at = DateTimeField(null=True)
+
+    class Meta:
+        indexes = ((("user", "folder"), True),)
+
+
+class TaskStatus:
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+    SKIPPED = "SKIPPED"
+    ALL = (PENDING, RUNNING, COMPLETED, FAILED, CANCELLED, SKIPPED)
+    ACTIVE = (PENDING, RUNNING)
+    TERMINAL = (COMPLETED, FAILED, CANCELLED, SKIPPED)
+
+
+class TaskSource:
+    IMAP = "IMAP_EMAIL_FETCH"
+    HARAKA = "HARAKA_EMAIL_FETCH"
+    ALL = (IMAP, HARAKA)
+
+
+class EmailTask(BaseModel):
+    task_id = CharField(max_length=36, unique=True, default=lambda: str(uuid.uuid4()))
+    email_source = CharField(max_length=32)
+    user = ForeignKeyField(User, null=True, backref="tasks", on_delete="SET NULL")
+    status = CharField(max_length=16, default=TaskStatus.PENDING)
+    # "<source>:<user id or ->" while the task is live, NULL after: the per-mailbox lock.
+    lock_key = CharField(max_length=64, null=True, unique=True)
+    created_at = DateTimeField(default=utcnow)
+    started_at = DateTimeField(null=True)
+    completed_at = DateTimeField(null=True)
+    timeout_at = DateTimeField(null=True)
+    timeout_seconds = IntegerField(default=600)
+    emails_fetched = IntegerField(default=0)
+    emails_saved = IntegerField(default=0)
+    emails_failed = IntegerField(default=0)
+    emails_processed = IntegerField(default=0)
+    details = JSONField(default=dict)
+    error_message = TextField(null=True)
+
+    class Meta:
+        indexes = (
+            (("status", "created_at"), False),
+            (("email_source", "status"), False),
+            (("user", "status"), False),
+            (("status", "completed_at"), False),
+        )
+
+
+class TaskLog(BaseModel):
+    """One execution-log line of a task; the newest few hundred per task are kept."""
+
+    task = ForeignKeyField(EmailTask, backref="log_entries", on_delete="CASCADE")
+    timestamp = DateTimeField(default=utcnow)
+    step = CharField(max_length=64)
+    message = TextField()
+    level = CharField(max_length=10, default="INFO")
+
+
+class EmailMessage(BaseModel):
+    user = ForeignKeyField(User, backref="messages", on_delete="CASCADE")
+    message_id = CharField(max_length=512)
+    subject = TextField(default="")
+    sender = TextField(default="")
+    recipients = JSONField(default=list)
+    cc = JSONField(default=list)
+    reply_to = JSONField(default=list)
+    sent_at = DateTimeField(null=True)  # the Date header
+    received_at = DateTimeField(default=utcnow)  # when Mailferry got it
+    text_content = TextField(default="")
+    html_content = TextField(default="")
+    raw_path = CharField(max_length=255)
+    size = IntegerField()
+    sha256 = CharField(max_length=64)
+    source = CharField(max_length=16)  # smtp | imap
+    queue_id = CharField(max_length=64, null=True, index=True)  # Haraka's, for smtp
+    envelope = JSONField(null=True)
+    plus_tag = CharField(max_length=255, null=True)
+    in_reply_to = TextField(null=True)
+    references = JSONField(default=list)
+    status = CharField(max_length=16, default="stored")
+    created_at = DateTimeField(default=utcnow)
+
+    class Meta:
+        indexes = (
+            (("user", "message_id"), True),
+            (("user", "received_at"), False),
+            (("sha256",), False),
+        )
+
+
+class EmailAttachment(BaseModel):
+    user = ForeignKeyField(User, backref="attachments", on_delete="CASCADE")
+    email_message = ForeignKeyField(EmailMessage, backref="attachments", on_delete="CASCADE")
+    filename = TextField(default="")  # as the message said: data only, never a path
+    safe_filename = CharField(max_length=255)
+    content_type = CharField(max_length=255)
+    file_size = IntegerField()
+    file_path = CharField(max_length=255)  # ab/cd/<sha256> under the storage root
+    sha256 = CharField(max_length=64)
+    is_image = BooleanField(default=False)
+    is_inline = BooleanField(default=False)
+    content_id = TextField(null=True)
+
+
+class UnroutedMessage(BaseModel):
+    """SMTP mail whose recipients match no user: kept, with its raw source, for operators."""
+
+    queue_id = CharField(max_length=64, unique=True)
+    message_id = CharField(max_length=512)
+    mail_from = TextField(default="")
+    rcpt_to = JSONField(default=list)
+    raw_path = CharField(max_length=255)
+    sha256 = CharField(max_length=64)
+    size = IntegerField()
+    created_at = DateTimeField(default=utcnow)
+
+
+class InboundReceipt(BaseModel):
+    """One row per Haraka queue id handled, written in the transaction that stored it.
+
+    It makes a redelivered inbound job (the ack was lost) an acknowledged duplicate even when
+    the message was unrouted or a duplicate for every user, and tells the spool sweep which
+    files are done.
+    """
+
+    queue_id = CharField(max_length=64, unique=True)
+    outcome = CharField(max_length=16)  # stored | duplicate | unrouted
+    stored_count = IntegerField(default=0)
+    created_at = DateTimeField(default=utcnow, index=True)
+
+
+class AuditLog(BaseModel):
+    action = CharField(max_length=64)
+    details = JSONField(default=dict)
+    created_at = DateTimeField(default=utcnow, index=True)
+
+
+class SchedulerLease(BaseModel):
+    """One row per lease name: whoever holds an unexpired lease is the acting scheduler."""
+
+    name = CharField(max_length=64, primary_key=True)
+    holder = CharField(max_length=128)
+    expires_at = DateTimeField()
+    renewed_at = DateTimeField(default=utcnow)
+
+
+ALL_MODELS = [
+    SchemaVersion, User, EmailAlias, Settings, MailboxState, EmailTask, TaskLog,
+    EmailMessage, EmailAttachment, UnroutedMessage, InboundReceipt, AuditLog, SchedulerLease,
+]

@@ -1,0 +1,302 @@
+"""The consume loop: one connection, one channel and one worker thread per queue.
+
+pika's BlockingConnection services heartbeats only while its own thread is inside pika, so
+that thread does nothing but I/O: it hands deliveries to worker threads and carries out the
+acks they ask for (``add_callback_threadsafe``). A slow message therefore never costs the
+connection. Rules kept here for every queue:
+
+- ack only after the handler returned, i.e. after its database commit;
+- a message that can never succeed is published to ``mailferry.dead`` with the reason in a
+  header (confirmed) and only then acked; nothing is requeued forever;
+- a lost connection is re-established with capped backoff; deliveries of the old channel are
+  forgotten (the broker redelivers them, and saves are idempotent);
+- SIGTERM/SIGINT set a flag; the loop stops consuming, lets workers finish their batch,
+  settles it, and closes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import queue as queue_mod
+import signal
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import pika
+
+from mailferry import broker, metrics
+from mailferry.config import Settings
+from mailferry.contracts import now_iso
+from mailferry.errors import PermanentError, TransientError
+
+log = logging.getLogger(__name__)
+
+RECONNECT_BACKOFF_MAX = 30.0  # seconds
+TRANSIENT_ATTEMPTS = 5  # deliveries of one message failing transiently before it is dead
+DRAIN_TIMEOUT = 30.0  # seconds a worker may take to finish its batch at shutdown
+
+
+@dataclass
+class Delivery:
+    tag: int
+    body: bytes
+    properties: pika.BasicProperties
+    redelivered: bool
+    routing_key: str
+    generation: int
+
+
+@dataclass(frozen=True)
+class Outcome:
+    action: str  # "ack" | "dead" | "requeue"
+    reason: str = ""
+
+    @staticmethod
+    def ack() -> "Outcome":
+        return Outcome("ack")
+
+    @staticmethod
+    def dead(reason: str) -> "Outcome":
+        return Outcome("dead", reason)
+
+    @staticmethod
+    def requeue(reason: str) -> "Outcome":
+        return Outcome("requeue", reason)
+
+
+class Handler(Protocol):
+    queue: str
+    prefetch: int
+
+    def handle(self, deliveries: list[Delivery]) -> list[Outcome]: ...
+
+
+@dataclass
+class _Lane:
+    """One queue: its handler, channel, inbox and worker thread."""
+
+    handler: Handler
+    inbox: "queue_mod.Queue[Delivery]" = field(default_factory=queue_mod.Queue)
+    channel: object = None
+    consumer_tag: str | None = None
+    thread: threading.Thread | None = None
+    busy: threading.Event = field(default_factory=threading.Event)
+
+
+class Runner:
+    def __init__(self, settings: Settings, handlers: list[Handler],
+                 connect: Callable[[str], pika.BlockingConnection] = broker.connect):
+        self.settings = settings
+        self.lanes = [_Lane(h) for h in handlers]
+        self._connect = connect
+        self._connection: pika.BlockingConnection | None = None
+        self._publish_channel = None
+        self._generation = 0
+        self._stop = threading.Event()
+        self._failures: OrderedDict[str, int] = OrderedDict()
+        self.ready = threading.Event()  # set while consuming: for tests and /readyz
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def stop(self, *_args) -> None:
+        """Signal-safe: only sets a flag; the loop drains and closes."""
+        self._stop.set()
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, self.stop)
+
+    def run(self) -> None:
+        for lane in self.lanes:
+            lane.thread = threading.Thread(target=self._work, args=(lane,), daemon=True,
+                                           name=f"worker-{lane.handler.queue}")
+            lane.thread.start()
+        backoff = 1.0
+        while not self._stop.is_set():
+            try:
+                self._open()
+                backoff = 1.0
+                self._pump()
+            except broker.CONNECTION_ERRORS + (TransientError,) as exc:
+                self.ready.clear()
+                self._forget_connection()
+                if self._stop.is_set():
+                    break
+                log.warning("broker connection lost (%r); reconnecting in %.0f s", exc, backoff)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, RECONNECT_BACKOFF_MAX)
+        self._shutdown()
+
+    def _open(self) -> None:
+        self._connection = self._connect(self.settings.amqp_url)
+        self._generation += 1
+        setup = self._connection.channel()
+        broker.declare_topology(setup, self.settings)
+        self._publish_channel = setup
+        self._publish_channel.confirm_delivery()
+        for lane in self.lanes:
+            channel = self._connection.channel()
+            channel.basic_qos(prefetch_count=lane.handler.prefetch)
+            lane.channel = channel
+            lane.consumer_tag = channel.basic_consume(
+                lane.handler.queue, self._on_message(lane, self._generation))
+        self.ready.set()
+        log.info("consuming %s", ", ".join(lane.handler.queue for lane in self.lanes))
+
+    def _pump(self) -> None:
+        while not self._stop.is_set():
+            self._connection.process_data_events(time_limit=0.2)
+
+    def _on_message(self, lane: _Lane, generation: int):
+        def deliver(channel, method, properties, body):
+            lane.inbox.put(Delivery(method.delivery_tag, body, properties, method.redelivered,
+                                    method.routing_key, generation))
+        return deliver
+
+    def _shutdown(self) -> None:
+        log.info("stopping: finishing in-flight work")
+        self.ready.clear()
+        connection = self._connection
+        if connection is not None and connection.is_open:
+            try:
+                for lane in self.lanes:
+                    if lane.consumer_tag:
+                        lane.channel.basic_cancel(lane.consumer_tag)
+                deadline = time.monotonic() + DRAIN_TIMEOUT
+                while time.monotonic() < deadline and any(l.busy.is_set() for l in self.lanes):
+                    connection.process_data_events(time_limit=0.1)
+                connection.process_data_events(time_limit=0)  # settle the last acks
+                connection.close()  # unacked deliveries go back to their queues
+            except broker.CONNECTION_ERRORS:
+                pass
+        for lane in self.lanes:
+            lane.inbox.put(None)  # type: ignore[arg-type]
+        for lane in self.lanes:
+            if lane.thread:
+                lane.thread.join(timeout=5)
+        log.info("stopped")
+
+    def _forget_connection(self) -> None:
+        self._generation += 1  # workers' results for the old channel are dropped
+        for lane in self.lanes:
+            _drain(lane.inbox)
+            lane.channel = None
+            lane.consumer_tag = None
+        if self._connection is not None:
+            try:
+                self._connection.close()
+            except Exception:  # already broken; nothing to save
+                pass
+        self._connection = None
+
+    # -- worker side -----------------------------------------------------------------------
+
+    def _work(self, lane: _Lane) -> None:
+        while True:
+            first = lane.inbox.get()
+            if first is None:
+                return
+            lane.busy.set()
+            batch = [first]
+            while len(batch) < lane.handler.prefetch:
+                try:
+                    item = lane.inbox.get_nowait()
+                except queue_mod.Empty:
+                    break
+                if item is None:
+                    lane.inbox.put(None)  # type: ignore[arg-type]
+                    break
+                batch.append(item)
+            outcomes = self._handle(lane, batch)
+            self._settle_threadsafe(lane, batch, outcomes)
+
+    def _handle(self, lane: _Lane, batch: list[Delivery]) -> list[Outcome]:
+        try:
+            outcomes = lane.handler.handle(batch)
+            if len(outcomes) != len(batch):
+                raise RuntimeError("handler returned the wrong number of outcomes")
+            return outcomes
+        except TransientError as exc:
+            log.warning("%s: transient failure on a batch of %d: %s", lane.handler.queue, len(batch), exc)
+            time.sleep(1.0)  # don't spin on a database that is down
+            return [self._transient(d, str(exc)) for d in batch]
+        except Exception as exc:  # a bug or an input nobody foresaw
+            if len(batch) > 1:
+                # Isolate the message that breaks the batch: one bad message must not sink others.
+                return [o for d in batch for o in self._handle(lane, [d])]
+            log.exception("%s: unexpected error on one message", lane.handler.queue)
+            return [self._transient(batch[0], f"unexpected error: {exc!r}", poison=True)]
+
+    def _transient(self, delivery: Delivery, reason: str, poison: bool = False) -> Outcome:
+        """Requeue, unless this message has failed too often: then dead-letter it."""
+        key = hashlib.sha1(delivery.body).hexdigest()
+        count = self._failures.pop(key, 0) + 1
+        self._failures[key] = count
+        while len(self._failures) > 10_000:
+            self._failures.popitem(last=False)
+        limit = 2 if poison else TRANSIENT_ATTEMPTS
+        if count >= limit:
+            self._failures.pop(key, None)
+            return Outcome.dead(f"failed {count} times, last: {reason}")
+        return Outcome.requeue(reason)
+
+    def _settle_threadsafe(self, lane: _Lane, batch: list[Delivery], outcomes: list[Outcome]) -> None:
+        connection = self._connection
+        if connection is None:
+            lane.busy.clear()
+            return
+        try:
+            connection.add_callback_threadsafe(lambda: self._settle(lane, batch, outcomes))
+        except Exception:  # the connection died meanwhile: the broker will redeliver
+            lane.busy.clear()
+
+    def _settle(self, lane: _Lane, batch: list[Delivery], outcomes: list[Outcome]) -> None:
+        """Runs on the I/O thread: dead-letter, requeue, then ack — in that order."""
+        try:
+            channel = lane.channel
+            fresh = [(d, o) for d, o in zip(batch, outcomes) if d.generation == self._generation]
+            if channel is None or not channel.is_open or not fresh:
+                return
+            for delivery, outcome in fresh:
+                if outcome.action == "dead":
+                    self._dead_letter(lane, delivery, outcome.reason)
+                elif outcome.action == "requeue":
+                    channel.basic_nack(delivery.tag, requeue=True)
+                    metrics.requeued.labels(queue=lane.handler.queue).inc()
+            acks = [d.tag for d, o in fresh if o.action in ("ack", "dead")]
+            if acks and len(acks) == len(fresh) and acks == sorted(acks):
+                channel.basic_ack(acks[-1], multiple=True)  # one frame for the whole batch
+            else:
+                for tag in acks:
+                    channel.basic_ack(tag)
+        finally:
+            lane.busy.clear()
+
+    def _dead_letter(self, lane: _Lane, delivery: Delivery, reason: str) -> None:
+        queue = lane.handler.queue
+        log.error("%s: dead-lettering message %s: %s", queue,
+                  delivery.properties.message_id or "-", reason)
+        headers = dict(delivery.properties.headers or {})
+        headers.update({broker.H_REASON: reason[:1000], broker.H_QUEUE: queue,
+                        broker.H_ROUTING_KEY: delivery.routing_key, broker.H_FAILED_AT: now_iso()})
+        properties = pika.BasicProperties(
+            delivery_mode=pika.DeliveryMode.Persistent,
+            content_type=delivery.properties.content_type, headers=headers,
+            message_id=delivery.properties.message_id)
+        # Confirmed before the ack that follows: a crash in between duplicates the dead
+        # letter, never loses it.
+        self._publish_channel.basic_publish(broker.EXCHANGE, broker.ROUTING_KEYS[broker.DEAD],
+                                            delivery.body, properties, mandatory=True)
+        metrics.dead_lettered.labels(queue=queue).inc()
+
+
+def _drain(inbox: queue_mod.Queue) -> None:
+    while True:
+        try:
+            inbox.get_nowait()
+        except queue_mod.Empty:
+            return
