@@ -107,7 +107,7 @@ exports.connect = async function () {
     this.backoff_ms = this.cfg.amqp.reconnect_initial * 1000
     this.loginfo(`connected to RabbitMQ, publishing to exchange ${this.cfg.amqp.exchange}`)
   } catch (err) {
-    this.logwarn(`cannot reach RabbitMQ: ${err.message}`)
+    this.logwarn(`cannot connect to RabbitMQ: ${err.message}`)
     this.schedule_reconnect()
   } finally {
     this.connecting = false
@@ -120,7 +120,7 @@ exports.watch = function (amqp) {
   // 'close' follows and drives the reconnect.
   connection.on('error', (err) => this.logerror(`RabbitMQ connection error: ${err.message}`))
   channel.on('error', (err) => this.logerror(`RabbitMQ channel error: ${err.message}`))
-  connection.on('close', () => this.lost(amqp, 'connection closed'))
+  connection.on('close', (err) => this.lost(amqp, err ? err.message : 'connection closed'))
   channel.on('close', () => this.lost(amqp, 'channel closed'))
   // Publishes stall while RabbitMQ blocks publishers (memory or disk alarm): answer 4xx at
   // once instead of holding the sender for the whole publish timeout.
@@ -177,7 +177,7 @@ exports.queue_to_rabbitmq = function (next, connection) {
     .then((size) => this.publish(this.inbound_body(connection, id, size), id))
     .then(
       () => {
-        this.loginfo(`published ${id} to RabbitMQ`, connection)
+        this.logdebug(`published ${id} to RabbitMQ`, connection)
         next(constants.ok, `queued as ${id}`)
       },
       (err) => {
