@@ -1,0 +1,368 @@
+"""A throwaway native Dovecot IMAP server for tests.
+
+Runs as root (its login processes run as ``dovenull``, mail processes and auth as
+``dovecot``), with its own config, base_dir, state_dir, log and maildirs, IMAP on a free
+127.0.0.1 port and IMAPS on another (self-signed certificate made with openssl), so a system
+dovecot is never touched.
+
+Users live in passwd-files with plain passwords, one file per user (``users.d/<name>``, the
+passdb/userdb path is ``users.d/%u``). One shared file would not do: dovecot's auth process
+looks at a passwd-file's mtime at most once per second, so a user added right after another
+login would be refused for up to a second. A new user's file is read on that user's first
+login. (Changing the password of an existing user can take up to a second to be seen;
+``add_user`` waits that second out in that case.)
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import pwd
+import secrets
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from .ports import (
+    LOOPBACK,
+    free_port,
+    pid_alive,
+    pids_with_env,
+    port_open,
+    tail,
+    terminate_pids,
+    wait_until,
+)
+from .postgres import service_dir
+
+MARKER = "MAILFERRY_HARNESS_DOVECOT"
+START_TIMEOUT = 30.0
+
+
+class DovecotError(RuntimeError):
+    pass
+
+
+def find_dovecot() -> str | None:
+    for cand in ("/usr/sbin/dovecot", shutil.which("dovecot")):
+        if cand and os.access(cand, os.X_OK):
+            return cand
+    return None
+
+
+def dovecot_available() -> bool:
+    if find_dovecot() is None or os.geteuid() != 0:
+        return False
+    try:
+        pwd.getpwnam("dovecot")
+        pwd.getpwnam("dovenull")
+    except KeyError:
+        return False
+    return True
+
+
+def _check_field(kind: str, value: str) -> None:
+    bad = ":\n\r\0/" if kind == "user name" else ":\n\r\0"
+    if not value or any(c in value for c in bad) or value != value.strip() or value in (".", ".."):
+        raise ValueError(f"{kind} {value!r} cannot go into a passwd-file")
+
+
+class DovecotServer:
+    """``start()`` / ``stop()`` / ``restart()`` / ``add_user()`` / ``remove_user()``;
+    ``host``, ``port`` (plain IMAP, STARTTLS offered when ssl), ``ssl_port`` (IMAPS, or None),
+    ``cert_path`` (the self-signed certificate, for clients that verify)."""
+
+    def __init__(self, workdir: Path, users: dict[str, str] | None = None, ssl: bool = True):
+        self.workdir = Path(workdir).resolve()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.users: dict[str, str] = {}
+        for name, password in (users or {}).items():
+            _check_field("user name", name)
+            _check_field("password", password)
+            self.users[name] = password
+        self.ssl = ssl and shutil.which("openssl") is not None
+        self.host = LOOPBACK
+        self.port = free_port()
+        self.ssl_port: int | None = free_port() if self.ssl else None
+        self.instance = f"mf-{secrets.token_hex(4)}"
+        self.last_start_seconds: float | None = None
+        self._root: Path | None = None
+        self._root_outside = False
+        self._atexit_registered = False
+
+    # -- paths ---------------------------------------------------------------------------
+
+    @property
+    def root(self) -> Path:
+        assert self._root is not None, "start() first"
+        return self._root
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "dovecot.conf"
+
+    @property
+    def users_dir(self) -> Path:
+        return self.root / "users.d"
+
+    @property
+    def log_path(self) -> Path:
+        return self.root / "dovecot.log"
+
+    @property
+    def cert_path(self) -> Path | None:
+        return self.root / "cert.pem" if self.ssl else None
+
+    def home_of(self, user: str) -> Path:
+        return self.root / "mail" / user
+
+    # -- configuration -------------------------------------------------------------------
+
+    def _prepare(self) -> None:
+        if self._root is not None:
+            return
+        if find_dovecot() is None:
+            raise DovecotError("dovecot is not installed (scripts/install-system.sh)")
+        if os.geteuid() != 0:
+            raise DovecotError("the test dovecot runs as root")
+        # The login (dovenull) and mail (dovecot) processes must reach base_dir and the maildirs.
+        self._root, self._root_outside = service_dir(self.workdir, "dovecot")
+        dv = pwd.getpwnam("dovecot")
+        uid, gid = dv.pw_uid, dv.pw_gid
+        for sub in ("run", "state"):
+            (self.root / sub).mkdir(mode=0o755, exist_ok=True)
+        mail = self.root / "mail"
+        mail.mkdir(mode=0o700, exist_ok=True)
+        os.chown(mail, uid, gid)
+        if self.ssl and not (self.root / "cert.pem").exists():
+            subprocess.run(
+                [
+                    "openssl", "req", "-x509", "-newkey", "ec",
+                    "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                    "-keyout", str(self.root / "key.pem"), "-out", str(self.root / "cert.pem"),
+                    "-days", "7", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+                ],
+                check=True,
+                capture_output=True,
+                timeout=60,
+            )
+            (self.root / "key.pem").chmod(0o600)
+        self._write_users()
+        self.config_path.write_text(self._config(uid, gid))
+
+    def _config(self, uid: int, gid: int) -> str:
+        r = self.root
+        ssl_lines = (
+            f"ssl = yes\nssl_cert = <{r}/cert.pem\nssl_key = <{r}/key.pem\n"
+            "ssl_min_protocol = TLSv1.2\n"
+            if self.ssl
+            else "ssl = no\n"
+        )
+        imaps = (
+            f"  inet_listener imaps {{\n    address = {LOOPBACK}\n    port = {self.ssl_port}\n"
+            "    ssl = yes\n  }\n"
+            if self.ssl
+            else "  inet_listener imaps {\n    port = 0\n  }\n"
+        )
+        return f"""# Throwaway test server written by tests/harness/dovecot.py
+instance_name = {self.instance}
+base_dir = {r}/run
+state_dir = {r}/state
+log_path = {r}/dovecot.log
+info_log_path = {r}/dovecot.log
+protocols = imap
+listen = {LOOPBACK}
+import_environment = TZ {MARKER}={self.instance}
+{ssl_lines}disable_plaintext_auth = no
+auth_mechanisms = plain login
+default_login_user = dovenull
+default_internal_user = dovecot
+default_internal_group = dovecot
+first_valid_uid = {uid}
+first_valid_gid = {gid}
+mail_location = maildir:~/Maildir
+mail_fsync = never
+namespace inbox {{
+  inbox = yes
+}}
+passdb {{
+  driver = passwd-file
+  args = scheme=PLAIN username_format=%u {r}/users.d/%u
+}}
+userdb {{
+  driver = passwd-file
+  args = username_format=%u {r}/users.d/%u
+  default_fields = uid={uid} gid={gid} home={r}/mail/%u
+}}
+service imap-login {{
+  inet_listener imap {{
+    address = {LOOPBACK}
+    port = {self.port}
+  }}
+{imaps}}}
+"""
+
+    def _write_users(self) -> None:
+        if self._root is None:
+            return
+        gid = pwd.getpwnam("dovecot").pw_gid
+        self.users_dir.mkdir(mode=0o750, exist_ok=True)
+        os.chown(self.users_dir, 0, gid)
+        for name, password in self.users.items():
+            self._write_user_file(name, password, gid)
+        for path in self.users_dir.iterdir():
+            if path.name not in self.users and not path.name.endswith(".tmp"):
+                path.unlink()
+
+    def _write_user_file(self, name: str, password: str, gid: int) -> bool:
+        path = self.users_dir / name
+        line = f"{name}:{{PLAIN}}{password}::::::\n"
+        try:
+            if path.read_text() == line:
+                return False
+        except OSError:
+            pass
+        tmp = self.users_dir / f".{name}.tmp"
+        tmp.write_text(line)
+        os.chown(tmp, 0, gid)
+        tmp.chmod(0o640)
+        os.replace(tmp, path)
+        return True
+
+    # -- users ---------------------------------------------------------------------------
+
+    def add_user(self, name: str, password: str) -> None:
+        """Add a user (or change a password); the user can log in right away."""
+        _check_field("user name", name)
+        _check_field("password", password)
+        existed = name in self.users
+        self.users[name] = password
+        if self._root is None:
+            return  # written by start()
+        changed = self._write_user_file(name, password, pwd.getpwnam("dovecot").pw_gid)
+        if existed and changed and self.running:
+            # dovecot re-checks a passwd-file at most once a second (see module doc).
+            time.sleep(1.1)
+
+    def remove_user(self, name: str, delete_mail: bool = True) -> None:
+        self.users.pop(name, None)
+        if self._root is None:
+            return
+        try:
+            (self.users_dir / name).unlink()
+        except FileNotFoundError:
+            pass
+        if delete_mail:
+            shutil.rmtree(self.home_of(name), ignore_errors=True)
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def _pids(self) -> list[int]:
+        return pids_with_env(MARKER, self.instance)
+
+    def master_pid(self) -> int | None:
+        if self._root is None:
+            return None
+        try:
+            pid = int((self.root / "run" / "master.pid").read_text().strip())
+        except (OSError, ValueError):
+            return None
+        return pid if pid_alive(pid) else None
+
+    @property
+    def running(self) -> bool:
+        return self.master_pid() is not None
+
+    def _ready(self) -> bool:
+        return port_open(self.port) and (self.ssl_port is None or port_open(self.ssl_port))
+
+    def start(self) -> "DovecotServer":
+        if self.running:
+            return self
+        t0 = time.monotonic()
+        self._prepare()
+        env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
+        env[MARKER] = self.instance
+        # The daemonized master keeps its stdout/stderr: give it a file, not a pipe.
+        startup = self.root / "startup.log"
+        with open(startup, "ab") as out:
+            proc = subprocess.run(
+                [find_dovecot(), "-c", str(self.config_path)],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                timeout=60,
+            )
+        if proc.returncode != 0:
+            raise DovecotError(
+                f"dovecot did not start (exit {proc.returncode}):\n{tail(startup)}\n"
+                f"--- {self.log_path} ---\n{tail(self.log_path)}"
+            )
+        if not self._atexit_registered:
+            atexit.register(self._atexit_stop)
+            self._atexit_registered = True
+
+        def died() -> str | None:
+            if time.monotonic() - t0 > 2 and not self.running:
+                return f"dovecot died while starting:\n{tail(self.log_path)}"
+            return None
+
+        try:
+            ok = wait_until(self._ready, START_TIMEOUT, failed=died)
+        except RuntimeError as exc:
+            raise DovecotError(str(exc)) from None
+        if not ok:
+            self.stop()
+            raise DovecotError(f"dovecot not listening after {START_TIMEOUT:.0f} s:\n{tail(self.log_path)}")
+        self.last_start_seconds = time.monotonic() - t0
+        return self
+
+    def stop(self) -> None:
+        pid = self.master_pid()
+        if pid is not None:
+            # What `dovecot stop` does, minus its 2 s of polling: SIGTERM to the master,
+            # which ends its children (and the clients' imap processes) and exits.
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            if not wait_until(lambda: not pid_alive(pid), 15):
+                terminate_pids([pid], grace=5)
+        # imap processes of clients still connected, auth workers, ...
+        terminate_pids(self._pids(), grace=5)
+        wait_until(lambda: not port_open(self.port), 5)
+
+    def restart(self) -> "DovecotServer":
+        self.stop()
+        return self.start()
+
+    def close(self) -> None:
+        """stop() and remove its files when they live outside ``workdir``."""
+        self.stop()
+        if self._root_outside and self._root is not None:
+            shutil.rmtree(self._root, ignore_errors=True)
+            link = self.workdir / "dovecot"
+            if link.is_symlink():
+                link.unlink()
+            self._root = None
+
+    def _atexit_stop(self) -> None:
+        try:
+            self.stop()
+        except Exception:  # noqa: BLE001 - best effort at interpreter exit
+            terminate_pids(self._pids(), grace=2)
+
+    def __enter__(self) -> "DovecotServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<DovecotServer {self.host}:{self.port} ssl={self.ssl_port} {self._root}>"
+
+
+__all__ = ["DovecotServer", "DovecotError", "dovecot_available", "find_dovecot"]

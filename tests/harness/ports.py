@@ -1,0 +1,134 @@
+"""Loopback ports and small process helpers shared by the native test servers.
+
+Every server the harness starts listens on 127.0.0.1 only, on a port picked here, so tests
+never collide with a system daemon (a system rabbitmq/postgres/dovecot/postfix may be running
+on the standard ports) or with a second test session on the same machine.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+from typing import Callable, Iterable
+
+LOOPBACK = "127.0.0.1"
+
+# Ports handed out by this process. A port is returned by the kernel as free, closed again and
+# then bound by the server a moment later; remembering them keeps two servers started by the
+# same session from being handed the same port before either has bound it.
+_handed_out: set[int] = set()
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    """Return a TCP port on ``host`` that nothing listens on right now."""
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((host, 0))
+            port = sock.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
+    raise RuntimeError("could not find a free TCP port on %s" % host)
+
+
+def port_open(port: int, host: str = LOOPBACK, timeout: float = 0.5) -> bool:
+    """True when something accepts TCP connections on host:port."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def wait_until(
+    predicate: Callable[[], bool],
+    timeout: float,
+    interval: float = 0.05,
+    failed: Callable[[], str | None] | None = None,
+) -> bool:
+    """Poll ``predicate`` until it is true or ``timeout`` seconds pass.
+
+    ``failed`` is polled too; when it returns a message the wait ends early with a
+    RuntimeError carrying it (used for "the server process died").
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return True
+        if failed is not None:
+            reason = failed()
+            if reason:
+                raise RuntimeError(reason)
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)
+
+
+def pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie is dead for our purposes.
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return state != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def pids_with_env(marker: str, value: str) -> list[int]:
+    """Pids of processes (readable by us) whose environment holds ``marker=value``.
+
+    The harness puts a unique marker into the environment of every server it starts; all
+    of that server's children (Erlang's epmd, helper ports, dovecot's workers…) inherit it,
+    so this finds exactly the processes of one server and nothing else.
+    """
+    needle = f"{marker}={value}".encode()
+    found = []
+    me = os.getpid()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        pid = int(entry.name)
+        if pid == me:
+            continue
+        try:
+            env = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if needle in env.split(b"\0") and pid_alive(pid):
+            found.append(pid)
+    return found
+
+
+def terminate_pids(pids: Iterable[int], grace: float = 5.0) -> None:
+    """SIGTERM the given pids, then SIGKILL whatever is still alive after ``grace`` s."""
+    pids = [p for p in pids if pid_alive(p)]
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    wait_until(lambda: not any(pid_alive(p) for p in pids), grace)
+    for pid in pids:
+        if pid_alive(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    wait_until(lambda: not any(pid_alive(p) for p in pids), 2.0)
+
+
+def tail(path: Path, lines: int = 40) -> str:
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError as exc:
+        return f"(cannot read {path}: {exc})"
+    return "\n".join(text.splitlines()[-lines:])
