@@ -21,6 +21,7 @@ exports.register = function () {
   this.blocked = null // reason string while the broker blocks publishers (resource alarm)
   this.pending = new Map() // messageId -> { returned } for publishes awaiting their confirm
   this.register_hook('queue', 'queue_to_rabbitmq')
+  this.loginfo(`spool ${this.cfg.spool_dir}, RabbitMQ exchange ${this.cfg.amqp.exchange}`)
 }
 
 exports.load_config = function () {
@@ -183,9 +184,11 @@ exports.queue_to_rabbitmq = function (next, connection) {
       (err) => {
         this.logwarn(`not queued: ${err.message}`, connection)
         // The sender will retry, so leave nothing behind for the consumer or the sweeper.
-        fsp.rm(final, { force: true }).finally(() => next(constants.denysoft, err.message))
+        remove(final).then(() => next(constants.denysoft, err.reply ?? err.message))
       },
     )
+    // Only a throw inside next() lands here; an unhandled rejection would end Haraka.
+    .catch((err) => this.logcrit(`queue hook failed: ${err.stack}`, connection))
 }
 
 // Why mail cannot be accepted right now, or null.
@@ -198,35 +201,55 @@ exports.unavailable = function () {
 // Write <incoming>/.<id>.tmp, fsync, rename to <id>.eml, fsync the folder: after this the file
 // survives a crash, and a reader never sees a half-written .eml. Resolves to the size in bytes.
 exports.spool = async function (txn, incoming, id) {
-  await fsp.mkdir(incoming, { recursive: true })
   const tmp = path.join(incoming, `.${id}.tmp`)
-  let size = 0
-  const file = await fsp.open(tmp, 'wx', 0o640)
+  try {
+    await fsp.mkdir(incoming, { recursive: true })
+    const size = await write_synced(txn.message_stream, tmp)
+    await fsp.rename(tmp, path.join(incoming, `${id}.eml`))
+    await sync_dir(incoming)
+    return size
+  } catch (err) {
+    await remove(tmp)
+    const failure = new Error(`cannot spool message: ${err.message}`)
+    // The log gets the detail; the SMTP client gets no local paths.
+    failure.reply = 'mail queue cannot store the message, try again later'
+    throw failure
+  }
+}
+
+async function write_synced(message_stream, file_path) {
+  const file = await fsp.open(file_path, 'wx', 0o640)
   try {
     const raw = new PassThrough()
     // The file holds the message itself, not its SMTP wire form. In haraka-message-stream
     // `dot_stuffed: true` means "the stored lines are dot-stuffed: unstuff them" (its docs read
     // the other way round; the tests pin the behaviour). CRLF as received.
-    txn.message_stream.pipe(raw, { dot_stuffed: true, line_endings: '\r\n' })
+    message_stream.pipe(raw, { dot_stuffed: true, line_endings: '\r\n' })
+    let size = 0
     for await (const chunk of raw) {
       await file.write(chunk)
       size += chunk.length
     }
     await file.sync()
-  } catch (err) {
-    await fsp.rm(tmp, { force: true })
-    throw new Error(`cannot spool message: ${err.message}`)
+    return size
   } finally {
     await file.close()
   }
-  await fsp.rename(tmp, path.join(incoming, `${id}.eml`))
-  const dir = await fsp.open(incoming, 'r')
+}
+
+// Best effort: a cleanup failure must not replace the error being reported (nor reject unhandled).
+function remove(file_path) {
+  return fsp.rm(file_path, { force: true }).catch(() => {})
+}
+
+// A rename is durable only once the folder holding it is fsynced.
+async function sync_dir(dir_path) {
+  const dir = await fsp.open(dir_path, 'r')
   try {
     await dir.sync()
   } finally {
     await dir.close()
   }
-  return size
 }
 
 // The mailferry.inbound contract (v1), see DESIGN.md.

@@ -172,6 +172,30 @@ describe('queue hook', () => {
     assert.deepEqual(spoolFiles(plugin), [])
   })
 
+  it('answers DENYSOFT and leaves no temporary file when the spool write fails', async (t) => {
+    const { broker, plugin } = await connected(t)
+    const realOpen = fsp.open
+    t.mock.method(fsp, 'open', async (...args) => {
+      const handle = await realOpen(...args)
+      handle.write = async () => {
+        throw new Error('ENOSPC: no space left on device, write')
+      }
+      return handle
+    })
+    const r = await callQueue(plugin, makeMailConnection())
+    assertDeny(r, /^mail queue cannot store the message, try again later$/, constants.denysoft)
+    assert.deepEqual(spoolFiles(plugin), [])
+    assert.equal(broker.channel.published.length, 0)
+  })
+
+  it('answers DENYSOFT when the spool folder cannot be created', async (t) => {
+    const { plugin } = await connected(t)
+    const blocker = path.join(plugin.cfg.spool_dir, 'not-a-folder')
+    fs.writeFileSync(blocker, '')
+    plugin.cfg.spool_dir = blocker
+    assertDeny(await callQueue(plugin, makeMailConnection()), /cannot store/, constants.denysoft)
+  })
+
   it('answers DENYSOFT at once while the broker blocks publishers', async (t) => {
     const { broker, plugin } = await connected(t)
     broker.connection.emit('blocked', 'low on disk')
