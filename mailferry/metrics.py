@@ -37,3 +37,25 @@ scheduler_lease_held = Gauge(
     "mailferry_scheduler_lease_held", "1 while this scheduler holds the lease")
 fetch_jobs_published = Counter(
     "mailferry_fetch_jobs_published", "IMAP fetch jobs published by the scheduler")
+
+# Tasks and the scheduler (mailferry/tasks.py, scheduler/).
+task_transitions = Counter(
+    "mailferry_task_transitions", "Task state changes, by source and the status reached "
+    "(SKIPPED counts lock collisions)", ["source", "status"])
+tasks_by_status = Gauge(
+    "mailferry_tasks", "Tasks in the database by status, as of the last scheduler tick",
+    ["status"])
+tasks_past_timeout = Gauge(
+    "mailferry_tasks_running_past_timeout", "RUNNING tasks past their timeout_at, last tick")
+task_timeouts = Counter(
+    "mailferry_task_timeouts", "Tasks cancelled by the watchdog, expiry or stale cleanup, "
+    "by reason (watchdog, expired, stale_pending, stale_running, startup)", ["reason"])
+scheduler_tick_seconds = Histogram(
+    "mailferry_scheduler_tick_seconds", "Time of one scheduler tick",
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+scheduler_last_tick = Gauge(
+    "mailferry_scheduler_last_tick_timestamp_seconds", "When the scheduler last finished a tick")
+spool_republished = Counter(
+    "mailferry_spool_republished", "Orphaned spool files republished by the sweep")
+retention_deleted = Counter(
+    "mailferry_retention_deleted", "Tasks deleted by retention cleanup, by status", ["status"])

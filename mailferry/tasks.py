@@ -1,0 +1,322 @@
+"""The EmailTask state machine: create, start, finish, log and count fetch tasks.
+
+    PENDING ─► RUNNING ─► COMPLETED | FAILED | CANCELLED
+    PENDING ─► CANCELLED                    lock collision ─► a new SKIPPED task
+
+Every transition is one conditional UPDATE (``… WHERE status IN (allowed sources)``): when a
+worker finishing and a watchdog cancelling race, the database picks exactly one winner and
+the loser sees ``False``. The per-(source, user) lock is the task row's unique ``lock_key``,
+set while PENDING/RUNNING and cleared in the same UPDATE that ends the task.
+
+peewee errors are translated here: a locked or unreachable database is a TransientError.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import logging
+import uuid
+
+import peewee
+
+from mailferry import metrics
+from mailferry.contracts import TaskRef
+from mailferry.errors import InvalidTransition, PermanentError, TransientError
+from mailferry.models import EmailTask, TaskLog, TaskSource, TaskStatus, db, utcnow
+
+log = logging.getLogger(__name__)
+
+S = TaskStatus
+
+# target status -> statuses it may be reached from. SKIPPED is never a transition: a
+# collision creates a new task that is SKIPPED from birth.
+ALLOWED_SOURCES: dict[str, tuple[str, ...]] = {
+    S.RUNNING: (S.PENDING,),
+    S.COMPLETED: (S.RUNNING,),
+    S.FAILED: (S.RUNNING,),
+    S.CANCELLED: (S.PENDING, S.RUNNING),
+}
+
+LOG_KEEP = 200  # execution-log lines kept per task (the newest)
+LOG_MESSAGE_MAX = 4_000  # characters of one log line
+ERROR_MESSAGE_MAX = 4_000
+DEFAULT_TIMEOUT = 600  # seconds, the column default
+COUNTERS = ("emails_fetched", "emails_saved", "emails_failed", "emails_processed")
+LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def lock_key(source: str, user_id: int | None) -> str:
+    """The value of ``EmailTask.lock_key`` while a task of (source, user) is live."""
+    return f"{source}:{'-' if user_id is None else int(user_id)}"
+
+
+def _db_errors(func):
+    """A locked or unreachable database is worth retrying; say so in our own terms."""
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except (peewee.OperationalError, peewee.InterfaceError) as exc:
+            raise TransientError(f"{func.__name__}: database unavailable: {exc}".strip()) from exc
+    return wrapper
+
+
+# -- creating ----------------------------------------------------------------------------------
+
+@_db_errors
+def create_task(source: str, user_id: int | None, *, timeout_seconds: int | None = None,
+                details: dict | None = None) -> EmailTask:
+    """A new PENDING task holding the (source, user) lock.
+
+    If another PENDING/RUNNING task holds that lock, the result is a new SKIPPED task whose
+    ``error_message`` (and log) names the holder; check ``task.status``.
+    """
+    if source not in TaskSource.ALL:
+        raise PermanentError(f"unknown task source {source!r}; one of {', '.join(TaskSource.ALL)}")
+    timeout = int(timeout_seconds or DEFAULT_TIMEOUT)
+    key = lock_key(source, user_id)
+    for _ in range(3):
+        try:
+            with db.atomic():  # a savepoint: the collision must not abort an outer transaction
+                return EmailTask.create(email_source=source, user=user_id, lock_key=key,
+                                        timeout_seconds=timeout, details=details or {})
+        except peewee.IntegrityError:
+            holder = EmailTask.get_or_none(EmailTask.lock_key == key)
+            if holder is None:
+                continue  # the holder ended between our insert and the look-up: try again
+            return _create_skipped(source, user_id, timeout, details, holder)
+    raise TransientError(f"cannot take the task lock {key}: it changes hands too fast")
+
+
+def skip_reason(holder_task_id: str, holder_status: str) -> str:
+    return f"skipped: task {holder_task_id} ({holder_status}) holds the lock for this mailbox"
+
+
+def _create_skipped(source, user_id, timeout, details, holder: EmailTask) -> EmailTask:
+    reason = skip_reason(holder.task_id, holder.status)
+    now = utcnow()
+    with db.atomic():
+        task = EmailTask.create(
+            email_source=source, user=user_id, status=S.SKIPPED, lock_key=None,
+            timeout_seconds=timeout, details={**(details or {}), "lock_holder": holder.task_id},
+            error_message=reason, completed_at=now)
+        TaskLog.create(task=task.id, step="lock", message=reason, level="WARNING")
+    metrics.task_transitions.labels(source, S.SKIPPED).inc()
+    log.info("task=%s source=%s user=%s %s", task.task_id, source, user_id, reason)
+    return task
+
+
+# -- transitions -------------------------------------------------------------------------------
+
+@_db_errors
+def start_task(task_id: str) -> EmailTask | None:
+    """PENDING → RUNNING, setting started_at and timeout_at; None if no longer PENDING."""
+    task = EmailTask.get_or_none(EmailTask.task_id == task_id)
+    if task is None or task.status != S.PENDING:
+        return None
+    now = utcnow()
+    # timeout_seconds never changes after creation, so computing timeout_at from the row read
+    # above is safe; the status condition is what decides.
+    timeout_at = now + dt.timedelta(seconds=task.timeout_seconds)
+    with db.atomic():
+        changed = (EmailTask.update(status=S.RUNNING, started_at=now, timeout_at=timeout_at)
+                   .where(EmailTask.task_id == task_id, EmailTask.status == S.PENDING)
+                   .execute())
+        if not changed:
+            return None
+        _log(task.id, "status", f"PENDING → RUNNING (timeout {task.timeout_seconds} s)")
+    metrics.task_transitions.labels(task.email_source, S.RUNNING).inc()
+    task.status, task.started_at, task.timeout_at = S.RUNNING, now, timeout_at
+    return task
+
+
+@_db_errors
+def update_status(task_id: str, new_status: str, *, error_message: str | None = None,
+                  details: dict | None = None, **counters: int) -> bool:
+    """Move a task to ``new_status`` in one conditional UPDATE.
+
+    True: this call made the change. False: the task had already ended (COMPLETED, FAILED,
+    CANCELLED, SKIPPED) — someone else decided its outcome, e.g. the watchdog; the caller
+    stops and must not try to overwrite it. Raises InvalidTransition for an unknown task or
+    status, or a change the graph does not allow from a live state (PENDING → COMPLETED).
+    ``counters`` set emails_fetched/saved/failed/processed (the ``emails_`` may be left off).
+    """
+    sources = ALLOWED_SOURCES.get(new_status)
+    if sources is None:
+        raise InvalidTransition(f"task {task_id}: cannot move to {new_status!r}; allowed targets "
+                                f"are {', '.join(ALLOWED_SOURCES)}")
+    if new_status == S.RUNNING:
+        return start_task(task_id) is not None
+    values = _terminal_values(new_status, error_message, details, counters)
+    for _ in range(3):
+        with db.atomic():
+            changed = (EmailTask.update(**values)
+                       .where(EmailTask.task_id == task_id, EmailTask.status.in_(sources))
+                       .execute())
+            row = (EmailTask.select(EmailTask.id, EmailTask.status, EmailTask.email_source,
+                                    EmailTask.started_at, EmailTask.user)
+                   .where(EmailTask.task_id == task_id).first())
+            if row is None:
+                raise InvalidTransition(f"task {task_id}: no such task")
+            if changed:
+                text = f"→ {new_status}" + (f": {error_message}" if error_message else "")
+                _log(row.id, "status", text, _level_for(new_status))
+        if changed:
+            _observe_end(task_id, row, new_status, values["completed_at"], error_message)
+            return True
+        if row.status in S.TERMINAL:
+            log.info("task=%s already %s; %s not applied", task_id, row.status, new_status)
+            return False
+        if row.status not in sources:
+            raise InvalidTransition(f"task {task_id}: {row.status} → {new_status} is not allowed")
+        # The row reached an allowed state between the UPDATE and the read: decide again.
+    raise TransientError(f"task {task_id}: status keeps changing, {new_status} not applied")
+
+
+def _terminal_values(new_status: str, error_message, details, counters: dict) -> dict:
+    values: dict = {"status": new_status, "completed_at": utcnow(), "lock_key": None}
+    if error_message is not None:
+        values["error_message"] = str(error_message)[:ERROR_MESSAGE_MAX]
+    if details is not None:
+        values["details"] = details
+    for name, number in counters.items():
+        column = name if name.startswith("emails_") else f"emails_{name}"
+        if column not in COUNTERS:
+            raise TypeError(f"update_status() got an unknown counter {name!r}")
+        values[column] = int(number)
+    return values
+
+
+def _observe_end(task_id, row, new_status, completed_at, error_message) -> None:
+    metrics.task_transitions.labels(row.email_source, new_status).inc()
+    if row.started_at is not None:
+        metrics.task_duration_seconds.labels(row.email_source, new_status).observe(
+            max(0.0, (completed_at - row.started_at).total_seconds()))
+    level = logging.INFO if new_status == S.COMPLETED else logging.WARNING
+    log.log(level, "task=%s source=%s user=%s → %s%s", task_id, row.email_source,
+            row.user_id, new_status, f": {error_message}" if error_message else "")
+
+
+def _level_for(status: str) -> str:
+    return {S.FAILED: "ERROR", S.CANCELLED: "WARNING"}.get(status, "INFO")
+
+
+def complete_task(task_id: str, **counters: int) -> bool:
+    return update_status(task_id, S.COMPLETED, **counters)
+
+
+def fail_task(task_id: str, error_message: str, **counters: int) -> bool:
+    return update_status(task_id, S.FAILED, error_message=error_message, **counters)
+
+
+def cancel_task(task_id: str, reason: str) -> bool:
+    return update_status(task_id, S.CANCELLED, error_message=reason)
+
+
+# -- log, counts, queries ----------------------------------------------------------------------
+
+def _log(task_pk: int, step: str, message: str, level: str = "INFO") -> None:
+    TaskLog.create(task=task_pk, step=step[:64], message=str(message)[:LOG_MESSAGE_MAX],
+                   level=level if level in LEVELS else "INFO")
+    # Keep the newest LOG_KEEP lines: everything older than the LOG_KEEP-th newest goes.
+    cutoff = (TaskLog.select(TaskLog.id).where(TaskLog.task == task_pk)
+              .order_by(TaskLog.id.desc()).offset(LOG_KEEP).limit(1).scalar())
+    if cutoff is not None:
+        TaskLog.delete().where(TaskLog.task == task_pk, TaskLog.id <= cutoff).execute()
+
+
+@_db_errors
+def add_execution_log(task_id: str, step: str, message: str, level: str = "INFO") -> bool:
+    """Append one line to a task's execution log (bounded to the newest LOG_KEEP)."""
+    pk = EmailTask.select(EmailTask.id).where(EmailTask.task_id == task_id).scalar()
+    if pk is None:
+        return False
+    with db.atomic():
+        _log(pk, step, message, level.upper())
+    return True
+
+
+def execution_log(task_id: str) -> list[TaskLog]:
+    return list(TaskLog.select().join(EmailTask)
+                .where(EmailTask.task_id == task_id).order_by(TaskLog.id))
+
+
+@_db_errors
+def add_counts(task_id: str, fetched: int = 0, saved: int = 0, failed: int = 0) -> bool:
+    """Add to the task's counters atomically; processed grows by saved + failed.
+
+    Counts are facts about mail already handled, so they are added even after the task ended.
+    """
+    changed = (EmailTask.update(
+        emails_fetched=EmailTask.emails_fetched + int(fetched),
+        emails_saved=EmailTask.emails_saved + int(saved),
+        emails_failed=EmailTask.emails_failed + int(failed),
+        emails_processed=EmailTask.emails_processed + int(saved) + int(failed),
+    ).where(EmailTask.task_id == task_id).execute())
+    return bool(changed)
+
+
+def is_timeout(task: EmailTask, now: dt.datetime | None = None) -> bool:
+    """True if the task is RUNNING past its timeout_at."""
+    return (task.status == S.RUNNING and task.timeout_at is not None
+            and (now or utcnow()) >= task.timeout_at)
+
+
+@_db_errors
+def is_active(task_id: str) -> bool:
+    """True while the task is PENDING or RUNNING: a worker checks this between batches."""
+    status = EmailTask.select(EmailTask.status).where(EmailTask.task_id == task_id).scalar()
+    return status in S.ACTIVE
+
+
+def get_task(task_id: str) -> EmailTask | None:
+    return EmailTask.get_or_none(EmailTask.task_id == task_id)
+
+
+@_db_errors
+def get_task_metrics(now: dt.datetime | None = None) -> dict:
+    """Totals by status and by source, RUNNING past timeout, FAILED in the last hour."""
+    now = now or utcnow()
+    by_status = {status: 0 for status in S.ALL}
+    by_source: dict[str, dict[str, int]] = {}
+    query = (EmailTask.select(EmailTask.email_source, EmailTask.status,
+                              peewee.fn.COUNT(EmailTask.id).alias("n"))
+             .group_by(EmailTask.email_source, EmailTask.status).tuples())
+    for source, status, n in query:
+        by_status[status] = by_status.get(status, 0) + n
+        by_source.setdefault(source, {})[status] = n
+    past_timeout = EmailTask.select().where(
+        EmailTask.status == S.RUNNING, EmailTask.timeout_at < now).count()
+    failed_hour = EmailTask.select().where(
+        EmailTask.status == S.FAILED, EmailTask.completed_at >= now - dt.timedelta(hours=1)).count()
+    oldest_pending = (EmailTask.select(peewee.fn.MIN(EmailTask.created_at))
+                      .where(EmailTask.status == S.PENDING).scalar())
+    return {
+        "total": sum(by_status.values()),
+        "by_status": by_status,
+        "by_source": by_source,
+        "running_past_timeout": past_timeout,
+        "failed_last_hour": failed_hour,
+        "oldest_pending_seconds": (now - oldest_pending).total_seconds() if oldest_pending else None,
+    }
+
+
+# -- watchdog ----------------------------------------------------------------------------------
+
+def publish_watchdog(publisher, task: EmailTask) -> None:
+    """Publish the task's watchdog to the delay tier of its timeout (declared if new).
+
+    Call it right after ``start_task``: the tier's queue-level TTL is the timeout, so the
+    message dead-letters to ``mailferry.task_timeouts`` when timeout_at has passed.
+    """
+    seconds = int(task.timeout_seconds or DEFAULT_TIMEOUT)
+    declared = publisher.__dict__.setdefault("_watchdog_tiers", {})
+    key = declared.get(seconds)
+    if key is None:
+        key = declared[seconds] = publisher.declare_watchdog(seconds)
+    publisher.publish(key, TaskRef(task.task_id).to_body(), message_id=task.task_id)
+
+
+def new_task_id() -> str:
+    return str(uuid.uuid4())
