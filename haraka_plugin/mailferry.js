@@ -305,7 +305,8 @@ exports.publish = function (body, id) {
         Buffer.from(JSON.stringify(body), 'utf8'),
         { persistent: true, mandatory: true, contentType: 'application/json', messageId: id },
         (err) => {
-          if (err) return finish(new Error('mail queue refused the message (RabbitMQ nack), try again later'))
+          // amqplib: 'message nacked', or 'channel closed' for publishes the channel took down.
+          if (err) return finish(new Error(`mail queue did not take the message (RabbitMQ: ${err.message}), try again later`))
           // RabbitMQ sends basic.return before the ack of the same message, so a returned
           // message is already marked here even though it is "acked".
           if (entry.returned) return finish(new Error(`mail queue cannot route the message (${entry.returned}), try again later`))

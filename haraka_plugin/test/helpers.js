@@ -13,7 +13,7 @@ const { makePlugin, makeConnection } = require('haraka-test-fixtures')
 const FIXTURE = path.join(__dirname, 'fixtures', 'simple.eml')
 
 // Answers each publish the way the test asks: 'ack', 'nack', 'return' (basic.return, then the
-// ack, as RabbitMQ orders them) or 'silent' (never confirms).
+// ack, as RabbitMQ orders them), 'close' (the channel dies first) or 'silent' (never confirms).
 class FakeChannel extends EventEmitter {
   constructor() {
     super()
@@ -37,6 +37,10 @@ class FakeChannel extends EventEmitter {
           content,
         })
         cb(null)
+      } else if (mode === 'close') {
+        // What amqplib does when the channel goes down with unconfirmed publishes.
+        cb(new Error('channel closed'))
+        this.emit('close')
       }
     })
     return true

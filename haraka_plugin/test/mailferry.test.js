@@ -121,7 +121,7 @@ describe('queue hook', () => {
   it('answers DENYSOFT and removes the spool file when the broker nacks', async (t) => {
     const { plugin } = await connected(t, { mode: 'nack' })
     const r = await callQueue(plugin, makeMailConnection())
-    assertDeny(r, /nack/, constants.denysoft)
+    assertDeny(r, /did not take the message \(RabbitMQ: message nacked\)/, constants.denysoft)
     assert.deepEqual(spoolFiles(plugin), [])
   })
 
@@ -131,6 +131,16 @@ describe('queue hook', () => {
     assertDeny(r, /cannot route.*312 NO_ROUTE/, constants.denysoft)
     assert.deepEqual(spoolFiles(plugin), [])
     assert.equal(plugin.pending.size, 0)
+  })
+
+  it('answers DENYSOFT when the channel closes before confirming, then reconnects', async (t) => {
+    const { broker, plugin } = await connected(t, { mode: 'close' })
+    const first = broker.channel
+    assertDeny(await callQueue(plugin, makeMailConnection()), /channel closed/, constants.denysoft)
+    assert.deepEqual(spoolFiles(plugin), [])
+    broker.mode = 'ack'
+    await waitFor(() => plugin.amqp !== null && broker.channel !== first)
+    assertOk(await callQueue(plugin, makeMailConnection()))
   })
 
   it('does not blame a message for the return of another one', async (t) => {
