@@ -133,7 +133,8 @@ def start_task(task_id: str) -> EmailTask | None:
 
 @_db_errors
 def update_status(task_id: str, new_status: str, *, error_message: str | None = None,
-                  details: dict | None = None, **counters: int) -> bool:
+                  details: dict | None = None, only_from: tuple[str, ...] | None = None,
+                  **counters: int) -> bool:
     """Move a task to ``new_status`` in one conditional UPDATE.
 
     True: this call made the change. False: the task had already ended (COMPLETED, FAILED,
@@ -141,18 +142,21 @@ def update_status(task_id: str, new_status: str, *, error_message: str | None = 
     stops and must not try to overwrite it. Raises InvalidTransition for an unknown task or
     status, or a change the graph does not allow from a live state (PENDING → COMPLETED).
     ``counters`` set emails_fetched/saved/failed/processed (the ``emails_`` may be left off).
+    ``only_from`` narrows the allowed sources (the watchdog cancels only RUNNING tasks); a task
+    in another live state is then left alone and the answer is False.
     """
     sources = ALLOWED_SOURCES.get(new_status)
     if sources is None:
         raise InvalidTransition(f"task {task_id}: cannot move to {new_status!r}; allowed targets "
                                 f"are {', '.join(ALLOWED_SOURCES)}")
+    narrowed = sources if only_from is None else tuple(s for s in sources if s in only_from)
     if new_status == S.RUNNING:
         return start_task(task_id) is not None
     values = _terminal_values(new_status, error_message, details, counters)
     for _ in range(3):
         with db.atomic():
             changed = (EmailTask.update(**values)
-                       .where(EmailTask.task_id == task_id, EmailTask.status.in_(sources))
+                       .where(EmailTask.task_id == task_id, EmailTask.status.in_(narrowed))
                        .execute())
             row = (EmailTask.select(EmailTask.id, EmailTask.status, EmailTask.email_source,
                                     EmailTask.started_at, EmailTask.user)
@@ -170,6 +174,8 @@ def update_status(task_id: str, new_status: str, *, error_message: str | None = 
             return False
         if row.status not in sources:
             raise InvalidTransition(f"task {task_id}: {row.status} → {new_status} is not allowed")
+        if row.status not in narrowed:
+            return False  # live, allowed by the graph, but not what the caller asked to end
         # The row reached an allowed state between the UPDATE and the read: decide again.
     raise TransientError(f"task {task_id}: status keeps changing, {new_status} not applied")
 
@@ -210,8 +216,8 @@ def fail_task(task_id: str, error_message: str, **counters: int) -> bool:
     return update_status(task_id, S.FAILED, error_message=error_message, **counters)
 
 
-def cancel_task(task_id: str, reason: str) -> bool:
-    return update_status(task_id, S.CANCELLED, error_message=reason)
+def cancel_task(task_id: str, reason: str, *, only_from: tuple[str, ...] | None = None) -> bool:
+    return update_status(task_id, S.CANCELLED, error_message=reason, only_from=only_from)
 
 
 # -- log, counts, queries ----------------------------------------------------------------------
