@@ -1,0 +1,117 @@
+"""`make run`: the whole Mailferry stack on one machine, in the foreground.
+
+RabbitMQ (management UI on), Haraka with the mailferry plugin, the consumer and the scheduler,
+on the embedded defaults (SQLite and folders under var/). RabbitMQ and Haraka are started with
+the same native launchers the tests use (tests/harness), with fixed ports and data kept in
+var/ across runs. Ctrl-C stops everything.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from mailferry.config import load_settings  # noqa: E402
+from tests.harness.haraka import HarakaServer  # noqa: E402
+from tests.harness.ports import port_open  # noqa: E402
+from tests.harness.rabbitmq import RabbitMQServer  # noqa: E402
+
+AMQP_PORT = int(os.environ.get("MAILFERRY_RUN_AMQP_PORT", "5672"))
+MANAGEMENT_PORT = int(os.environ.get("MAILFERRY_RUN_MANAGEMENT_PORT", "15672"))
+SMTP_PORT = int(os.environ.get("MAILFERRY_RUN_SMTP_PORT", "2525"))
+
+
+def start_rabbitmq(var: Path) -> RabbitMQServer | None:
+    if port_open(AMQP_PORT):
+        print(f"RabbitMQ: already listening on 127.0.0.1:{AMQP_PORT}, using it")
+        return None
+    server = RabbitMQServer(var / "rabbitmq")
+    server.node = "mailferry@localhost"  # a fixed name keeps the data of earlier runs
+    server.amqp_port, server.management_port = AMQP_PORT, MANAGEMENT_PORT
+    server.start()
+    return server
+
+
+def main() -> int:
+    os.chdir(ROOT)
+    settings = load_settings()
+    var = settings.var_dir.resolve()
+    var.mkdir(parents=True, exist_ok=True)
+    print("starting RabbitMQ …", flush=True)
+    rabbit = start_rabbitmq(var)
+    amqp_url = settings.amqp_url if rabbit is None else rabbit.amqp_url
+    env = dict(os.environ, MAILFERRY_AMQP_URL=amqp_url, PYTHONPATH=str(ROOT))
+    env.setdefault("MAILFERRY_MANAGEMENT_URL", f"http://guest:guest@127.0.0.1:{MANAGEMENT_PORT}")
+    processes: list[tuple[str, subprocess.Popen]] = []
+    haraka = None
+    try:
+        # The consumer declares the queues; Haraka's plugin only checks the exchange.
+        subprocess.run([sys.executable, "-c", "from mailferry.app import bootstrap; "
+                        "bootstrap(topology=True, quiet=True)"], env=env, check=True)
+        for name, module in (("consumer", "consumer"), ("scheduler", "scheduler")):
+            if (ROOT / module / "__main__.py").exists():
+                processes.append((name, subprocess.Popen([sys.executable, "-m", module], env=env)))
+        print("starting Haraka …", flush=True)
+        haraka = HarakaServer(var / "haraka", amqp_url, settings.resolved_spool_dir, port=SMTP_PORT)
+        haraka.log_path = var / "haraka.log"
+        haraka.start()
+        print_banner(settings, amqp_url)
+        stop = []
+        signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+        while not stop:
+            for name, process in processes:
+                if process.poll() is not None:
+                    print(f"{name} exited with {process.returncode}; stopping", flush=True)
+                    stop.append(1)
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        print("\nstopping …", flush=True)
+        for _, process in processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for _, process in processes:
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        if haraka is not None:
+            haraka.stop()
+        if rabbit is not None:
+            rabbit.stop()
+    return 0
+
+
+def print_banner(settings, amqp_url: str) -> None:
+    host = settings.metrics_host
+    lines = [
+        "",
+        "Mailferry is running:",
+        f"  SMTP (Haraka + plugin)   127.0.0.1:{SMTP_PORT}",
+        f"  RabbitMQ                 {amqp_url}",
+        f"  Management UI            http://127.0.0.1:{MANAGEMENT_PORT}  (guest / guest)",
+        f"  Consumer metrics         http://{host}:{settings.consumer_metrics_port}/metrics",
+        f"  Scheduler metrics        http://{host}:{settings.scheduler_metrics_port}/metrics",
+        f"  Database                 {settings.resolved_database_url}",
+        f"  Spool / storage          {settings.resolved_spool_dir} / {settings.resolved_storage_dir}",
+        "",
+        "Try it:",
+        "  .venv/bin/mailferry users add bob@example.org",
+        f"  swaks --server 127.0.0.1:{SMTP_PORT} --to bob@example.org --attach README.md",
+        "  .venv/bin/mailferry messages",
+        "",
+        "Ctrl-C stops everything.",
+    ]
+    print("\n".join(lines), flush=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,74 @@
+"""mailferry.config: defaults, environment, TOML, and errors that name the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mailferry.config import Settings, load_settings
+from mailferry.errors import ConfigError
+
+
+def test_defaults_run_on_one_machine():
+    settings = load_settings({})
+    assert settings.resolved_database_url.startswith("sqlite:///")
+    assert settings.resolved_database_url.endswith("var/mailferry.db")
+    assert settings.resolved_spool_dir == Path("var/spool").resolve()
+    assert settings.queue_type == "classic"
+
+
+def test_environment_overrides_toml(tmp_path):
+    config = tmp_path / "mailferry.toml"
+    config.write_text('prefetch = 7\nqueue_type = "quorum"\n')
+    settings = load_settings({"MAILFERRY_CONFIG": str(config), "MAILFERRY_PREFETCH": "9"})
+    assert settings.prefetch == 9
+    assert settings.queue_type == "quorum"
+
+
+@pytest.mark.parametrize("env,message", [
+    ({"MAILFERRY_PREFETCH": "many"}, "MAILFERRY_PREFETCH='many': expected a whole number"),
+    ({"MAILFERRY_PREFETCH": "0"}, "MAILFERRY_PREFETCH=0: must be between 1 and 10000"),
+    ({"MAILFERRY_QUEUE_TYPE": "lazy"}, "MAILFERRY_QUEUE_TYPE='lazy': must be one of classic, quorum"),
+    ({"MAILFERRY_DATABASE_URL": "mysql://u:secret@h/db"}, "must start with sqlite://, postgresql://"),
+    ({"MAILFERRY_AMQP_URL": "http://x"}, "MAILFERRY_AMQP_URL='http://x': must start with amqp://"),
+])
+def test_invalid_values_name_the_variable_and_what_it_accepts(env, message):
+    with pytest.raises(ConfigError) as info:
+        load_settings(env)
+    assert message in str(info.value)
+
+
+def test_passwords_are_not_repeated_in_errors():
+    with pytest.raises(ConfigError) as info:
+        load_settings({"MAILFERRY_DATABASE_URL": "mysql://u:secret@h/db"})
+    assert "secret" not in str(info.value)
+
+
+def test_unknown_toml_keys_and_bad_toml_are_refused(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("prefetch = \n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_settings({"MAILFERRY_CONFIG": str(bad)})
+    unknown = tmp_path / "unknown.toml"
+    unknown.write_text("prefetsh = 3\n")
+    with pytest.raises(ConfigError, match="unknown setting"):
+        load_settings({"MAILFERRY_CONFIG": str(unknown)})
+
+
+def test_settings_are_frozen():
+    with pytest.raises(Exception):
+        Settings().prefetch = 3  # type: ignore[misc]
+
+
+def test_invalid_configuration_stops_the_cli_with_one_line(tmp_path):
+    import subprocess
+    import sys
+    result = subprocess.run([sys.executable, "-m", "mailferry.cli", "users", "list"],
+                            env={"MAILFERRY_PREFETCH": "-1", "PATH": "/usr/bin:/bin"},
+                            capture_output=True, text=True, cwd=tmp_path,
+                            )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "mailferry: configuration error: MAILFERRY_PREFETCH=-1: must be between 1 and 10000 "
+        "(messages a consumer holds unacked; also its largest batch per commit)"]

@@ -1,0 +1,176 @@
+"""consumer.parse: real corpus mail, national charsets, broken input and the limits."""
+
+from __future__ import annotations
+
+import pytest
+
+from consumer.parse import Limits, parse_email
+from mailferry.errors import EmailParseError
+from tests import mailgen
+
+CORPUS = mailgen.CORPUS
+
+
+def parsed(name: str):
+    return parse_email((CORPUS / name).read_bytes())
+
+
+def test_every_corpus_message_parses_or_gives_a_reason():
+    for path in mailgen.corpus_files():
+        try:
+            result = parse_email(path.read_bytes())
+        except EmailParseError as exc:
+            assert str(exc), path.name
+            continue
+        assert result.message_id.startswith("<") and result.message_id.endswith(">"), path.name
+        assert len(result.sha256) == 64
+
+
+def test_pdf_attachment_is_decoded_with_its_name():
+    result = parsed("attached-pdf.eml")
+    assert [(a.filename, a.content_type) for a in result.attachments] == [("test.pdf", "application/pdf")]
+    assert result.attachments[0].data.startswith(b"%PDF")
+    assert "test message" in result.text.lower() or result.text.strip()
+
+
+def test_inline_image_and_bodies_of_a_mailgun_message():
+    result = parsed("mailgun-pic.eml")
+    assert [a.filename for a in result.attachments] == ["mailgun.png"]
+    assert result.attachments[0].data.startswith(b"\x89PNG")
+    assert result.attachments[0].is_image
+    assert result.text and result.html
+
+
+def test_iphone_photo_is_a_jpeg_attachment():
+    result = parsed("iphone.eml")
+    assert [a.filename for a in result.attachments] == ["photo.JPG"]
+    assert result.attachments[0].data[:3] == b"\xff\xd8\xff"
+
+
+def test_bz2_attachment_bytes_are_exact():
+    result = parsed("bz2-attachment.eml")
+    assert result.attachments[0].filename == "foo.txt.bz2"
+    assert result.attachments[0].data.startswith(b"BZh")
+
+
+def test_raw_utf8_filename_is_recovered_not_mojibake():
+    result = parsed("russian-attachment-yahoo.eml")
+    assert result.attachments[0].filename.startswith("Картинка с очень")
+
+
+def test_nested_message_is_kept_as_an_eml_attachment():
+    result = parsed("enclosed.eml")
+    assert [a.content_type for a in result.attachments] == ["message/rfc822"]
+    assert result.attachments[0].filename == "thanks.eml"
+    assert b"Subject:" in result.attachments[0].data
+    assert result.nested_subjects == ["Thanks!"]
+
+
+def test_torture_message_keeps_every_leaf():
+    result = parsed("torture.eml")
+    types = [a.content_type for a in result.attachments]
+    # The torture test's top level: eight forwarded messages and three media leaves; the
+    # forwarded messages' own parts stay inside their .eml attachments.
+    assert types.count("message/rfc822") == 8
+    assert sorted(t for t in types if t != "message/rfc822") == ["audio/basic", "image/gif", "image/pbm"]
+
+
+def test_text_and_html_alternatives_both_kept():
+    result = parse_email(mailgen.text_and_html(1))
+    assert result.text.strip() == "Plain version 1"
+    assert "<b>1</b>" in result.html
+    assert result.attachments == []
+
+
+def test_broken_mime_keeps_the_body_as_text_with_a_warning():
+    result = parsed("false-multipart.eml")
+    assert result.warnings and "MIME structure broken" in result.warnings[0]
+    assert result.text
+
+
+def test_endless_nesting_is_refused_with_a_reason():
+    with pytest.raises(EmailParseError, match="MIME"):
+        parsed("enclosed-endless.eml")
+
+
+@pytest.mark.parametrize("charset,text", [
+    ("gb2312", "中文邮件测试，这是一封信"),
+    ("gbk", "中文邮件测试，镕"),  # 镕 is GBK only: labelled gb2312 it needs gb18030
+    ("koi8-r", "Привет, как дела?"),
+    ("iso-2022-jp", "日本語のメールです"),
+    ("big5", "繁體中文郵件"),
+    ("shift_jis", "ｶﾀｶﾅとひらがな"),
+])
+def test_national_charsets_decode(charset, text):
+    result = parse_email(mailgen.national(1, charset, text))
+    assert result.text.strip() == text
+    assert result.subject == text[:20]
+
+
+def test_gbk_text_labelled_gb2312_decodes_fully():
+    raw = ("From: a@x\r\nTo: b@y\r\nSubject: =?gb2312?B?" ).encode() + b"\r\n"
+    body = "镕基和中文".encode("gbk")
+    raw = (b"From: a@x\r\nTo: b@y\r\nMessage-ID: <g@x>\r\n"
+           b"Content-Type: text/plain; charset=gb2312\r\n\r\n" + body)
+    assert parse_email(raw).text == "镕基和中文"
+
+
+def test_unknown_charset_falls_back_instead_of_failing():
+    raw = (b"From: a@x\r\nTo: b@y\r\nMessage-ID: <u@x>\r\n"
+           b"Content-Type: text/plain; charset=x-no-such-charset\r\n\r\nhello \xc3\xa9")
+    assert parse_email(raw).text == "hello é"
+
+
+def test_message_id_flanker_misses_is_read_from_the_header():
+    raw = b"From: a@x\r\nTo: b@y\r\nMessage-ID: <a@x>\r\nSubject: s\r\n\r\nbody"
+    assert parse_email(raw).message_id == "<a@x>"
+
+
+def test_message_without_message_id_gets_one_from_its_hash():
+    result = parse_email(b"From: a@x\r\nTo: b@y\r\nSubject: s\r\n\r\nbody")
+    assert result.message_id == f"<{result.sha256}@mailferry>"
+
+
+def test_hostile_filename_is_kept_only_as_data():
+    raw = mailgen.with_attachment(1, "../../../etc/x", b"secret")
+    result = parse_email(raw)
+    assert result.attachments[0].filename == "../../../etc/x"
+    assert result.attachments[0].data == b"secret"
+
+
+def test_addresses_threading_and_date():
+    raw = (b"From: =?utf-8?q?J=C3=B6rg?= <jorg@example.de>\r\nTo: a@x, \"B, C\" <b@y>\r\n"
+           b"Cc: c@z\r\nReply-To: r@x\r\nIn-Reply-To: <p@x>\r\nReferences: <o@x> <p@x>\r\n"
+           b"Date: Tue, 01 Aug 2023 10:00:00 +0200\r\nMessage-ID: <m@x>\r\n\r\nhi")
+    result = parse_email(raw)
+    assert result.sender == "jorg@example.de"
+    assert result.to == ["a@x", "b@y"] and result.cc == ["c@z"] and result.reply_to == ["r@x"]
+    assert result.in_reply_to == "<p@x>" and result.references == ["<o@x>", "<p@x>"]
+    assert result.date.isoformat() == "2023-08-01T08:00:00"
+
+
+@pytest.mark.parametrize("limits,raw,reason", [
+    (Limits(max_message_bytes=2048), mailgen.with_attachment(1, "big.bin", b"x" * 4096), "over the limit"),
+    (Limits(max_header_bytes=1024), b"X-Long: " + b"a" * 2000 + b"\r\n\r\nbody", "header block"),
+    (Limits(max_addresses=2), mailgen.plain(1, to="a@x, b@x, c@x"), "addresses"),
+    (Limits(max_mime_parts=2), mailgen.with_attachment(1, "f.bin", b"data"), "MIME parts"),
+])
+def test_limits_give_readable_reasons(limits, raw, reason):
+    with pytest.raises(EmailParseError, match=reason):
+        parse_email(raw, limits)
+
+
+def test_nesting_depth_limit():
+    inner = mailgen.plain(1)
+    for _ in range(5):
+        inner = (b"From: a@x\r\nMessage-ID: <n@x>\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n"
+                 b"--b\r\nContent-Type: message/rfc822\r\n\r\n" + inner + b"\r\n--b--\r\n")
+    assert parse_email(inner, Limits(max_mime_depth=20))
+    deep = b"Content-Type: multipart/mixed; boundary=b0\r\nMessage-ID: <d@x>\r\n\r\n"
+    tail = b""
+    for level in range(1, 8):
+        deep += f"--b{level - 1}\r\nContent-Type: multipart/mixed; boundary=b{level}\r\n\r\n".encode()
+        tail = f"\r\n--b{level - 1}--\r\n".encode() + tail
+    deep += b"--b7\r\nContent-Type: text/plain\r\n\r\nhi\r\n--b7--" + tail
+    with pytest.raises(EmailParseError, match="nesting deeper"):
+        parse_email(deep, Limits(max_mime_depth=4))
