@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import peewee
 
-from consumer.parse import Limits, ParsedEmail, parse_email
+from consumer.parse import Limits, ParsedEmail
 from consumer.route import Route, Router
-from consumer.save import StoredFiles, save_for_users, store_files
+from consumer.save import StoredFiles, parse_and_store, save_for_users
 from mailferry import broker, metrics
 from mailferry.config import Settings
 from mailferry.contracts import InboundJob
@@ -112,18 +112,11 @@ class InboundHandler:
         if len(job.rcpt_to) > self.limits.max_addresses:
             return self._quarantine(job, path, f"{len(job.rcpt_to)} envelope recipients, over "
                                                f"the limit of {self.limits.max_addresses}")
-        parse_started = time.perf_counter()
         try:
-            parsed = parse_email(raw, self.limits)
+            parsed, files = parse_and_store(self.store, raw, self.limits,
+                                            context=f"queue_id={job.queue_id}")
         except EmailParseError as exc:
             return self._quarantine(job, path, str(exc))
-        metrics.parse_seconds.observe(time.perf_counter() - parse_started)
-        for warning in parsed.warnings:
-            log.warning("queue_id=%s message_id=%s: %s", job.queue_id, parsed.message_id, warning)
-        try:
-            files = store_files(self.store, raw, parsed)
-        except OSError as exc:
-            raise TransientError(f"cannot write to storage: {exc.strerror}") from exc
         return _Prepared(index, job, path, parsed, files)
 
     def _quarantine(self, job: InboundJob, path, reason: str) -> Outcome:

@@ -8,16 +8,22 @@ which is harmless (the same bytes will be stored under the same name again). The
 
 from __future__ import annotations
 
+import logging
 import re
+import time
 import unicodedata
 from dataclasses import dataclass
 
 import peewee
 
-from consumer.parse import ParsedEmail
+from consumer.parse import Limits, ParsedEmail, parse_email
 from consumer.route import Route
+from mailferry import metrics
+from mailferry.errors import TransientError
 from mailferry.models import EmailAttachment, EmailMessage, db, utcnow
 from mailferry.storage import BlobStore
+
+log = logging.getLogger(__name__)
 
 _UNSAFE = re.compile(r"[^\w.\- ()\[\]@+,=]+", re.UNICODE)
 
@@ -32,6 +38,25 @@ class StoredFiles:
 class SaveResult:
     stored: list[int]  # EmailMessage ids
     duplicates: int
+
+
+def parse_and_store(store: BlobStore, raw: bytes, limits: Limits, *,
+                    context: str) -> tuple[ParsedEmail, StoredFiles]:
+    """Parse ``raw`` and write its blobs: what every worker does before its transaction.
+
+    Raises EmailParseError (the caller quarantines the message) or TransientError (storage
+    not writable). ``context`` starts the log lines ("queue_id=…", "user=… uid=…").
+    """
+    started = time.perf_counter()
+    parsed = parse_email(raw, limits)
+    metrics.parse_seconds.observe(time.perf_counter() - started)
+    for warning in parsed.warnings:
+        log.warning("%s message_id=%s: %s", context, parsed.message_id, warning)
+    try:
+        files = store_files(store, raw, parsed)
+    except OSError as exc:
+        raise TransientError(f"cannot write to storage: {exc.strerror}") from exc
+    return parsed, files
 
 
 def store_files(store: BlobStore, raw: bytes, parsed: ParsedEmail) -> StoredFiles:
