@@ -92,7 +92,7 @@ def save_for_users(parsed: ParsedEmail, files: StoredFiles, routes: list[Route],
                     plus_tag=route.tag,
                     in_reply_to=parsed.in_reply_to,
                     references=parsed.references,
-                    status="stored" if not parsed.warnings else "stored_with_warnings",
+                    status="stored" if not parsed.warnings else "partial",  # see warnings in the log
                 )
                 _save_attachments(message, route.user_id, parsed, files)
         except peewee.IntegrityError:

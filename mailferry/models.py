@@ -161,7 +161,7 @@ class EmailMessage(BaseModel):
     plus_tag = CharField(max_length=255, null=True)
     in_reply_to = TextField(null=True)
     references = JSONField(default=list)
-    status = CharField(max_length=16, default="stored")
+    status = CharField(max_length=32, default="stored")  # stored | partial (MIME fallback)
     created_at = DateTimeField(default=utcnow)
 
     class Meta:

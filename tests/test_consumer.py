@@ -1,0 +1,186 @@
+"""The inbound consumer against a real RabbitMQ, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pika
+
+from consumer.parse import parse_email
+from mailferry import broker
+from mailferry.cli.mail import Injector
+from mailferry.cli.users import add_alias, add_user
+from mailferry.errors import EmailParseError
+from mailferry.models import EmailAttachment, EmailMessage, InboundReceipt, UnroutedMessage, User
+from mailferry.spool import Spool
+from mailferry.storage import BlobStore
+from tests import mailgen
+from tests.pipeline import consumer_thread, dead_letters, wait_for
+
+
+def handled(queue_ids) -> bool:
+    return InboundReceipt.select().where(InboundReceipt.queue_id.in_(list(queue_ids))).count() == len(queue_ids)
+
+
+def test_every_corpus_message_is_stored_or_quarantined_with_a_reason(broker_settings):
+    settings = broker_settings
+    bob = add_user("bob@example.org")
+    injector = Injector(settings)
+    expected_ok, expected_bad = {}, []
+    for path in mailgen.corpus_files():
+        raw = path.read_bytes()
+        queue_id = injector.inject(raw, ["bob@example.org"])
+        try:
+            expected_ok[queue_id] = parse_email(raw)
+        except EmailParseError:
+            expected_bad.append(queue_id)
+    injector.close()
+    spool = Spool(settings.resolved_spool_dir)
+
+    with consumer_thread(settings) as runner:
+        wait_for(lambda: handled(expected_ok) and all(
+            (spool.failed / f"{q}.eml.reason").exists() for q in expected_bad),
+            timeout=60, message="every corpus message handled")
+        assert runner.ready.is_set()  # still consuming after the whole corpus
+
+    assert expected_bad, "the corpus holds at least one message over the limits"
+    for queue_id in expected_bad:
+        reason = (spool.failed / f"{queue_id}.eml.reason").read_text()
+        assert "MIME" in reason
+    letters = dead_letters(settings.amqp_url)
+    assert sorted(json.loads(body)["queue_id"] for _, body in letters) == sorted(expected_bad)
+    assert all(headers[broker.H_REASON].startswith("quarantined") for headers, _ in letters)
+
+    store = BlobStore(settings.resolved_storage_dir)
+    by_message_id = {m.message_id: m for m in EmailMessage.select().where(EmailMessage.user == bob)}
+    # Messages sharing a Message-ID are one message: stored once.
+    assert set(by_message_id) == {p.message_id for p in expected_ok.values()}
+    for queue_id, parsed in expected_ok.items():
+        stored = by_message_id[parsed.message_id]
+        if stored.sha256 != parsed.sha256:
+            continue  # the other file with this Message-ID was stored
+        assert hashlib.sha256(store.read(stored.raw_path)).hexdigest() == parsed.sha256
+        assert stored.text_content == parsed.text and stored.html_content == parsed.html
+        atts = list(EmailAttachment.select().where(EmailAttachment.email_message == stored)
+                    .order_by(EmailAttachment.id))
+        assert [a.file_size for a in atts] == [a.size for a in parsed.attachments]
+        for att, want in zip(atts, parsed.attachments):
+            assert store.read(att.file_path) == want.data
+    assert list(spool.incoming.glob("*.eml")) == []
+
+
+def test_hostile_filename_is_stored_under_its_hash(broker_settings):
+    add_user("bob@example.org")
+    injector = Injector(broker_settings)
+    queue_id = injector.inject(mailgen.with_attachment(1, "../../../etc/x", b"payload"))
+    injector.close()
+    with consumer_thread(broker_settings):
+        wait_for(lambda: handled([queue_id]))
+    att = EmailAttachment.get()
+    digest = hashlib.sha256(b"payload").hexdigest()
+    assert att.filename == "../../../etc/x"
+    assert att.safe_filename == "x" and "/" not in att.safe_filename and "\\" not in att.safe_filename
+    assert att.file_path == f"{digest[:2]}/{digest[2:4]}/{digest}"
+    assert (broker_settings.resolved_storage_dir / att.file_path).read_bytes() == b"payload"
+
+
+def test_the_same_file_injected_twice_is_stored_once(broker_settings):
+    add_user("bob@example.org")
+    raw = mailgen.plain(1)
+    injector = Injector(broker_settings)
+    ids = [injector.inject(raw), injector.inject(raw)]
+    injector.close()
+    with consumer_thread(broker_settings):
+        wait_for(lambda: handled(ids))
+    assert EmailMessage.select().count() == 1
+    assert sorted(r.outcome for r in InboundReceipt.select()) == ["duplicate", "stored"]
+
+
+def test_each_envelope_recipient_gets_a_copy_bcc_and_plus_address_included(broker_settings):
+    alice = add_user("alice@example.org")
+    bob = add_user("bob@example.org")
+    carol = add_user("carol@example.org")
+    add_alias("carol@example.org", "support@example.org")
+    raw = mailgen.plain(1, to="alice@example.org")  # bob and support are Bcc: envelope only
+    injector = Injector(broker_settings)
+    queue_id = injector.inject(raw, ["alice@example.org", "Bob+tickets@Example.org",
+                                     "SUPPORT@example.org", "stranger@example.org"])
+    injector.close()
+    with consumer_thread(broker_settings):
+        wait_for(lambda: handled([queue_id]))
+    rows = {m.user_id: m for m in EmailMessage.select()}
+    assert set(rows) == {alice.id, bob.id, carol.id}
+    assert rows[bob.id].plus_tag == "tickets"
+    assert rows[alice.id].plus_tag is None
+    assert rows[bob.id].envelope["rcpt_to"][1] == "Bob+tickets@Example.org"
+    assert len({m.raw_path for m in rows.values()}) == 1  # one raw file for all copies
+
+
+def test_mail_for_nobody_is_recorded_as_unrouted(broker_settings):
+    add_user("bob@example.org")
+    injector = Injector(broker_settings)
+    queue_id = injector.inject(mailgen.plain(7), ["nobody@example.org"])
+    injector.close()
+    with consumer_thread(broker_settings):
+        wait_for(lambda: handled([queue_id]))
+    unrouted = UnroutedMessage.get()
+    assert unrouted.rcpt_to == ["nobody@example.org"] and unrouted.message_id == "<test-7@example.net>"
+    assert (broker_settings.resolved_storage_dir / unrouted.raw_path).exists()
+    assert EmailMessage.select().count() == 0
+
+
+def test_bad_jobs_are_dead_lettered_with_their_reason(broker_settings):
+    add_user("bob@example.org")
+    settings = broker_settings
+    outside = settings.var_dir / "outside.eml"
+    outside.write_bytes(mailgen.plain(1))
+    jobs = {
+        b"not json": "not UTF-8 JSON",
+        json.dumps({"v": 2}).encode(): "unsupported contract version",
+        json.dumps({"v": 1, "spool_path": "../outside.eml", "queue_id": "Q1", "mail_from": "",
+                    "rcpt_to": ["bob@example.org"]}).encode(): "outside the spool root",
+        json.dumps({"v": 1, "spool_path": "incoming/missing.eml", "queue_id": "Q2", "mail_from": "",
+                    "rcpt_to": ["bob@example.org"]}).encode(): "is missing",
+        json.dumps({"v": 1, "spool_path": "incoming/x.eml", "queue_id": "Q3", "mail_from": "",
+                    "rcpt_to": []}).encode(): "rcpt_to",
+    }
+    publisher = broker.Publisher(settings, declare=True)
+    for body in jobs:
+        publisher.publish("inbound", body)
+    good = Injector(settings)
+    good_id = good.inject(mailgen.plain(2))
+    good.close()
+    publisher.close()
+    with consumer_thread(settings):
+        wait_for(lambda: handled([good_id]))
+        letters = wait_for(lambda: (lambda found: found if len(found) >= len(jobs) else None)(
+            dead_letters_accumulate(settings.amqp_url)), timeout=20, message="dead letters")
+    reasons = {body: headers[broker.H_REASON] for headers, body in letters}
+    for body, expected in jobs.items():
+        assert expected in reasons[body], (body, reasons[body])
+    assert all(h[broker.H_QUEUE] == broker.INBOUND for h, _ in letters)
+    assert outside.exists()  # never touched
+    assert EmailMessage.select().count() == 1
+
+
+_accumulated: dict[str, list] = {}
+
+
+def dead_letters_accumulate(url: str) -> list:
+    _accumulated.setdefault(url, []).extend(dead_letters(url))
+    return list(_accumulated[url])
+
+
+def test_sigterm_like_stop_leaves_nothing_unacked(broker_settings):
+    add_user("bob@example.org")
+    injector = Injector(broker_settings)
+    ids = [injector.inject(mailgen.plain(n)) for n in range(50)]
+    injector.close()
+    with consumer_thread(broker_settings):
+        wait_for(lambda: handled(ids))
+    connection = pika.BlockingConnection(pika.URLParameters(broker_settings.amqp_url))
+    declared = connection.channel().queue_declare(broker.INBOUND, passive=True)
+    connection.close()
+    assert declared.method.message_count == 0 and declared.method.consumer_count == 0
+    assert User.get().messages.count() == 50
