@@ -1,0 +1,212 @@
+"""The IMAP connection: the one place an IMAPClient is made and its exceptions translated.
+
+A wrong password or an unusable configuration leaves as EmailAuthError / EmailConfigError
+(permanent: the task fails at once); a refused connection, a timeout, a dropped socket or an
+aborted command leaves as EmailFetchError (transient: retried). Every socket has a connect
+and a read timeout. ``ImapSession`` offers only what a sync needs, in Mailferry's words.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+from imapclient import IMAPClient, SocketTimeout
+from imapclient.exceptions import (
+    CapabilityError, IMAPClientAbortError, IMAPClientError, LoginError,
+)
+
+from mailferry.errors import EmailAuthError, EmailConfigError, EmailFetchError
+from mailferry.mailbox_config import ImapConfig
+
+log = logging.getLogger(__name__)
+
+BODY = b"BODY[]"  # the key of a BODY.PEEK[] item in a FETCH response
+# Response codes (RFC 5530) that say a refused command may work later.
+TRANSIENT_CODES = (b"[UNAVAILABLE]", b"[INUSE]", b"[SERVERBUG]", b"[LIMIT]", b"[OVERQUOTA]")
+
+
+@dataclass(frozen=True)
+class FolderState:
+    """What SELECT told us about a folder."""
+
+    name: str
+    uidvalidity: int
+    uidnext: int | None
+    exists: int
+    highestmodseq: int | None  # None when the server has no CONDSTORE
+
+
+def _text(exc: BaseException) -> str:
+    value = exc.args[0] if exc.args else exc
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    return str(value).strip() or exc.__class__.__name__
+
+
+def _raw(exc: BaseException) -> bytes:
+    value = exc.args[0] if exc.args else b""
+    return value if isinstance(value, bytes) else str(value).encode("utf-8", "replace")
+
+
+@contextmanager
+def translated(action: str, where: str) -> Iterator[None]:
+    """Turn imapclient, socket and TLS errors of ``action`` into Mailferry's errors."""
+    try:
+        yield
+    except ssl.SSLCertVerificationError as exc:
+        raise EmailConfigError(
+            f"{where}: the server's TLS certificate was not accepted ({exc.verify_message}); "
+            "fix the host name, or give the CA with ca_file") from exc
+    except LoginError as exc:
+        if any(code in _raw(exc) for code in TRANSIENT_CODES):
+            raise EmailFetchError(f"{where}: {action}: server unavailable: {_text(exc)}") from exc
+        raise EmailAuthError(f"{where}: login refused: {_text(exc)}") from exc
+    except CapabilityError as exc:
+        raise EmailConfigError(f"{where}: {action}: {_text(exc)}") from exc
+    except (IMAPClientAbortError, socket.timeout, TimeoutError, OSError) as exc:
+        # socket.gaierror, ConnectionRefusedError, ssl.SSLError are OSErrors too
+        raise EmailFetchError(f"{where}: {action} failed: {exc!r}") from exc
+    except IMAPClientError as exc:
+        raise EmailFetchError(f"{where}: {action}: {_text(exc)}") from exc
+
+
+class ImapSession:
+    """One logged-in connection. Not thread-safe: one thread uses it at a time."""
+
+    def __init__(self, client: IMAPClient, config: ImapConfig, where: str):
+        self.client = client
+        self.config = config
+        self.where = where
+        self.capabilities: frozenset[bytes] = frozenset()
+        self.folder: FolderState | None = None
+
+    def select(self, folder: str, *, readonly: bool = True) -> FolderState:
+        """SELECT (or EXAMINE, when ``readonly``: the server then changes no flag at all)."""
+        with translated(f"select {folder!r}", self.where):
+            try:
+                response = self.client.select_folder(folder, readonly=readonly)
+            except IMAPClientError as exc:
+                if isinstance(exc, IMAPClientAbortError) or any(c in _raw(exc) for c in TRANSIENT_CODES):
+                    raise
+                raise EmailConfigError(f"{self.where}: folder {folder!r}: {_text(exc)}") from exc
+        uidvalidity = response.get(b"UIDVALIDITY")
+        if uidvalidity is None:
+            # Without UIDVALIDITY no UID can be trusted from one session to the next.
+            raise EmailConfigError(f"{self.where}: folder {folder!r}: server sent no UIDVALIDITY")
+        modseq = response.get(b"HIGHESTMODSEQ")
+        self.folder = FolderState(folder, int(uidvalidity), _int(response.get(b"UIDNEXT")),
+                                  int(response.get(b"EXISTS") or 0), _int(modseq))
+        return self.folder
+
+    def uids_after(self, last_uid: int) -> list[int]:
+        """UIDs above ``last_uid``, ascending.
+
+        ``UID n:*`` always matches the message with the highest UID, even when that UID is
+        below n (the range is read as "*:n"), so the answer is filtered here.
+        """
+        with translated("search", self.where):
+            found = self.client.search(["UID", f"{last_uid + 1}:*"])
+        return sorted(uid for uid in found if uid > last_uid)
+
+    def fetch_raw(self, uids: list[int]) -> dict[int, bytes]:
+        """The raw messages of ``uids`` (those still there), with BODY.PEEK[]: \\Seen stays."""
+        if not uids:
+            return {}
+        # A list, not ranges: imapclient keeps only the answers whose UID it was given
+        # (it drops unsolicited FETCH responses that way).
+        with translated(f"fetch of {len(uids)} messages", self.where):
+            response = self.client.fetch(list(uids), [b"BODY.PEEK[]"])
+        return {uid: data[BODY] for uid, data in response.items() if data.get(BODY) is not None}
+
+    def mark_seen(self, uids: list[int]) -> None:
+        if uids:
+            with translated("store \\Seen", self.where):
+                self.client.add_flags(uid_ranges(uids), [b"\\Seen"], silent=True)
+
+    def move(self, uids: list[int], target: str) -> None:
+        """MOVE, or COPY + \\Deleted + UID EXPUNGE: never a plain EXPUNGE, which would also
+        remove what the user had flagged \\Deleted."""
+        if not uids:
+            return
+        with translated(f"move to {target!r}", self.where):
+            if b"MOVE" in self.capabilities:
+                self.client.move(uid_ranges(uids), target)
+            elif b"UIDPLUS" in self.capabilities:
+                self.client.copy(uid_ranges(uids), target)
+                self.client.add_flags(uid_ranges(uids), [b"\\Deleted"], silent=True)
+                self.client.uid_expunge(uid_ranges(uids))
+            else:
+                raise EmailConfigError(
+                    f"{self.where}: move_to needs a server with MOVE or UIDPLUS; this one has neither")
+
+    def close(self) -> None:
+        """Log out; a connection that is already broken is just dropped."""
+        try:
+            self.client.logout()
+        except Exception:  # noqa: BLE001 - the session is over either way
+            try:
+                self.client.shutdown()
+            except Exception:  # noqa: BLE001
+                pass
+
+
+def uid_ranges(uids: Iterable[int]) -> str:
+    """``1,2,3,7,9,10`` -> ``1:3,7,9:10``: short commands for long runs of UIDs."""
+    ordered = sorted(set(uids))
+    parts: list[str] = []
+    start = prev = None
+    for uid in ordered:
+        if prev is not None and uid == prev + 1:
+            prev = uid
+            continue
+        if start is not None:
+            parts.append(f"{start}:{prev}" if prev != start else str(start))
+        start = prev = uid
+    if start is not None:
+        parts.append(f"{start}:{prev}" if prev != start else str(start))
+    return ",".join(parts)
+
+
+def ssl_context(config: ImapConfig) -> ssl.SSLContext:
+    try:
+        return ssl.create_default_context(cafile=config.ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise EmailConfigError(f"imap_config.ca_file: cannot load {config.ca_file!r}: {exc}") from exc
+
+
+def connect(config: ImapConfig, timeout: float) -> ImapSession:
+    """Connect (SSL, STARTTLS or plain), log in, and return the session."""
+    where = f"imap {config.username}@{config.host}:{config.port}"
+    use_tls = config.security in ("ssl", "starttls")
+    context = ssl_context(config) if use_tls else None
+    with translated("connect", where):
+        client = IMAPClient(config.host, config.port, ssl=config.security == "ssl",
+                            ssl_context=context, timeout=SocketTimeout(timeout, timeout))
+    session = ImapSession(client, config, where)
+    try:
+        with translated("login", where):
+            if config.security == "starttls":
+                client.starttls(context)
+            client.login(config.username, config.password)
+            session.capabilities = frozenset(client.capabilities())
+            if b"CONDSTORE" in session.capabilities and b"ENABLE" in session.capabilities:
+                # Makes SELECT report HIGHESTMODSEQ: the cheap "did anything change" check.
+                client.enable("CONDSTORE")
+    except BaseException:
+        session.close()
+        raise
+    return session
+
+
+def _int(value) -> int | None:
+    if isinstance(value, (list, tuple)):
+        value = value[0] if value else None
+    try:
+        return int(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None

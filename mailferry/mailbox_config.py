@@ -1,0 +1,230 @@
+"""Users' mailbox configuration (the seed's EmailConfigManager): read, validate, store, with the
+IMAP password encrypted at rest (Fernet, key from MAILFERRY_SECRET_KEY or <var_dir>/secret.key).
+
+The ``email_config`` Settings row keeps the seed's shape,
+``{"imap_config": {host, port, username, password, security, folder, …}, "filter_config": {…}}``;
+only the password differs: it is stored as ``fernet:<token>``. A password without that prefix
+(a row from before encryption) is read as plain text and encrypted on the next write.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import peewee
+from cryptography.fernet import Fernet, InvalidToken
+
+from mailferry.config import Settings
+from mailferry.errors import ConfigError, EmailConfigError, TransientError
+from mailferry.models import Settings as SettingsRow
+from mailferry.models import TaskSource, User, db, utcnow
+
+log = logging.getLogger(__name__)
+
+CONFIG_KEY = "email_config"
+SECURITY_CHOICES = ("ssl", "starttls", "none")
+DEFAULT_PORTS = {"ssl": 993, "starttls": 143, "none": 143}
+ENCRYPTED_PREFIX = "fernet:"
+# Options a user may change without giving the credentials again (update_fetch_config).
+FETCH_OPTIONS = ("folder", "mark_seen", "move_to")
+
+
+@dataclass(frozen=True)
+class ImapConfig:
+    """One user's validated IMAP settings, password in clear: never log or print it whole."""
+
+    host: str
+    port: int
+    username: str
+    password: str = field(repr=False)
+    security: str = "ssl"
+    folder: str = "INBOX"
+    mark_seen: bool = False  # after saving: set \\Seen on the server (off: the server is left as it was)
+    move_to: str | None = None  # after saving: move the message to this folder
+    ca_file: str | None = None  # extra CA bundle for a server with a private certificate
+
+    @property
+    def changes_server(self) -> bool:
+        return self.mark_seen or bool(self.move_to)
+
+    def public(self) -> dict[str, Any]:
+        """The settings without the password, for `imap show` and log lines."""
+        data = asdict(self)
+        data["password"] = "(set)" if self.password else "(not set)"
+        return data
+
+
+def validate_imap_config(cfg: dict[str, Any] | None) -> ImapConfig:
+    """Check a raw ``imap_config`` dict; EmailConfigError names the first bad field."""
+    if not isinstance(cfg, dict):
+        raise EmailConfigError("imap_config: missing (expected host, port, username, password, security)")
+    for name in ("host", "port", "username", "password"):
+        value = cfg.get(name)
+        if value is None or (isinstance(value, str) and not value.strip()):
+            raise EmailConfigError(f"imap_config.{name}: required")
+    host = str(cfg["host"]).strip()
+    if any(c.isspace() for c in host) or "/" in host:
+        raise EmailConfigError(f"imap_config.host: {host!r} is not a host name or address")
+    try:
+        port = int(cfg["port"])
+        if isinstance(cfg["port"], bool) or str(port) != str(cfg["port"]).strip():
+            raise ValueError
+    except (TypeError, ValueError):
+        raise EmailConfigError(f"imap_config.port: {cfg['port']!r} is not a whole number") from None
+    if not 1 <= port <= 65535:
+        raise EmailConfigError(f"imap_config.port: {port} must be between 1 and 65535")
+    security = str(cfg.get("security") or "ssl").strip().lower()
+    if security not in SECURITY_CHOICES:
+        raise EmailConfigError(
+            f"imap_config.security: {cfg.get('security')!r} must be one of {', '.join(SECURITY_CHOICES)}")
+    folder = str(cfg.get("folder") or "INBOX").strip()
+    if not folder or any(c in folder for c in "\r\n\0"):
+        raise EmailConfigError(f"imap_config.folder: {folder!r} is not a folder name")
+    mark_seen = cfg.get("mark_seen", False)
+    if not isinstance(mark_seen, bool):
+        raise EmailConfigError(f"imap_config.mark_seen: {mark_seen!r} must be true or false")
+    move_to = cfg.get("move_to") or None
+    if move_to is not None:
+        move_to = str(move_to).strip()
+        if not move_to or any(c in move_to for c in "\r\n\0"):
+            raise EmailConfigError(f"imap_config.move_to: {move_to!r} is not a folder name")
+        if move_to == folder:
+            raise EmailConfigError("imap_config.move_to: must differ from imap_config.folder")
+    ca_file = cfg.get("ca_file") or None
+    return ImapConfig(host=host, port=port, username=str(cfg["username"]),
+                      password=str(cfg["password"]), security=security, folder=folder,
+                      mark_seen=mark_seen, move_to=move_to, ca_file=str(ca_file) if ca_file else None)
+
+
+def load_fernet(settings: Settings) -> Fernet:
+    """The Fernet of MAILFERRY_SECRET_KEY, or of <var_dir>/secret.key (made once, mode 0600)."""
+    key = settings.secret_key.strip() if settings.secret_key else _key_file(settings.var_dir)
+    try:
+        return Fernet(key.encode("ascii") if isinstance(key, str) else key)
+    except (ValueError, TypeError, UnicodeEncodeError):
+        raise ConfigError("MAILFERRY_SECRET_KEY: not a Fernet key (32 url-safe base64-encoded "
+                          "bytes; make one with `python -c 'from cryptography.fernet import "
+                          "Fernet; print(Fernet.generate_key().decode())'`)") from None
+
+
+def _key_file(var_dir: Path) -> str:
+    path = Path(var_dir) / "secret.key"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        # O_EXCL: two processes starting at once must not each write a different key.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path.read_text().strip()
+    with os.fdopen(fd, "w") as fh:
+        fh.write(Fernet.generate_key().decode("ascii") + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    log.info("created %s: the key that encrypts IMAP passwords; keep it with the database", path)
+    return path.read_text().strip()
+
+
+class EmailConfigManager:
+    """Reads and writes users' ``email_config`` rows; the only code that sees the key."""
+
+    def __init__(self, settings: Settings):
+        self.fernet = load_fernet(settings)
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def get_email_config(self, user: User | int) -> dict[str, Any] | None:
+        """The user's active email_config (password decrypted), or None if there is none."""
+        row = _row(user)
+        if row is None or not row.is_active or not isinstance(row.value, dict):
+            return None
+        value = dict(row.value)
+        if isinstance(value.get("imap_config"), dict):
+            imap = dict(value["imap_config"])
+            if imap.get("password"):
+                imap["password"] = self._decrypt(imap["password"])
+            value["imap_config"] = imap
+        return value
+
+    def get_imap_config(self, user: User | int) -> ImapConfig:
+        """The user's validated IMAP configuration; EmailConfigError if none or invalid."""
+        value = self.get_email_config(user)
+        if not value or not value.get("imap_config"):
+            raise EmailConfigError(f"user {_user_id(user)} has no IMAP configuration")
+        return validate_imap_config(value["imap_config"])
+
+    def detect_email_source(self, user: User | int) -> str:
+        """IMAP_EMAIL_FETCH for a user with an active IMAP configuration, else HARAKA_EMAIL_FETCH."""
+        value = self.get_email_config(user)
+        return TaskSource.IMAP if value and value.get("imap_config") else TaskSource.HARAKA
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def set_imap_config(self, user: User | int, cfg: dict[str, Any]) -> ImapConfig:
+        """Validate and store a whole IMAP configuration (filter_config is kept)."""
+        config = validate_imap_config(cfg)
+        self._write(user, config)
+        return config
+
+    def update_fetch_config(self, user: User | int, **changes: Any) -> ImapConfig:
+        """Change fetch options (folder, mark_seen, move_to) and keep the credentials."""
+        unknown = sorted(set(changes) - set(FETCH_OPTIONS))
+        if unknown:
+            raise EmailConfigError(f"imap_config.{unknown[0]}: not a fetch option "
+                                   f"(one of {', '.join(FETCH_OPTIONS)})")
+        current = self.get_imap_config(user)
+        merged = asdict(current)
+        merged.update(changes)
+        config = validate_imap_config(merged)
+        self._write(user, config)
+        return config
+
+    def _write(self, user: User | int, config: ImapConfig) -> None:
+        stored = {k: v for k, v in asdict(config).items() if v is not None}
+        stored["password"] = self._encrypt(config.password)
+        try:
+            with db.atomic():
+                row = _row(user)
+                if row is None:
+                    SettingsRow.create(user=_user_id(user), key=CONFIG_KEY,
+                                       value={"imap_config": stored, "filter_config": {}})
+                    return
+                value = dict(row.value) if isinstance(row.value, dict) else {}
+                value["imap_config"] = stored
+                value.setdefault("filter_config", {})
+                (SettingsRow.update(value=value, is_active=True, updated_at=utcnow())
+                 .where(SettingsRow.id == row.id).execute())
+        except peewee.OperationalError as exc:
+            raise TransientError(f"database unavailable: {exc}") from exc
+
+    # -- the key ----------------------------------------------------------------------------
+
+    def _encrypt(self, password: str) -> str:
+        return ENCRYPTED_PREFIX + self.fernet.encrypt(password.encode("utf-8")).decode("ascii")
+
+    def _decrypt(self, stored: str) -> str:
+        if not stored.startswith(ENCRYPTED_PREFIX):
+            return stored  # written before encryption; encrypted on the next write
+        try:
+            return self.fernet.decrypt(stored[len(ENCRYPTED_PREFIX):].encode("ascii")).decode("utf-8")
+        except (InvalidToken, UnicodeError):
+            raise EmailConfigError(
+                "imap_config.password: cannot be decrypted with this MAILFERRY_SECRET_KEY "
+                "(was the key changed?); set it again with `mailferry imap set`") from None
+
+
+def _user_id(user: User | int) -> int:
+    return user if isinstance(user, int) else user.id
+
+
+def _row(user: User | int) -> SettingsRow | None:
+    try:
+        return SettingsRow.get_or_none((SettingsRow.user == _user_id(user)) & (SettingsRow.key == CONFIG_KEY))
+    except peewee.OperationalError as exc:
+        raise TransientError(f"database unavailable: {exc}") from exc
