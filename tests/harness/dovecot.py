@@ -10,7 +10,12 @@ passdb/userdb path is ``users.d/%u``). One shared file would not do: dovecot's a
 looks at a passwd-file's mtime at most once per second, so a user added right after another
 login would be refused for up to a second. A new user's file is read on that user's first
 login. (Changing the password of an existing user can take up to a second to be seen;
-``add_user`` waits that second out in that case.)
+``add_user`` waits that second out in that case. A removed user is refused within about a
+second; nobody waits for that, the fixtures never reuse a user name.)
+
+Failed logins are answered at once: ``auth_failure_delay = 0`` (default 2 s) and no anvil
+auth penalty (by default every failed login from 127.0.0.1 delays every later login from it,
+up to 15 s, so one test of bad credentials would slow down all the tests after it).
 """
 from __future__ import annotations
 
@@ -177,6 +182,7 @@ listen = {LOOPBACK}
 import_environment = TZ {MARKER}={self.instance}
 {ssl_lines}disable_plaintext_auth = no
 auth_mechanisms = plain login
+auth_failure_delay = 0
 default_login_user = dovenull
 default_internal_user = dovecot
 default_internal_group = dovecot
@@ -195,6 +201,11 @@ userdb {{
   driver = passwd-file
   args = username_format=%u {r}/users.d/%u
   default_fields = uid={uid} gid={gid} home={r}/mail/%u
+}}
+service anvil {{
+  unix_listener anvil-auth-penalty {{
+    mode = 0
+  }}
 }}
 service imap-login {{
   inet_listener imap {{
@@ -247,6 +258,7 @@ service imap-login {{
             time.sleep(1.1)
 
     def remove_user(self, name: str, delete_mail: bool = True) -> None:
+        """Remove a user (refused within about a second) and, by default, its mail."""
         self.users.pop(name, None)
         if self._root is None:
             return

@@ -148,6 +148,8 @@ class RabbitMQServer:
     the Erlang node stays up, the broker and its listeners go down).
     """
 
+    can_restart = True
+
     def __init__(self, workdir: Path, plugins: tuple[str, ...] = DEFAULT_PLUGINS):
         self.workdir = Path(workdir).resolve()
         self.workdir.mkdir(parents=True, exist_ok=True)
