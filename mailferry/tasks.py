@@ -17,6 +17,8 @@ import datetime as dt
 import functools
 import logging
 import uuid
+from dataclasses import dataclass
+from typing import Iterable
 
 import peewee
 
@@ -42,6 +44,7 @@ LOG_KEEP = 200  # execution-log lines kept per task (the newest)
 LOG_MESSAGE_MAX = 4_000  # characters of one log line
 ERROR_MESSAGE_MAX = 4_000
 DEFAULT_TIMEOUT = 600  # seconds, the column default
+INSERT_CHUNK = 500  # rows per INSERT: well under SQLite's limit of bound variables
 COUNTERS = ("emails_fetched", "emails_saved", "emails_failed", "emails_processed")
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -87,6 +90,64 @@ def create_task(source: str, user_id: int | None, *, timeout_seconds: int | None
                 continue  # the holder ended between our insert and the look-up: try again
             return _create_skipped(source, user_id, timeout, details, holder)
     raise TransientError(f"cannot take the task lock {key}: it changes hands too fast")
+
+
+@dataclass(frozen=True)
+class NewTask:
+    """What ``create_many`` made for one user: a PENDING task to publish, or a SKIPPED one."""
+
+    task_id: str
+    user_id: int | None
+    status: str
+    details: dict
+
+
+@_db_errors
+def create_many(source: str, items: Iterable[tuple[int | None, dict]], *,
+                timeout_seconds: int | None = None, chunk_size: int = INSERT_CHUNK) -> list[NewTask]:
+    """``create_task`` for many users at once: one read of the live locks, chunked inserts.
+
+    A user whose lock is held gets a SKIPPED task naming the holder. If another process takes
+    a lock between the read and an insert, that chunk falls back to ``create_task`` row by row,
+    so the database's unique lock_key still decides.
+    """
+    if source not in TaskSource.ALL:
+        raise PermanentError(f"unknown task source {source!r}; one of {', '.join(TaskSource.ALL)}")
+    timeout = int(timeout_seconds or DEFAULT_TIMEOUT)
+    holders = {key: (task_id, status) for key, task_id, status in
+               EmailTask.select(EmailTask.lock_key, EmailTask.task_id, EmailTask.status)
+               .where(EmailTask.lock_key.startswith(f"{source}:")).tuples()}
+    now = utcnow()
+    rows, made = [], []
+    for user_id, details in items:
+        key, task_id = lock_key(source, user_id), new_task_id()
+        row = {"task_id": task_id, "email_source": source, "user": user_id, "created_at": now,
+               "timeout_seconds": timeout, "status": S.PENDING, "lock_key": key,
+               "details": details or {}, "error_message": None, "completed_at": None}
+        holder = holders.get(key)
+        if holder is not None:
+            row.update(status=S.SKIPPED, lock_key=None, completed_at=now,
+                       error_message=skip_reason(*holder),
+                       details={**(details or {}), "lock_holder": holder[0]})
+        else:
+            holders[key] = (task_id, S.PENDING)  # the same user twice in items
+        rows.append(row)
+        made.append(NewTask(task_id, user_id, row["status"], row["details"]))
+    for start in range(0, len(rows), chunk_size):
+        chunk = rows[start:start + chunk_size]
+        try:
+            with db.atomic():
+                EmailTask.insert_many(chunk).execute()
+        except peewee.IntegrityError:
+            for offset, row in enumerate(chunk):
+                task = create_task(source, row["user"], timeout_seconds=timeout,
+                                   details=row["details"])
+                made[start + offset] = NewTask(task.task_id, row["user"], task.status, task.details)
+            continue
+        skipped = sum(1 for row in chunk if row["status"] == S.SKIPPED)
+        if skipped:
+            metrics.task_transitions.labels(source, S.SKIPPED).inc(skipped)
+    return made
 
 
 def skip_reason(holder_task_id: str, holder_status: str) -> str:
@@ -218,6 +279,37 @@ def fail_task(task_id: str, error_message: str, **counters: int) -> bool:
 
 def cancel_task(task_id: str, reason: str, *, only_from: tuple[str, ...] | None = None) -> bool:
     return update_status(task_id, S.CANCELLED, error_message=reason, only_from=only_from)
+
+
+@_db_errors
+def cancel_where(condition, reason: str, *, metric_reason: str,
+                 only_from: tuple[str, ...] = S.ACTIVE) -> list[str]:
+    """Cancel every task matching ``condition`` (and in ``only_from``) in one UPDATE.
+
+    The UPDATE … RETURNING names exactly the tasks this call ended, so each gets its log line
+    and nothing another process ended meanwhile is touched. Returns their task ids.
+    """
+    now = utcnow()
+    with db.atomic():
+        rows = list(EmailTask.update(status=S.CANCELLED, completed_at=now, lock_key=None,
+                                     error_message=reason[:ERROR_MESSAGE_MAX])
+                    .where(EmailTask.status.in_(only_from), condition)
+                    .returning(EmailTask.id, EmailTask.task_id, EmailTask.email_source,
+                               EmailTask.started_at)
+                    .execute())
+        for chunk in peewee.chunked(rows, 500):
+            TaskLog.insert_many([{"task": r.id, "step": "status", "level": "WARNING",
+                                  "message": f"→ CANCELLED: {reason}"[:LOG_MESSAGE_MAX],
+                                  "timestamp": now} for r in chunk]).execute()
+    for row in rows:
+        metrics.task_transitions.labels(row.email_source, S.CANCELLED).inc()
+        if row.started_at is not None:
+            metrics.task_duration_seconds.labels(row.email_source, S.CANCELLED).observe(
+                max(0.0, (now - row.started_at).total_seconds()))
+    if rows:
+        metrics.task_timeouts.labels(metric_reason).inc(len(rows))
+        log.warning("cancelled %d task(s): %s", len(rows), reason)
+    return [row.task_id for row in rows]
 
 
 # -- log, counts, queries ----------------------------------------------------------------------

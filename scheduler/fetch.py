@@ -1,0 +1,110 @@
+"""One PENDING IMAP_EMAIL_FETCH task and one ``mailferry.imap_fetch`` job per active user with
+a valid IMAP configuration (the seed's ``schedule_email_fetch``).
+
+Built for many users: one query for the configurations, one for the live locks, chunked
+inserts, one publisher. Tasks are committed before their jobs are published, so a worker
+never receives a job for a task it cannot find; a task whose job could not be published is
+cancelled at once, and one lost by a crash in between is ended by stale-task cleanup.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import peewee
+
+from mailferry import broker, metrics
+from mailferry.config import Settings
+from mailferry.contracts import FetchJob
+from mailferry.errors import EmailConfigError, MailferryError, TransientError
+from mailferry.models import Settings as SettingsRow
+from mailferry.models import EmailTask, TaskSource, TaskStatus, User
+from mailferry.tasks import cancel_where, create_many
+
+log = logging.getLogger(__name__)
+
+CONFIG_KEY = "email_config"
+
+try:  # the mailbox-configuration module validates fully when it is there
+    from mailferry.mailbox_config import validate_imap_config as _validate
+except ImportError:  # pragma: no cover - only before that module existed
+    _validate = None
+
+
+@dataclass
+class FetchSummary:
+    users: int = 0  # active users with an email_config row
+    invalid: int = 0  # of those, without a valid IMAP configuration
+    scheduled: int = 0  # PENDING tasks whose job was published
+    skipped: int = 0  # a task of the user was still in flight
+    unpublished: int = 0  # cancelled because the broker refused or was unreachable
+    errors: list[str] = field(default_factory=list)
+
+
+def imap_folder(imap_config) -> str | None:
+    """The folder to fetch if ``imap_config`` is valid (host, port, username, password), else None."""
+    if _validate is not None:
+        try:
+            return _validate(imap_config).folder
+        except EmailConfigError:
+            return None
+    if not isinstance(imap_config, dict):
+        return None
+    for name in ("host", "port", "username", "password"):
+        value = imap_config.get(name)
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return None
+    return str(imap_config.get("folder") or "INBOX")
+
+
+def fetchable_users() -> tuple[list[tuple[int, str]], int, int]:
+    """([(user id, folder)], users with a config, invalid ones) in one query."""
+    query = (SettingsRow.select(SettingsRow.user, SettingsRow.value)
+             .join(User, on=(SettingsRow.user == User.id))
+             .where(SettingsRow.key == CONFIG_KEY, SettingsRow.is_active == True,  # noqa: E712
+                    User.is_active == True)  # noqa: E712
+             .order_by(SettingsRow.user).tuples())
+    found, total = [], 0
+    for user_id, value in query:
+        total += 1
+        folder = imap_folder(value.get("imap_config") if isinstance(value, dict) else None)
+        if folder is not None:
+            found.append((user_id, folder))
+    return found, total, total - len(found)
+
+
+def schedule_imap_fetch(settings: Settings, publisher) -> FetchSummary:
+    summary = FetchSummary()
+    try:
+        users, summary.users, summary.invalid = fetchable_users()
+        made = create_many(TaskSource.IMAP, [(uid, {"folder": folder}) for uid, folder in users],
+                           timeout_seconds=settings.task_timeout)
+    except (peewee.OperationalError, peewee.InterfaceError) as exc:
+        raise TransientError(f"scheduling IMAP fetches: database unavailable: {exc}") from exc
+    pending = [t for t in made if t.status == TaskStatus.PENDING]
+    summary.skipped = len(made) - len(pending)
+    key = broker.ROUTING_KEYS[broker.IMAP_FETCH]
+    published = 0
+    try:
+        for task in pending:
+            job = FetchJob(task_id=task.task_id, user_id=task.user_id,
+                           folder=task.details.get("folder") or "INBOX")
+            publisher.publish(key, job.to_body(), message_id=task.task_id)
+            published += 1
+    except MailferryError as exc:  # broker gone or refusing: stop, end the rest below
+        summary.errors.append(str(exc))
+        log.error("publishing fetch jobs stopped after %d of %d: %s", published, len(pending), exc)
+    finally:
+        summary.scheduled = published
+        metrics.fetch_jobs_published.inc(published)
+    unsent = [t.task_id for t in pending[published:]]
+    for chunk in peewee.chunked(unsent, 500):
+        summary.unpublished += len(cancel_where(
+            EmailTask.task_id.in_(chunk), "fetch job not published: broker unavailable",
+            metric_reason="unpublished", only_from=(TaskStatus.PENDING,)))
+    if summary.invalid:
+        log.info("%d user(s) with an email_config but no valid IMAP configuration", summary.invalid)
+    log.info("imap fetch: %d scheduled, %d skipped (task in flight), %d unpublished",
+             summary.scheduled, summary.skipped, summary.unpublished)
+    return summary

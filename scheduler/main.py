@@ -1,0 +1,122 @@
+"""The scheduler process: wait for the lease, clean up once, then tick every interval.
+
+Between ticks it keeps renewing the lease (lease_seconds is shorter than the interval) and a
+standby keeps trying to take it. SIGTERM/SIGINT only set a flag: the current tick finishes,
+the lease is released so a standby takes over at once, and the process exits.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+
+from mailferry import health
+from mailferry.app import bootstrap
+from mailferry.broker import Publisher
+from mailferry.config import Settings
+from mailferry.errors import MailferryError
+from scheduler.cleanup import startup_cleanup
+from scheduler.lease import Lease
+from scheduler.tick import TickResult, run_tick
+
+log = logging.getLogger(__name__)
+
+READY_SLACK = 30  # seconds past two intervals before /readyz calls the scheduler stuck
+
+
+class Scheduler:
+    def __init__(self, settings: Settings, *, publisher=None, lease: Lease | None = None):
+        self.settings = settings
+        self.publisher = publisher or Publisher(settings, declare=True)
+        self.lease = lease or Lease(settings.lease_seconds)
+        self.stopping = threading.Event()
+        self.cleaned_up = False
+        self.ticks = 0
+        self.last_tick: TickResult | None = None
+        self.last_tick_at: float | None = None  # monotonic
+        self.last_lease_check: float | None = None  # monotonic
+
+    def stop(self, *_args) -> None:
+        """Signal-safe: only sets a flag."""
+        self.stopping.set()
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, self.stop)
+
+    @property
+    def renew_every(self) -> float:
+        return max(0.5, self.settings.lease_seconds / 3)
+
+    def run(self, max_ticks: int | None = None) -> None:
+        next_tick = time.monotonic()
+        try:
+            while not self.stopping.is_set():
+                if self._hold_lease() and time.monotonic() >= next_tick:
+                    next_tick = time.monotonic() + self.settings.schedule_interval
+                    self.tick_once()
+                    if max_ticks is not None and self.ticks >= max_ticks:
+                        break
+                    continue
+                wait = self.renew_every
+                if self.lease.held():
+                    wait = min(wait, max(0.0, next_tick - time.monotonic()))
+                self.stopping.wait(wait)
+        finally:
+            self.lease.release()
+            self.publisher.close()
+
+    def _hold_lease(self) -> bool:
+        try:
+            held = self.lease.acquire()
+        except MailferryError as exc:
+            log.warning("cannot check the lease: %s", exc)
+            return False
+        self.last_lease_check = time.monotonic()
+        return held
+
+    def tick_once(self) -> TickResult:
+        if not self.cleaned_up:
+            try:
+                startup_cleanup(self.settings)
+                self.cleaned_up = True
+            except MailferryError as exc:
+                log.error("startup cleanup failed (will retry next tick): %s", exc)
+        try:
+            result = run_tick(self.settings, self.publisher, lease=self.lease)
+        finally:
+            # An idle BlockingConnection cannot answer heartbeats between ticks; a fresh
+            # connection per tick costs one handshake a minute.
+            self.publisher.close()
+        self.ticks += 1
+        self.last_tick, self.last_tick_at = result, time.monotonic()
+        log.info("tick %d: %s in %.2f s", self.ticks, result.outcome, result.seconds)
+        return result
+
+    def readiness(self) -> str | None:
+        """None when healthy: acting and ticking on time, or standing by and checking the lease."""
+        now = time.monotonic()
+        limit = 2 * self.settings.schedule_interval + READY_SLACK
+        if self.lease.held():
+            if self.last_tick_at is None or now - self.last_tick_at > limit:
+                return "holds the lease but has not finished a tick recently"
+            return None
+        if self.last_lease_check is None or now - self.last_lease_check > 3 * self.renew_every + READY_SLACK:
+            return "cannot reach the database to check the lease"
+        return None
+
+
+def main(settings: Settings | None = None) -> int:
+    # The publisher declares the topology on each connection, so a broker that is down at
+    # start only costs the ticks until it is back.
+    settings = bootstrap(settings)
+    scheduler = Scheduler(settings)
+    health.add_readiness_check("scheduler", scheduler.readiness)
+    health.serve(settings, settings.scheduler_metrics_port, role="scheduler")
+    scheduler.install_signal_handlers()
+    log.info("scheduler %s: ticking every %d s once it holds the lease",
+             scheduler.lease.holder, settings.schedule_interval)
+    scheduler.run()
+    return 0

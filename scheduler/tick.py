@@ -1,0 +1,87 @@
+"""One scheduler tick: stale-task cleanup, IMAP fetch jobs, spool sweep, retention.
+
+The steps are independent: one that fails (broker down, database locked) is logged and
+counted, and the others still run. The lease is renewed before each step and the tick stops
+if it was lost, so two schedulers never act at once for longer than one step.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from mailferry import metrics
+from mailferry.config import Settings
+from mailferry.errors import MailferryError
+from mailferry.tasks import get_task_metrics
+from scheduler.cleanup import cleanup_stale_tasks
+from scheduler.fetch import FetchSummary, schedule_imap_fetch
+from scheduler.retention import RetentionSummary, cleanup_tasks
+from scheduler.sweep import SweepSummary, sweep_spool
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TickResult:
+    stale: dict | None = None
+    fetch: FetchSummary | None = None
+    sweep: SweepSummary | None = None
+    retention: RetentionSummary | None = None
+    failed_steps: list[str] = field(default_factory=list)
+    lease_lost: bool = False
+    seconds: float = 0.0
+
+    @property
+    def outcome(self) -> str:
+        if self.lease_lost:
+            return "lease_lost"
+        return "partial" if self.failed_steps else "ok"
+
+
+def run_tick(settings: Settings, publisher, *, lease=None, retention: bool = True) -> TickResult:
+    started = time.perf_counter()
+    result = TickResult()
+    steps = [
+        ("stale", lambda: cleanup_stale_tasks(settings)),
+        ("fetch", lambda: schedule_imap_fetch(settings, publisher)),
+        ("sweep", lambda: sweep_spool(settings, publisher)),
+    ]
+    if retention:
+        steps.append(("retention", lambda: cleanup_tasks(settings)))
+    for name, step in steps:
+        if lease is not None and not _still_ours(lease):
+            result.lease_lost = True
+            log.warning("tick stopped before %s: the lease is no longer ours", name)
+            break
+        try:
+            setattr(result, name, step())
+        except MailferryError as exc:
+            result.failed_steps.append(name)
+            log.error("tick step %s failed: %s", name, exc)
+    _update_gauges()
+    result.seconds = time.perf_counter() - started
+    metrics.scheduler_tick_seconds.observe(result.seconds)
+    metrics.scheduler_ticks.labels(result.outcome).inc()
+    if result.outcome == "ok":
+        metrics.scheduler_last_tick.set_to_current_time()
+    return result
+
+
+def _still_ours(lease) -> bool:
+    """Renew before each step: a long tick must not outlive the lease it started under."""
+    try:
+        return lease.acquire()
+    except MailferryError:
+        return False
+
+
+def _update_gauges() -> None:
+    try:
+        stats = get_task_metrics()
+    except MailferryError:
+        return
+    for status, count in stats["by_status"].items():
+        metrics.tasks_by_status.labels(status).set(count)
+    metrics.tasks_past_timeout.set(stats["running_past_timeout"])
