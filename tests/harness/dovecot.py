@@ -33,8 +33,10 @@ from .ports import (
     LOOPBACK,
     free_port,
     pid_alive,
-    pids_with_env,
+    pids_with_cmdline,
     port_open,
+    start_reaper,
+    stop_reaper,
     tail,
     terminate_pids,
     wait_until,
@@ -95,6 +97,7 @@ class DovecotServer:
         self._root: Path | None = None
         self._root_outside = False
         self._atexit_registered = False
+        self._reaper = None
 
     # -- paths ---------------------------------------------------------------------------
 
@@ -272,7 +275,16 @@ service imap-login {{
     # -- lifecycle -----------------------------------------------------------------------
 
     def _pids(self) -> list[int]:
-        return pids_with_env(MARKER, self.instance)
+        # dovecot writes its process titles over its environment, so the environment marker
+        # is not visible in /proc; its titles ("dovecot-<instance>/imap") and the master's
+        # command line (our config path) are.
+        pids = set(pids_with_cmdline(f"dovecot-{self.instance}/"))
+        if self._root is not None:
+            pids.update(pids_with_cmdline(str(self.config_path)))
+        return sorted(pids)
+
+    def _cmdline_needles(self) -> tuple[str, ...]:
+        return (f"dovecot-{self.instance}/", str(self.config_path))
 
     def master_pid(self) -> int | None:
         if self._root is None:
@@ -297,6 +309,8 @@ service imap-login {{
         self._prepare()
         env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
         env[MARKER] = self.instance
+        stop_reaper(self._reaper)
+        self._reaper = start_reaper(MARKER, self.instance, self._cmdline_needles())
         # The daemonized master keeps its stdout/stderr: give it a file, not a pipe.
         startup = self.root / "startup.log"
         with open(startup, "ab") as out:
@@ -345,6 +359,8 @@ service imap-login {{
                 terminate_pids([pid], grace=5)
         # imap processes of clients still connected, auth workers, ...
         terminate_pids(self._pids(), grace=5)
+        stop_reaper(self._reaper)
+        self._reaper = None
         wait_until(lambda: not port_open(self.port), 5)
 
     def restart(self) -> "DovecotServer":

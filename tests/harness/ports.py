@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Iterable
@@ -132,3 +134,100 @@ def tail(path: Path, lines: int = 40) -> str:
     except OSError as exc:
         return f"(cannot read {path}: {exc})"
     return "\n".join(text.splitlines()[-lines:])
+
+
+_REAPER = r"""
+import os, signal, sys, time
+parent = int(sys.argv[1])
+needles = [(n[:4], n[4:].encode()) for n in os.environ["MAILFERRY_REAPER_NEEDLES"].split("\n")]
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return True
+def marked():
+    out = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        for kind, needle in needles:
+            try:
+                with open(f"/proc/{name}/" + ("environ" if kind == "env:" else "cmdline"), "rb") as f:
+                    data = f.read()
+            except OSError:
+                continue
+            if (needle in data.split(b"\0")) if kind == "env:" else (needle in data):
+                out.append(int(name))
+                break
+    return [p for p in out if alive(p)]
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+while alive(parent) and os.getppid() == parent:
+    time.sleep(0.5)
+for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 2.0)):
+    pids = marked()
+    if not pids:
+        break
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except OSError:
+            pass
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline and any(alive(p) for p in pids):
+        time.sleep(0.1)
+"""
+
+
+def pids_with_cmdline(substring: str) -> list[int]:
+    """Pids of processes whose command line (or process title) contains ``substring``."""
+    needle = substring.encode()
+    found = []
+    me = os.getpid()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == me:
+            continue
+        try:
+            if needle in (entry / "cmdline").read_bytes() and pid_alive(int(entry.name)):
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def start_reaper(marker: str, value: str, cmdline: tuple[str, ...] = ()) -> subprocess.Popen:
+    """Start a watchdog that ends a server's processes if this (test) process dies without
+    stopping them (SIGKILL, a `timeout` that SIGTERMs pytest…): every process with
+    ``marker=value`` in its environment, or one of ``cmdline`` in its command line (for
+    servers that overwrite their environment with a process title, like dovecot).
+    Stop it with ``stop_reaper`` once the server has been stopped properly."""
+    env = {k: v for k, v in os.environ.items() if k != marker}
+    # Passed in the environment, not argv: the reaper must not match its own command line.
+    env["MAILFERRY_REAPER_NEEDLES"] = "\n".join(
+        [f"env:{marker}={value}", *(f"cmd:{c}" for c in cmdline)]
+    )
+    return subprocess.Popen(
+        [sys.executable, "-c", _REAPER, str(os.getpid())],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # a Ctrl-C for pytest is not for the reaper
+        close_fds=True,
+    )
+
+
+def stop_reaper(reaper: subprocess.Popen | None) -> None:
+    if reaper is None or reaper.poll() is not None:
+        return
+    reaper.kill()
+    try:
+        reaper.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        pass

@@ -19,8 +19,20 @@ import tempfile
 import time
 from pathlib import Path
 
-from .ports import LOOPBACK, free_port, pid_alive, port_open, tail, terminate_pids, wait_until
+from .ports import (
+    LOOPBACK,
+    free_port,
+    pid_alive,
+    pids_with_env,
+    port_open,
+    start_reaper,
+    stop_reaper,
+    tail,
+    terminate_pids,
+    wait_until,
+)
 
+MARKER = "MAILFERRY_HARNESS_POSTGRES"
 START_TIMEOUT = 60.0
 _DB_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 
@@ -106,6 +118,8 @@ class PostgresServer:
         self._root_outside = False
         self._bindir: Path | None = None
         self._atexit_registered = False
+        self._reaper = None
+        self.instance = f"mf-pg-{secrets.token_hex(4)}"
 
     # -- paths and urls ------------------------------------------------------------------
 
@@ -149,6 +163,7 @@ class PostgresServer:
     def _run(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
         env["LC_ALL"] = "C.UTF-8"
+        env[MARKER] = self.instance  # inherited by the postmaster and its backends
         proc = subprocess.run(
             self._cmd(*args),
             env=env,
@@ -236,6 +251,8 @@ class PostgresServer:
         t0 = time.monotonic()
         self._prepare()
         self._initdb()
+        stop_reaper(self._reaper)
+        self._reaper = start_reaper(MARKER, self.instance)
         self._run(
             str(self._bindir / "pg_ctl"),
             "-D", str(self.datadir),
@@ -254,14 +271,18 @@ class PostgresServer:
 
     def stop(self) -> None:
         pid = self.postmaster_pid()
-        if pid is None:
-            return
-        try:
-            self._run(str(self._bindir / "pg_ctl"), "-D", str(self.datadir), "-m", "fast", "-w", "stop")
-        except (PostgresError, subprocess.TimeoutExpired):
-            pass
-        if pid_alive(pid):
-            terminate_pids([pid], grace=10)
+        if pid is not None:
+            try:
+                self._run(
+                    str(self._bindir / "pg_ctl"), "-D", str(self.datadir), "-m", "fast", "-w", "stop"
+                )
+            except (PostgresError, subprocess.TimeoutExpired):
+                pass
+            if pid_alive(pid):
+                terminate_pids([pid], grace=10)
+        terminate_pids(pids_with_env(MARKER, self.instance), grace=5)
+        stop_reaper(self._reaper)
+        self._reaper = None
 
     def close(self) -> None:
         """stop() and remove the cluster's files when they live outside ``workdir``."""

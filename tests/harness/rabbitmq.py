@@ -43,6 +43,8 @@ from .ports import (
     pid_alive,
     pids_with_env,
     port_open,
+    start_reaper,
+    stop_reaper,
     tail,
     terminate_pids,
     wait_until,
@@ -166,6 +168,7 @@ class RabbitMQServer:
         self._sbin: Path | None = None
         self._configured = False
         self._atexit_registered = False
+        self._reaper = None
 
     # -- public attributes -------------------------------------------------------------
 
@@ -338,6 +341,8 @@ class RabbitMQServer:
             return self
         self._configure()
         t0 = time.monotonic()
+        stop_reaper(self._reaper)
+        self._reaper = start_reaper(MARKER, self.node)
         with open(self.workdir / "startup.log", "ab") as out:
             proc = subprocess.run(
                 [str(self._sbin / "rabbitmq-server"), "-detached"],
@@ -387,6 +392,8 @@ class RabbitMQServer:
             if not wait_until(lambda: not pid_alive(pid), 60, interval=0.05):
                 terminate_pids([pid], grace=10)
         self._kill_leftovers()
+        stop_reaper(self._reaper)
+        self._reaper = None
         self.last_stop_seconds = time.monotonic() - t0
 
     def _kill_leftovers(self) -> None:
