@@ -57,6 +57,8 @@ def run_tick(settings: Settings, publisher, *, lease=None, retention: bool = Tru
             break
         try:
             setattr(result, name, step())
+            if getattr(getattr(result, name), "errors", None):
+                result.failed_steps.append(name)  # ran, but could not publish everything
         except MailferryError as exc:
             result.failed_steps.append(name)
             log.error("tick step %s failed: %s", name, exc)
