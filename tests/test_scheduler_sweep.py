@@ -1,0 +1,110 @@
+"""The spool sweep against a real RabbitMQ, on SQLite and PostgreSQL: orphaned spool files are
+republished (and then stored by the real inbound consumer), done ones removed, unroutable ones
+quarantined, each sweep recorded as a HARAKA_EMAIL_FETCH task."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from mailferry import broker, tasks
+from mailferry.broker import Publisher
+from mailferry.models import EmailMessage, EmailTask, InboundReceipt, TaskSource, TaskStatus, User
+from mailferry.spool import Spool
+from scheduler.sweep import sweep_spool
+from tests import mailgen
+from tests.pipeline import consumer_thread, queue_depth, wait_for
+from tests.task_fixtures import drain
+
+S = TaskStatus
+
+
+def spool_file(spool: Spool, raw: bytes, queue_id: str, age: float) -> os.PathLike:
+    _, relative = spool.write_incoming(raw, queue_id)
+    path = spool.root / relative
+    old = time.time() - age
+    os.utime(path, (old, old))
+    return path
+
+
+def test_sweep_republishes_orphans_removes_done_files_and_quarantines_unroutable(broker_settings):
+    settings = broker_settings.replace(spool_sweep_age=60)
+    spool = Spool(settings.resolved_spool_dir).ensure()
+    orphan = spool_file(spool, mailgen.plain(1, to="Bob <bob@example.org>", cc="c@example.org"),
+                        "ORPHAN-1", age=120)
+    delivered = spool_file(
+        spool, b"Delivered-To: bcc-only@example.org\r\n" + mailgen.plain(2, to="list@example.org"),
+        "ORPHAN-2", age=120)
+    done = spool_file(spool, mailgen.plain(3), "DONE-3", age=120)
+    InboundReceipt.create(queue_id="DONE-3", outcome="stored", stored_count=1)
+    nobody = spool_file(spool, b"From: x@example.net\r\nSubject: no rcpt\r\n\r\nhi\r\n", "NOBODY-4",
+                        age=120)
+    fresh = spool_file(spool, mailgen.plain(5), "FRESH-5", age=5)
+    publisher = Publisher(settings, declare=True)
+
+    summary = sweep_spool(settings, publisher)
+
+    assert (summary.found, summary.republished, summary.already_stored, summary.quarantined) == (
+        4, 2, 1, 1)
+    jobs = {body["queue_id"]: (props, body) for props, body in
+            drain(settings.amqp_url, broker.INBOUND)}
+    assert sorted(jobs) == ["ORPHAN-1", "ORPHAN-2"]
+    props, job = jobs["ORPHAN-1"]
+    assert job["spool_path"] == "incoming/ORPHAN-1.eml" and props.message_id == "ORPHAN-1"
+    assert job["rcpt_to"] == ["bob@example.org", "c@example.org"]
+    assert job["mail_from"] == "sender@example.net"
+    assert jobs["ORPHAN-2"][1]["rcpt_to"] == ["bcc-only@example.org"]  # the envelope header wins
+    assert orphan.exists() and time.time() - orphan.stat().st_mtime < 30  # not again next tick
+    assert not done.exists() and fresh.exists() and delivered.exists()
+    assert not nobody.exists()
+    reason = (spool.failed / "NOBODY-4.eml.reason").read_text()
+    assert "no recipient" in reason and (spool.failed / "NOBODY-4.eml").exists()
+
+    task = EmailTask.get(EmailTask.task_id == summary.task_id)
+    assert (task.email_source, task.status, task.user_id) == (TaskSource.HARAKA, S.COMPLETED, None)
+    assert (task.emails_fetched, task.emails_saved, task.emails_failed, task.emails_processed) == (
+        4, 2, 1, 4)
+    assert task.details == {"files": 4, "already_stored": 1, "republished": 2, "quarantined": 1}
+    assert task.lock_key is None
+    assert [e.message for e in tasks.execution_log(task.task_id)][-1] == "→ COMPLETED"
+
+    # Straight away again: the republished files are not due yet, so no work and no task.
+    again = sweep_spool(settings, publisher)
+    publisher.close()
+    assert again.found == 0 and again.task_id is None
+    assert EmailTask.select().count() == 1
+
+
+def test_a_republished_orphan_is_stored_by_the_inbound_consumer(broker_settings):
+    settings = broker_settings.replace(spool_sweep_age=60)
+    bob = User.create(email="bob@example.org")
+    spool = Spool(settings.resolved_spool_dir).ensure()
+    path = spool_file(spool, mailgen.plain(7, message_id="<orphan-7@example.net>"), "ORPHAN-7",
+                      age=300)
+    publisher = Publisher(settings, declare=True)
+    assert sweep_spool(settings, publisher).republished == 1
+    publisher.close()
+
+    with consumer_thread(settings):
+        wait_for(lambda: InboundReceipt.get_or_none(InboundReceipt.queue_id == "ORPHAN-7"),
+                 timeout=30, message="the orphan stored")
+    stored = EmailMessage.get(EmailMessage.user == bob)
+    assert stored.message_id == "<orphan-7@example.net>" and stored.queue_id == "ORPHAN-7"
+    wait_for(lambda: not path.exists(), timeout=5, message="the spool file removed")
+    assert queue_depth(settings.amqp_url, broker.INBOUND) == 0
+
+
+def test_sweep_without_a_broker_fails_its_task_and_keeps_the_files(settings):
+    settings = settings.replace(spool_sweep_age=60)  # amqp on port 1: nothing listens
+    spool = Spool(settings.resolved_spool_dir).ensure()
+    path = spool_file(spool, mailgen.plain(1), "ORPHAN-1", age=120)
+    try:
+        sweep_spool(settings, Publisher(settings))
+    except Exception as exc:  # the tick logs it and carries on with its other steps
+        assert "RabbitMQ unreachable" in str(exc)
+    else:
+        raise AssertionError("the sweep should report the broker failure")
+    task = EmailTask.get()
+    assert task.status == S.FAILED and "spool sweep failed" in task.error_message
+    assert path.exists() and time.time() - path.stat().st_mtime > 100  # due again next tick
+    assert tasks.create_task(TaskSource.HARAKA, None).status == S.PENDING  # lock released
