@@ -16,6 +16,7 @@ import peewee
 
 from mailferry import metrics
 from mailferry.config import Settings
+from mailferry.db import is_postgres
 from mailferry.errors import TransientError
 from mailferry.models import AuditLog, EmailTask, TaskLog, TaskStatus, db, utcnow
 
@@ -49,6 +50,14 @@ def _due(status: str, cutoff: dt.datetime):
     return (EmailTask.status == status) & (
         (EmailTask.completed_at < cutoff)
         | (EmailTask.completed_at.is_null() & (EmailTask.created_at < cutoff)))
+
+
+def _write_transaction():
+    """The batch is read inside the transaction that deletes it, under the write lock, so two
+    cleanups at once (the scheduler and `mailferry cleanup`) never audit one task twice."""
+    if is_postgres():
+        return db.atomic()  # and SELECT … FOR UPDATE
+    return db.atomic(lock_type="IMMEDIATE")  # SQLite: take the write lock before reading
 
 
 def audit_details(task: EmailTask) -> dict:
@@ -96,8 +105,9 @@ def _delete_in_batches(status: str, condition, batch_size: int, summary: Retenti
                        now: dt.datetime) -> int:
     deleted = 0
     while True:
-        with db.atomic():
-            batch = list(EmailTask.select().where(condition).order_by(EmailTask.id).limit(batch_size))
+        with _write_transaction():
+            query = EmailTask.select().where(condition).order_by(EmailTask.id).limit(batch_size)
+            batch = list(query.for_update() if is_postgres() else query)
             if not batch:
                 break
             AuditLog.insert_many([{"action": AUDIT_ACTION, "details": audit_details(t),
