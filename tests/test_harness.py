@@ -4,6 +4,7 @@ fresh IMAP users, old internal dates, UIDVALIDITY on re-creation)."""
 from __future__ import annotations
 
 import datetime as dt
+import secrets
 import socket
 import ssl
 import time
@@ -76,7 +77,8 @@ def test_external_rabbitmq_urls():
 
 def test_external_postgres_url_for():
     pg = ExternalPostgres("postgresql+psycopg2://me:pw@db.example:5433/main?sslmode=disable")
-    assert pg.url_for("t_1") == "postgresql+psycopg2://me:pw@db.example:5433/t_1?sslmode=disable"
+    assert pg.url == "postgresql://me:pw@db.example:5433/main?sslmode=disable"
+    assert pg.url_for("t_1") == "postgresql://me:pw@db.example:5433/t_1?sslmode=disable"
     with pytest.raises(ValueError):
         pg.create_database('x"; DROP DATABASE main; --')
 
@@ -185,19 +187,21 @@ def test_pg_database_is_fresh_and_usable(pg_database):
 
 
 def test_postgres_create_and_drop_database(postgres):
-    url = postgres.create_database("t_harness_check")
+    name = f"t_check_{secrets.token_hex(4)}"
+    url = postgres.create_database(name)
+    assert url.startswith("postgresql://") and url.endswith("/" + name)
     conn = psycopg2.connect(url)  # left open: the drop must not hang on it
     try:
         with conn.cursor() as cur:
             cur.execute("SELECT 1")
             assert cur.fetchone() == (1,)
     finally:
-        postgres.drop_database("t_harness_check")
+        postgres.drop_database(name)
         conn.close()
     admin = psycopg2.connect(postgres.url)
     try:
         with admin.cursor() as cur:
-            cur.execute("SELECT count(*) FROM pg_database WHERE datname = 't_harness_check'")
+            cur.execute("SELECT count(*) FROM pg_database WHERE datname = %s", (name,))
             assert cur.fetchone()[0] == 0
     finally:
         admin.close()

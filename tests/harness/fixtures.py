@@ -206,6 +206,11 @@ class ExternalPostgres:
 
     url: str
 
+    def __post_init__(self) -> None:
+        # Hand out plain libpq URLs (what the native server and the container give, and what
+        # psycopg2 takes), whatever driver suffix the variable had.
+        self.url = _libpq_url(self.url)
+
     def url_for(self, dbname: str) -> str:
         parts = urlsplit(self.url)
         return urlunsplit(parts._replace(path="/" + dbname))
@@ -213,7 +218,7 @@ class ExternalPostgres:
     def _admin(self, sql: str) -> None:
         import psycopg2
 
-        conn = psycopg2.connect(_libpq_url(self.url), connect_timeout=10)
+        conn = psycopg2.connect(self.url, connect_timeout=10)
         try:
             conn.autocommit = True
             with conn.cursor() as cur:

@@ -381,14 +381,17 @@ class RabbitMQServer:
         t0 = time.monotonic()
         pid = self.beam_pid()
         if pid is not None:
-            proc = self.rabbitmqctl(
-                "eval",
-                f"{_DROP_MGMT_HANDLER}, spawn(fun() -> rabbit:stop_and_halt() end), ok.",
-                timeout=30,
-                check=False,
-            )
-            if proc.returncode != 0:
-                self.rabbitmqctl("stop", timeout=60, check=False)
+            try:
+                proc = self.rabbitmqctl(
+                    "eval",
+                    f"{_DROP_MGMT_HANDLER}, spawn(fun() -> rabbit:stop_and_halt() end), ok.",
+                    timeout=30,
+                    check=False,
+                )
+                if proc.returncode != 0:
+                    self.rabbitmqctl("stop", timeout=60, check=False)
+            except subprocess.TimeoutExpired:
+                pass  # a node that does not answer its CLI gets SIGTERM/SIGKILL below
             if not wait_until(lambda: not pid_alive(pid), 60, interval=0.05):
                 terminate_pids([pid], grace=10)
         self._kill_leftovers()
