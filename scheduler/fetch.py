@@ -74,7 +74,11 @@ def fetchable_users() -> tuple[list[tuple[int, str]], int, int]:
     return found, total, total - len(found)
 
 
-def schedule_imap_fetch(settings: Settings, publisher) -> FetchSummary:
+LEASE_CHECK_EVERY = 1_000  # publishes between lease renewals during a long fetch step
+
+
+def schedule_imap_fetch(settings: Settings, publisher, still_ours=None) -> FetchSummary:
+    """``still_ours()`` renews the scheduler's lease; publishing stops if it was lost."""
     summary = FetchSummary()
     try:
         users, summary.users, summary.invalid = fetchable_users()
@@ -84,27 +88,40 @@ def schedule_imap_fetch(settings: Settings, publisher) -> FetchSummary:
         raise TransientError(f"scheduling IMAP fetches: database unavailable: {exc}") from exc
     pending = [t for t in made if t.status == TaskStatus.PENDING]
     summary.skipped = len(made) - len(pending)
-    key = broker.ROUTING_KEYS[broker.IMAP_FETCH]
-    published = 0
-    try:
-        for task in pending:
-            job = FetchJob(task_id=task.task_id, user_id=task.user_id,
-                           folder=task.details.get("folder") or "INBOX")
-            publisher.publish(key, job.to_body(), message_id=task.task_id)
-            published += 1
-    except MailferryError as exc:  # broker gone or refusing: stop, end the rest below
-        summary.errors.append(str(exc))
-        log.error("publishing fetch jobs stopped after %d of %d: %s", published, len(pending), exc)
-    finally:
-        summary.scheduled = published
-        metrics.fetch_jobs_published.inc(published)
+    published, why = _publish_jobs(pending, publisher, still_ours, summary)
     unsent = [t.task_id for t in pending[published:]]
     for chunk in peewee.chunked(unsent, 500):
         summary.unpublished += len(cancel_where(
-            EmailTask.task_id.in_(chunk), "fetch job not published: broker unavailable",
+            EmailTask.task_id.in_(chunk), f"fetch job not published: {why}",
             metric_reason="unpublished", only_from=(TaskStatus.PENDING,)))
     if summary.invalid:
         log.info("%d user(s) with an email_config but no valid IMAP configuration", summary.invalid)
     log.info("imap fetch: %d scheduled, %d skipped (task in flight), %d unpublished",
              summary.scheduled, summary.skipped, summary.unpublished)
     return summary
+
+
+def _publish_jobs(pending, publisher, still_ours, summary: FetchSummary) -> tuple[int, str]:
+    """Publish in order; stop at the first broker failure or a lost lease. (published, why)"""
+    key = broker.ROUTING_KEYS[broker.IMAP_FETCH]
+    published = 0
+    try:
+        for task in pending:
+            if (still_ours is not None and published and published % LEASE_CHECK_EVERY == 0
+                    and not still_ours()):
+                summary.errors.append("the scheduler lost its lease")
+                log.warning("lease lost after %d of %d fetch jobs; the rest are cancelled",
+                            published, len(pending))
+                return published, "the scheduler lost its lease"
+            job = FetchJob(task_id=task.task_id, user_id=task.user_id,
+                           folder=task.details.get("folder") or "INBOX")
+            publisher.publish(key, job.to_body(), message_id=task.task_id)
+            published += 1
+    except MailferryError as exc:  # broker gone or refusing: stop; the caller ends the rest
+        summary.errors.append(str(exc))
+        log.error("publishing fetch jobs stopped after %d of %d: %s", published, len(pending), exc)
+        return published, "broker unavailable"
+    finally:
+        summary.scheduled = published
+        metrics.fetch_jobs_published.inc(published)
+    return published, ""

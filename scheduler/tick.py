@@ -45,7 +45,8 @@ def run_tick(settings: Settings, publisher, *, lease=None, retention: bool = Tru
     result = TickResult()
     steps = [
         ("stale", lambda: cleanup_stale_tasks(settings)),
-        ("fetch", lambda: schedule_imap_fetch(settings, publisher)),
+        ("fetch", lambda: schedule_imap_fetch(
+            settings, publisher, still_ours=None if lease is None else lambda: _still_ours(lease))),
         ("sweep", lambda: sweep_spool(settings, publisher)),
     ]
     if retention:

@@ -107,6 +107,34 @@ def test_tick_cancels_the_tasks_it_could_not_publish(settings):
     assert tasks.create_task(IMAP, users[0].id).status == S.PENDING  # locks were released
 
 
+class ListPublisher:
+    def __init__(self):
+        self.sent = []
+
+    def publish(self, key, body, **kwargs):
+        self.sent.append(json.loads(body))
+
+    def close(self):
+        pass
+
+
+def test_publishing_stops_and_cancels_the_rest_when_the_lease_is_lost(settings, monkeypatch):
+    import scheduler.fetch as fetch
+    monkeypatch.setattr(fetch, "LEASE_CHECK_EVERY", 2)
+    for i in range(5):
+        add_imap_user(f"u{i}@example.org")
+    checks = []
+    publisher = ListPublisher()
+    summary = fetch.schedule_imap_fetch(settings, publisher,
+                                        still_ours=lambda: checks.append(1) or len(checks) < 2)
+    assert (summary.scheduled, summary.unpublished) == (4, 1)
+    assert summary.errors == ["the scheduler lost its lease"]
+    assert len(publisher.sent) == 4
+    cancelled = EmailTask.get(EmailTask.status == S.CANCELLED)
+    assert cancelled.error_message == "fetch job not published: the scheduler lost its lease"
+    assert cancelled.task_id not in {job["task_id"] for job in publisher.sent}
+
+
 # -- cleanup ---------------------------------------------------------------------------------
 
 def _aged(task_id: str, **fields):
