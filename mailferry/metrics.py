@@ -49,7 +49,8 @@ tasks_past_timeout = Gauge(
     "mailferry_tasks_running_past_timeout", "RUNNING tasks past their timeout_at, last tick")
 task_timeouts = Counter(
     "mailferry_task_timeouts", "Tasks cancelled by the watchdog, expiry or stale cleanup, "
-    "by reason (watchdog, expired, stale_pending, stale_running, startup)", ["reason"])
+    "by reason (watchdog, expired, stale_pending, stale_running, startup, unpublished)",
+    ["reason"])
 scheduler_tick_seconds = Histogram(
     "mailferry_scheduler_tick_seconds", "Time of one scheduler tick",
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
