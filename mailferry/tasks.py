@@ -17,6 +17,7 @@ import datetime as dt
 import functools
 import logging
 import uuid
+import weakref
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -402,6 +403,11 @@ def get_task_metrics(now: dt.datetime | None = None) -> dict:
 
 # -- watchdog ----------------------------------------------------------------------------------
 
+# publisher -> {seconds: routing key}: each tier is declared once per publisher (declaring is
+# idempotent on the broker, but costs a round trip per task).
+_watchdog_tiers: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def publish_watchdog(publisher, task: EmailTask) -> None:
     """Publish the task's watchdog to the delay tier of its timeout (declared if new).
 
@@ -409,7 +415,7 @@ def publish_watchdog(publisher, task: EmailTask) -> None:
     message dead-letters to ``mailferry.task_timeouts`` when timeout_at has passed.
     """
     seconds = int(task.timeout_seconds or DEFAULT_TIMEOUT)
-    declared = publisher.__dict__.setdefault("_watchdog_tiers", {})
+    declared = _watchdog_tiers.setdefault(publisher, {})
     key = declared.get(seconds)
     if key is None:
         key = declared[seconds] = publisher.declare_watchdog(seconds)
