@@ -16,11 +16,12 @@ import peewee
 
 from consumer.parse import Limits, ParsedEmail
 from consumer.route import Route, Router
-from consumer.save import StoredFiles, parse_and_store, save_for_users
+from consumer.save import SaveRequest, StoredFiles, parse_logged, save_for_users, save_many, store_batch
 from mailferry import broker, metrics
 from mailferry.config import Settings
 from mailferry.contracts import InboundJob
 from mailferry.errors import EmailParseError, PermanentError, TransientError
+from mailferry.db import bulk_insert
 from mailferry.models import InboundReceipt, UnroutedMessage, db
 from mailferry.runner import Delivery, Outcome
 from mailferry.spool import Spool
@@ -35,9 +36,17 @@ class _Prepared:
     index: int
     job: InboundJob
     path: object
+    raw: bytes
     parsed: ParsedEmail
-    files: StoredFiles
+    files: StoredFiles | None = None
     routes: list[Route] | None = None
+
+
+@dataclass
+class _Batch:
+    started: float
+    outcomes: list[Outcome | None]
+    prepared: list[_Prepared]
 
 
 class InboundHandler:
@@ -52,30 +61,38 @@ class InboundHandler:
         self.router = Router()
 
     def handle(self, deliveries: list[Delivery]) -> list[Outcome]:
-        started = time.perf_counter()
-        outcomes: list[Outcome | None] = [None] * len(deliveries)
+        return self.commit(self.prepare(deliveries))
+
+    def prepare(self, deliveries: list[Delivery]) -> "_Batch":
+        """Stage one (CPU): check each job, read and parse its file, quarantine the bad."""
+        batch = _Batch(time.perf_counter(), [None] * len(deliveries), [])
         jobs: dict[int, InboundJob] = {}
         for i, delivery in enumerate(deliveries):
             try:
                 jobs[i] = InboundJob.from_body(delivery.body)
             except PermanentError as exc:
-                outcomes[i] = Outcome.dead(f"malformed inbound job: {exc}")
+                batch.outcomes[i] = Outcome.dead(f"malformed inbound job: {exc}")
                 metrics.emails.labels(SOURCE, "failed").inc()
-
         done = self._already_handled({job.queue_id for job in jobs.values()})
-        prepared: list[_Prepared] = []
         for i, job in jobs.items():
             if job.queue_id in done:
-                outcomes[i] = Outcome.ack()  # a redelivery of work already committed
+                batch.outcomes[i] = Outcome.ack()  # a redelivery of work already committed
                 self._remove_spool_file(job)
                 metrics.emails.labels(SOURCE, "duplicate").inc()
                 continue
             result = self._prepare(i, job)
             if isinstance(result, Outcome):
-                outcomes[i] = result
+                batch.outcomes[i] = result
             else:
-                prepared.append(result)
+                batch.prepared.append(result)
+        return batch
 
+    def commit(self, batch: "_Batch") -> list[Outcome]:
+        """Stage two (disk): blobs with one durability barrier, one transaction, spool cleanup."""
+        prepared, outcomes = batch.prepared, batch.outcomes
+        stored = store_batch(self.store, [(p.raw, p.parsed) for p in prepared])
+        for item, files in zip(prepared, stored):
+            item.files, item.raw = files, b""
         for item, routes in zip(prepared, self.router.route_many([p.job.rcpt_to for p in prepared])):
             item.routes = routes
         for index, outcome in self._commit(prepared).items():
@@ -83,7 +100,7 @@ class InboundHandler:
         for item in prepared:
             if outcomes[item.index].action == "ack":
                 self.spool.remove(item.path)
-        metrics.batch_seconds.labels(self.queue).observe(time.perf_counter() - started)
+        metrics.batch_seconds.labels(self.queue).observe(time.perf_counter() - batch.started)
         return outcomes  # type: ignore[return-value]
 
     def _already_handled(self, queue_ids: set[str]) -> set[str]:
@@ -113,11 +130,10 @@ class InboundHandler:
             return self._quarantine(job, path, f"{len(job.rcpt_to)} envelope recipients, over "
                                                f"the limit of {self.limits.max_addresses}")
         try:
-            parsed, files = parse_and_store(self.store, raw, self.limits,
-                                            context=f"queue_id={job.queue_id}")
+            parsed = parse_logged(raw, self.limits, context=f"queue_id={job.queue_id}")
         except EmailParseError as exc:
             return self._quarantine(job, path, str(exc))
-        return _Prepared(index, job, path, parsed, files)
+        return _Prepared(index, job, path, raw, parsed)
 
     def _quarantine(self, job: InboundJob, path, reason: str) -> Outcome:
         log.warning("queue_id=%s quarantined: %s", job.queue_id, reason)
@@ -132,10 +148,18 @@ class InboundHandler:
         counts: list[tuple[str, int]] = []
         try:
             with db.atomic():
-                for item in prepared:
-                    outcome, count = self._save_one(item)
-                    outcomes[item.index] = outcome
-                    counts.append(count)
+                try:
+                    with db.atomic():  # savepoint around the fast path
+                        counts = self._save_bulk(prepared)
+                        outcomes = {item.index: Outcome.ack() for item in prepared}
+                except peewee.IntegrityError:
+                    # A race with another consumer or a queue id twice in the batch: redo
+                    # this batch message by message, each in its own savepoint.
+                    counts = []
+                    for item in prepared:
+                        outcome, count = self._save_one(item)
+                        outcomes[item.index] = outcome
+                        counts.append(count)
         except peewee.OperationalError as exc:
             raise TransientError(f"database commit failed: {exc}") from exc
         for outcome_name, number in counts:
@@ -144,18 +168,48 @@ class InboundHandler:
             metrics.last_success.labels(SOURCE).set_to_current_time()
         return outcomes
 
+    def _save_bulk(self, prepared: list[_Prepared]) -> list[tuple[str, int]]:
+        routed = [item for item in prepared if item.routes]
+        results = save_many([SaveRequest(item.parsed, item.files, item.routes, SOURCE,
+                                         item.job.envelope()) for item in routed])
+        counts, receipts = [], []
+        for item, result in zip(routed, results):
+            outcome = "stored" if result.stored else "duplicate"
+            counts.append((outcome, len(result.stored) or result.duplicates))
+            if result.stored and result.duplicates:
+                counts.append(("duplicate", result.duplicates))
+            receipts.append({"queue_id": item.job.queue_id, "outcome": outcome,
+                             "stored_count": len(result.stored)})
+        unrouted = [item for item in prepared if not item.routes]
+        for item in unrouted:
+            self._log_unrouted(item)
+            counts.append(("unrouted", 1))
+            receipts.append({"queue_id": item.job.queue_id, "outcome": "unrouted", "stored_count": 0})
+        if unrouted:
+            bulk_insert(UnroutedMessage, [self._unrouted_row(item) for item in unrouted])
+        bulk_insert(InboundReceipt, receipts)
+        return counts
+
+    @staticmethod
+    def _unrouted_row(item: _Prepared) -> dict:
+        job, parsed = item.job, item.parsed
+        return {"queue_id": job.queue_id, "message_id": parsed.message_id,
+                "mail_from": job.mail_from, "rcpt_to": job.rcpt_to,
+                "raw_path": item.files.raw_path, "sha256": parsed.sha256, "size": parsed.size}
+
+    @staticmethod
+    def _log_unrouted(item: _Prepared) -> None:
+        log.warning("queue_id=%s message_id=%s unrouted: no user for %s",
+                    item.job.queue_id, item.parsed.message_id, ", ".join(item.job.rcpt_to))
+
     def _save_one(self, item: _Prepared) -> tuple[Outcome, tuple[str, int]]:
         job, parsed = item.job, item.parsed
         try:
             with db.atomic():  # savepoint: this message alone rolls back on error
                 if not item.routes:
                     outcome = "unrouted"
-                    UnroutedMessage.create(
-                        queue_id=job.queue_id, message_id=parsed.message_id,
-                        mail_from=job.mail_from, rcpt_to=job.rcpt_to,
-                        raw_path=item.files.raw_path, sha256=parsed.sha256, size=parsed.size)
-                    log.warning("queue_id=%s message_id=%s unrouted: no user for %s",
-                                job.queue_id, parsed.message_id, ", ".join(job.rcpt_to))
+                    UnroutedMessage.create(**self._unrouted_row(item))
+                    self._log_unrouted(item)
                     saved = 1
                 else:
                     result = save_for_users(parsed, item.files, item.routes, source=SOURCE,

@@ -68,7 +68,9 @@ class InboundJob:
         )
 
     def envelope(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k not in ("v", "spool_path")}
+        return {"queue_id": self.queue_id, "mail_from": self.mail_from,
+                "rcpt_to": list(self.rcpt_to), "size": self.size, "received_at": self.received_at,
+                "remote_ip": self.remote_ip, "helo": self.helo}
 
     def to_body(self) -> bytes:
         return dumps(asdict(self))

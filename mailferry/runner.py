@@ -69,6 +69,11 @@ class Outcome:
 
 
 class Handler(Protocol):
+    """A queue's worker. It may also offer ``prepare(batch) -> state`` and
+    ``commit(state) -> outcomes`` (with ``handle`` = commit(prepare(batch))): the runner then
+    runs them as a two-stage pipeline, preparing (parsing) one batch while the previous one
+    commits, so the CPU work and the disk waits of the two overlap."""
+
     queue: str
     prefetch: int
 
@@ -84,7 +89,30 @@ class _Lane:
     channel: object = None
     consumer_tag: str | None = None
     thread: threading.Thread | None = None
-    busy: threading.Event = field(default_factory=threading.Event)
+    committer: threading.Thread | None = None
+    stage: "queue_mod.Queue" = field(default_factory=lambda: queue_mod.Queue(maxsize=1))
+    in_flight: int = 0  # batches taken and not yet settled
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def pipelined(self) -> bool:
+        return hasattr(self.handler, "prepare") and hasattr(self.handler, "commit")
+
+    @property
+    def batch_size(self) -> int:
+        # Pipelined, two batches are in flight at once: each may use half the prefetch.
+        return max(1, self.handler.prefetch // 2) if self.pipelined else self.handler.prefetch
+
+    def track(self, delta: int) -> None:
+        with self.lock:
+            self.in_flight += delta
+
+
+@dataclass
+class _Settled:
+    """A batch whose outcomes are known before the commit stage (prepare failed)."""
+
+    outcomes: list[Outcome]
 
 
 class Runner:
@@ -167,7 +195,7 @@ class Runner:
                     if lane.consumer_tag:
                         lane.channel.basic_cancel(lane.consumer_tag)
                 deadline = time.monotonic() + DRAIN_TIMEOUT
-                while time.monotonic() < deadline and any(l.busy.is_set() for l in self.lanes):
+                while time.monotonic() < deadline and any(l.in_flight for l in self.lanes):
                     connection.process_data_events(time_limit=0.1)
                 connection.process_data_events(time_limit=0)  # settle the last acks
                 connection.close()  # unacked deliveries go back to their queues
@@ -176,8 +204,9 @@ class Runner:
         for lane in self.lanes:
             lane.inbox.put(None)  # type: ignore[arg-type]
         for lane in self.lanes:
-            if lane.thread:
-                lane.thread.join(timeout=5)
+            for thread in (lane.thread, lane.committer):
+                if thread:
+                    thread.join(timeout=5)
         log.info("stopped")
 
     def _forget_connection(self) -> None:
@@ -196,27 +225,58 @@ class Runner:
     # -- worker side -----------------------------------------------------------------------
 
     def _work(self, lane: _Lane) -> None:
+        if lane.pipelined:
+            lane.committer = threading.Thread(target=self._commit_loop, args=(lane,), daemon=True,
+                                              name=f"committer-{lane.handler.queue}")
+            lane.committer.start()
         while True:
-            first = lane.inbox.get()
-            if first is None:
+            batch = self._next_batch(lane)
+            if batch is None:
+                if lane.pipelined:
+                    lane.stage.put(None)
                 return
-            lane.busy.set()
-            batch = [first]
-            while len(batch) < lane.handler.prefetch:
-                try:
-                    item = lane.inbox.get_nowait()
-                except queue_mod.Empty:
-                    break
-                if item is None:
-                    lane.inbox.put(None)  # type: ignore[arg-type]
-                    break
-                batch.append(item)
-            outcomes = self._handle(lane, batch)
+            if not lane.pipelined:
+                self._settle_threadsafe(lane, batch, self._handle(lane, batch))
+                continue
+            try:
+                state = lane.handler.prepare(batch)
+            except Exception:  # judged message by message, the slow and careful way
+                state = _Settled(self._handle(lane, batch))
+            lane.stage.put((batch, state))
+
+    def _commit_loop(self, lane: _Lane) -> None:
+        while True:
+            item = lane.stage.get()
+            if item is None:
+                return
+            batch, state = item
+            if isinstance(state, _Settled):
+                outcomes = state.outcomes
+            else:
+                outcomes = self._handle(lane, batch, run=lambda _batch: lane.handler.commit(state))
             self._settle_threadsafe(lane, batch, outcomes)
 
-    def _handle(self, lane: _Lane, batch: list[Delivery]) -> list[Outcome]:
+    def _next_batch(self, lane: _Lane) -> list[Delivery] | None:
+        first = lane.inbox.get()
+        if first is None:
+            return None
+        lane.track(+1)
+        batch = [first]
+        while len(batch) < lane.batch_size:
+            try:
+                item = lane.inbox.get_nowait()
+            except queue_mod.Empty:
+                break
+            if item is None:
+                lane.inbox.put(None)  # type: ignore[arg-type]
+                break
+            batch.append(item)
+        return batch
+
+    def _handle(self, lane: _Lane, batch: list[Delivery], run=None) -> list[Outcome]:
+        """Outcomes of ``batch`` by ``run`` (default: the handler's ``handle``), never raising."""
         try:
-            outcomes = lane.handler.handle(batch)
+            outcomes = (run or lane.handler.handle)(batch)
             if len(outcomes) != len(batch):
                 raise RuntimeError("handler returned the wrong number of outcomes")
             return outcomes
@@ -247,12 +307,12 @@ class Runner:
     def _settle_threadsafe(self, lane: _Lane, batch: list[Delivery], outcomes: list[Outcome]) -> None:
         connection = self._connection
         if connection is None:
-            lane.busy.clear()
+            lane.track(-1)
             return
         try:
             connection.add_callback_threadsafe(lambda: self._settle(lane, batch, outcomes))
         except Exception:  # the connection died meanwhile: the broker will redeliver
-            lane.busy.clear()
+            lane.track(-1)
 
     def _settle(self, lane: _Lane, batch: list[Delivery], outcomes: list[Outcome]) -> None:
         """Runs on the I/O thread: dead-letter, requeue, then ack — in that order."""
@@ -274,7 +334,7 @@ class Runner:
                 for tag in acks:
                     channel.basic_ack(tag)
         finally:
-            lane.busy.clear()
+            lane.track(-1)
 
     def _dead_letter(self, lane: _Lane, delivery: Delivery, reason: str) -> None:
         queue = lane.handler.queue

@@ -56,18 +56,20 @@ def test_consumer_killed_mid_run_then_restarted_stores_each_message_once(broker_
 def test_rabbitmq_restarted_mid_run_loses_and_doubles_nothing(settings, restartable_rabbitmq, tmp_path):
     broker_settings = settings.replace(amqp_url=restartable_rabbitmq.amqp_url)
     add_user("bob@example.org")
-    inject_many(broker_settings)
+    count = 2 * COUNT  # the broker takes seconds to stop: keep the consumer busy past that
+    inject_many(broker_settings, count)
     consumer = consumer_process(broker_settings, tmp_path / "consumer.log")
     try:
-        wait_for(lambda: stored() >= 100, timeout=60, message="first messages stored")
+        wait_for(lambda: stored() >= 50, timeout=60, message="first messages stored")
+        before = stored()
         restartable_rabbitmq.restart()
-        assert stored() < COUNT, "the restart should land mid-run"
-        wait_for(lambda: InboundReceipt.select().count() >= COUNT, timeout=180, message="all handled")
+        assert before < count, "the restart should land mid-run"
+        wait_for(lambda: InboundReceipt.select().count() >= count, timeout=180, message="all handled")
         assert consumer.poll() is None, "the consumer survives the broker restart"
     finally:
         consumer.send_signal(signal.SIGTERM)
         consumer.wait(40)
-    assert_exactly_once(broker_settings)
+    assert_exactly_once(broker_settings, count)
     assert "reconnecting" in (tmp_path / "consumer.log").read_text()
 
 

@@ -1,0 +1,58 @@
+"""Shared pieces of the benchmarks: the message mix, a throwaway RabbitMQ, timing helpers."""
+
+from __future__ import annotations
+
+import os
+import random
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests import mailgen  # noqa: E402
+
+
+def message_mix(count: int, to: str = "bob@example.org", seed: int = 7) -> list[bytes]:
+    """Plain, text+HTML, a tenth with 20–200 KB attachments, some GBK, KOI8-R, ISO-2022-JP."""
+    rng = random.Random(seed)
+    out = []
+    for n in range(count):
+        kind = n % 10
+        if kind == 0:
+            size = rng.randint(20_000, 200_000)
+            out.append(mailgen.with_attachment(n, f"file-{n}.bin", rng.randbytes(size), to=to))
+        elif kind in (1, 2, 3):
+            out.append(mailgen.text_and_html(n, to=to))
+        elif kind == 4:
+            out.append(mailgen.national(n, "gb2312", "中文邮件测试，这是第%d封信。" % n * 5, to=to))
+        elif kind == 5:
+            out.append(mailgen.national(n, "koi8-r", "Привет! Это письмо номер %d. " % n * 5, to=to))
+        elif kind == 6:
+            out.append(mailgen.national(n, "iso-2022-jp", "日本語のメールです。番号%d。" % n * 5, to=to))
+        else:
+            out.append(mailgen.plain(n, to=to))
+    return out
+
+
+def percentile(values: list[float], pct: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    index = min(len(ordered) - 1, max(0, round(pct / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def machine() -> str:
+    return f"{os.cpu_count()} cores, Python {sys.version.split()[0]}"
+
+
+__all__ = ["message_mix", "percentile", "peak_rss_mb", "machine", "statistics", "ROOT"]

@@ -1,0 +1,95 @@
+"""Benchmark: inject→stored throughput of the consumer, against the parse-only ceiling.
+
+One run: (1) the parse-only rate of 5,000 messages in one process — the ceiling, since parsing
+is the consumer's irreducible work; (2) the rate at which one consumer process drains the
+5,000 injected messages into SQLite (from the moment it is consuming until the last receipt);
+(3) the same with two consumer processes. Goals: one ≥ 0.85 × ceiling, two ≥ 1.5 × one, peak
+RSS of a consumer under 200 MB.
+
+    .venv/bin/python bench/consumer_throughput.py [--count 5000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import tempfile
+import time
+from pathlib import Path
+
+from common import ROOT, machine, message_mix, peak_rss_mb
+
+from consumer.parse import parse_email
+from mailferry.cli.mail import Injector
+from mailferry.cli.users import add_user
+from mailferry.config import Settings
+from mailferry.db import close_database, open_database
+from mailferry.models import InboundReceipt
+from tests.harness.rabbitmq import RabbitMQServer
+from tests.pipeline import consumer_process, wait_for
+
+
+def parse_ceiling(messages: list[bytes]) -> float:
+    started = time.perf_counter()
+    for raw in messages:
+        parse_email(raw)
+    return len(messages) / (time.perf_counter() - started)
+
+
+def drain(base: Path, amqp_url: str, messages: list[bytes], consumers: int) -> tuple[float, float]:
+    """Inject everything, then time ``consumers`` processes draining it. (rate, peak RSS MB)"""
+    settings = Settings(var_dir=base, amqp_url=amqp_url, consumer_metrics_port=0, prefetch=64)
+    base.mkdir(parents=True)
+    open_database(settings.resolved_database_url)
+    add_user("bob@example.org")
+    injector = Injector(settings)
+    for raw in messages:
+        injector.inject(raw, ["bob@example.org"])
+    injector.close()
+    logs = [base / f"consumer{i}.log" for i in range(consumers)]
+    processes = [consumer_process(settings, log) for log in logs]
+    try:
+        wait_for(lambda: all("consuming" in log.read_text() for log in logs if log.exists())
+                 and all(log.exists() for log in logs), timeout=60, interval=0.005)
+        started = time.perf_counter()
+        wait_for(lambda: InboundReceipt.select().count() >= len(messages), timeout=900, interval=0.05)
+        elapsed = time.perf_counter() - started
+        rss = max(peak_rss_mb(p.pid) for p in processes)
+    finally:
+        for process in processes:
+            process.send_signal(signal.SIGTERM)
+        for process in processes:
+            process.wait(60)
+        close_database()
+    return len(messages) / elapsed, rss
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--count", type=int, default=5000)
+    args = parser.parse_args()
+    messages = message_mix(args.count)
+    megabytes = sum(map(len, messages)) / 1e6
+    with tempfile.TemporaryDirectory(prefix="mf-bench-") as tmp:
+        tmp = Path(tmp)
+        rabbit = RabbitMQServer(tmp / "rabbitmq").start()
+        try:
+            ceiling = parse_ceiling(messages)
+            one, rss_one = drain(tmp / "one", rabbit.amqp_url, messages, 1)
+            two, rss_two = drain(tmp / "two", rabbit.amqp_url, messages, 2)
+        finally:
+            rabbit.stop()
+    rows = [
+        ("parse-only ceiling (1 process)", f"{ceiling:,.0f} msg/s", ""),
+        ("1 consumer, inject→stored", f"{one:,.0f} msg/s", f"{one / ceiling:.2f} × ceiling (goal ≥ 0.85)"),
+        ("2 consumers, inject→stored", f"{two:,.0f} msg/s", f"{two / one:.2f} × one (goal ≥ 1.5)"),
+        ("consumer peak RSS", f"{max(rss_one, rss_two):.0f} MB", "goal < 200 MB"),
+    ]
+    print(f"consumer_throughput: {args.count} messages, {megabytes:.1f} MB, {machine()}, SQLite")
+    for name, value, note in rows:
+        print(f"  {name:<34} {value:>14}   {note}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
