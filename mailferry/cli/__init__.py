@@ -13,6 +13,7 @@ COMMAND_MODULES = [
     "mailferry.cli.users",
     "mailferry.cli.mail",
     "mailferry.cli.processes",
+    "mailferry.cli.settings",
     "mailferry.cli.imap",
     "mailferry.cli.tasks",
 ]
