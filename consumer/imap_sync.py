@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -24,7 +25,9 @@ from consumer import imap_client
 from consumer.imap_client import FolderState, ImapSession
 from consumer.parse import Limits, ParsedEmail
 from consumer.route import Route
-from consumer.save import StoredFiles, parse_and_store, save_for_users
+from consumer.save import (
+    SaveRequest, SaveResult, parse_logged, save_for_users, save_many, store_batch,
+)
 from mailferry import metrics
 from mailferry.config import Settings
 from mailferry.errors import EmailParseError, TransientError
@@ -68,10 +71,35 @@ Progress = Callable[[SyncResult, "Counts | None"], None]
 
 
 @dataclass
+class _Item:
+    uid: int
+    raw: bytes
+    parsed: ParsedEmail
+    request: SaveRequest | None = None
+
+
+@dataclass
 class _Batch:
     uids: list[int]
+    final: bool  # the last batch of the run: its commit also stores HIGHESTMODSEQ
+    items: list[_Item] = field(default_factory=list)  # parsed, to save
+    files: Future | None = None  # their blobs, being written
     counts: Counts = field(default_factory=Counts)
     keep: list[int] = field(default_factory=list)  # saved or already there: safe to mark/move
+
+
+@dataclass
+class _Run:
+    """What one run of one folder works with."""
+
+    session: ImapSession
+    config: ImapConfig
+    route: Route
+    folder: FolderState
+    state: MailboxState
+    result: SyncResult
+    progress: Progress
+    where: str
 
 
 class MailboxSync:
@@ -93,11 +121,11 @@ class MailboxSync:
         """Fetch what is new in ``folder`` (default: the configured one) and save it."""
         started = time.perf_counter()
         result = SyncResult(folder=folder or config.folder)
-        session = self._timed(result, lambda: self.connect(config, float(self.settings.imap_timeout)))
+        session = _timed(result, lambda: self.connect(config, float(self.settings.imap_timeout)))
         try:
             self._sync(session, user, config, result, keep_going, progress or (lambda r, d: None))
         finally:
-            self._timed(result, session.close)
+            _timed(result, session.close)
             result.seconds = time.perf_counter() - started
             metrics.imap_fetch_seconds.observe(result.seconds)
         return result
@@ -107,7 +135,7 @@ class MailboxSync:
     def _sync(self, session: ImapSession, user: User, config: ImapConfig, result: SyncResult,
               keep_going: Callable[[], bool], progress: Progress) -> None:
         where = f"user={user.id} folder={result.folder}"
-        folder = self._timed(result, lambda: session.select(result.folder, readonly=not config.changes_server))
+        folder = _timed(result, lambda: session.select(result.folder, readonly=not config.changes_server))
         state = _checkpoint(user.id, result.folder)
         result.uidvalidity = folder.uidvalidity
         last_uid = state.last_uid
@@ -123,95 +151,173 @@ class MailboxSync:
         if _unchanged(state, folder, result.refetch):
             uids: list[int] = []  # HIGHESTMODSEQ as at the end of the last complete run
         else:
-            uids = self._timed(result, lambda: session.uids_after(last_uid))
+            uids = _timed(result, lambda: session.uids_after(last_uid))
         result.new = len(uids)
         progress(result, None)
         if not uids:
             _save_checkpoint(state, folder, last_uid, final=True)
             return
-
         log.info("%s: %d new message(s) above UID %d", where, len(uids), last_uid)
-        batches = [uids[i:i + self.batch_size] for i in range(0, len(uids), self.batch_size)]
-        route = Route(user.id, user.email, None)
-        for number, uids_in_batch in enumerate(batches):
-            if number and not keep_going():
-                result.cancelled = True
-                log.info("%s: stopped after %d batch(es): the task is no longer running",
-                         where, number)
-                return
-            batch = _Batch(uids_in_batch)
-            raw = self._timed(result, lambda: session.fetch_raw(uids_in_batch))
-            self._save_batch(batch, raw, route, state, folder, final=number == len(batches) - 1,
-                             where=where)
-            result.add(batch.counts)
-            result.batches += 1
-            result.last_uid = uids_in_batch[-1]
-            self._after_save(session, config, batch, result)
-            progress(result, batch.counts)
+        run = _Run(session, config, Route(user.id, user.email, None), folder, state, result,
+                   progress, where)
+        self._fetch_all(run, uids, keep_going)
 
-    def _save_batch(self, batch: _Batch, raw: dict[int, bytes], route: Route,
-                    state: MailboxState, folder: FolderState, *, final: bool, where: str) -> None:
-        prepared: list[tuple[int, bytes, ParsedEmail, StoredFiles]] = []
-        counts = batch.counts
+    def _fetch_all(self, run: _Run, uids: list[int], keep_going: Callable[[], bool]) -> None:
+        """Batch by batch, in a pipeline: while batch n is parsed, the next one is fetched
+        and the previous one's files are written; then the previous one is committed.
+
+        Parsing is the CPU-bound step (and holds the GIL); fetching and writing files mostly
+        wait on sockets and disks, so they overlap it. Commits stay in order, in this thread.
+        """
+        chunks = [uids[i:i + self.batch_size] for i in range(0, len(uids), self.batch_size)]
+        staged: _Batch | None = None  # parsed, files being written, not committed yet
+        # mark_seen/move_to use the session between batches: no fetching ahead then.
+        with _Fetcher(run.session, chunks, ahead=not run.config.changes_server) as fetcher, \
+                ThreadPoolExecutor(1, thread_name_prefix="blob-writer") as writer:
+            for number, chunk in enumerate(chunks):
+                if number and not keep_going():
+                    # What is staged is dropped: nothing more is committed for a cancelled
+                    # task. Its files are harmless; the next run fetches it again.
+                    run.result.cancelled = True
+                    log.info("%s: stopped after %d batch(es): the task is no longer running",
+                             run.where, run.result.batches)
+                    return
+                batch = _Batch(chunk, final=number == len(chunks) - 1)
+                try:
+                    self._parse(run, batch, _timed(run.result, fetcher.next))
+                    batch.files = writer.submit(store_batch, self.store,
+                                                [(i.raw, i.parsed) for i in batch.items])
+                except BaseException:
+                    if staged is not None:
+                        self._commit_quietly(run, staged)  # keep what is done: one batch lost at most
+                    raise
+                if staged is not None:
+                    self._commit(run, staged)
+                staged = batch
+            if staged is not None:
+                self._commit(run, staged)
+
+    def _parse(self, run: _Run, batch: _Batch, raw: dict[int, bytes]) -> None:
         for uid in batch.uids:
             data = raw.get(uid)
             if data is None:
                 continue  # expunged between SEARCH and FETCH
-            counts.fetched += 1
+            batch.counts.fetched += 1
             try:
-                parsed, files = parse_and_store(self.store, data, self.limits,
-                                                context=f"{where} uid={uid}")
+                parsed = parse_logged(data, self.limits, context=f"{run.where} uid={uid}")
             except EmailParseError as exc:
-                self._quarantine(route.user_id, folder, uid, data, str(exc), where)
-                counts.failed += 1
+                self._quarantine(run, uid, data, str(exc))
+                batch.counts.failed += 1
                 continue
-            prepared.append((uid, data, parsed, files))
+            batch.items.append(_Item(uid, data, parsed))
+
+    def _commit(self, run: _Run, batch: _Batch) -> None:
+        """Once its files are durable: the batch's rows and the checkpoint, one transaction."""
+        for item, files in zip(batch.items, batch.files.result()):
+            item.request = SaveRequest(item.parsed, files, [run.route], SOURCE)
         try:
             with db.atomic():
-                for uid, data, parsed, files in prepared:
-                    try:
-                        saved = save_for_users(parsed, files, [route], source=SOURCE)
-                    except peewee.OperationalError:
-                        raise
-                    except (peewee.PeeweeException, ValueError) as exc:
-                        # A value the database refuses (PostgreSQL: a NUL in text): this
-                        # message alone; save_for_users' savepoint was rolled back.
-                        self._quarantine(route.user_id, folder, uid, data, f"cannot save: {exc}", where)
-                        counts.failed += 1
-                        continue
-                    counts.saved += len(saved.stored)
-                    counts.duplicates += saved.duplicates
-                    batch.keep.append(uid)
-                _save_checkpoint(state, folder, batch.uids[-1], final=final)
+                try:
+                    with db.atomic():  # a savepoint around the fast path
+                        outcomes = _save_fast(batch.items)
+                except (peewee.IntegrityError, peewee.DataError, ValueError):
+                    # A race with another writer, or a value the database refuses (PostgreSQL:
+                    # a NUL in text): again message by message, to find the one.
+                    outcomes = [self._save_one(run, item) for item in batch.items]
+                _save_checkpoint(run.state, run.folder, batch.uids[-1], final=batch.final)
         except peewee.OperationalError as exc:
-            raise TransientError(f"{where}: database commit failed: {exc}") from exc
-        _count(counts)
+            raise TransientError(f"{run.where}: database commit failed: {exc}") from exc
+        for item, saved in zip(batch.items, outcomes):
+            if saved is None:
+                batch.counts.failed += 1
+                continue
+            batch.counts.saved += len(saved.stored)
+            batch.counts.duplicates += saved.duplicates
+            batch.keep.append(item.uid)
+        _count(batch.counts)
+        run.result.add(batch.counts)
+        run.result.batches += 1
+        run.result.last_uid = batch.uids[-1]
+        self._after_save(run, batch)
+        run.progress(run.result, batch.counts)
 
-    def _after_save(self, session: ImapSession, config: ImapConfig, batch: _Batch,
-                    result: SyncResult) -> None:
+    def _commit_quietly(self, run: _Run, batch: _Batch) -> None:
+        try:
+            self._commit(run, batch)
+        except Exception as exc:  # noqa: BLE001 - the error being raised matters more
+            log.warning("%s: batch up to UID %d not committed: %s", run.where, batch.uids[-1], exc)
+
+    def _save_one(self, run: _Run, item: _Item) -> SaveResult | None:
+        request = item.request
+        try:
+            return save_for_users(request.parsed, request.files, request.routes, source=SOURCE)
+        except (peewee.IntegrityError, peewee.DataError, ValueError) as exc:
+            # save_for_users' savepoint was rolled back: this message alone is left out.
+            self._quarantine(run, item.uid, item.raw, f"cannot save: {exc}")
+            return None
+
+    def _after_save(self, run: _Run, batch: _Batch) -> None:
         """What the user asked to happen on the server, only for what is safely stored."""
-        if config.mark_seen:
-            self._timed(result, lambda: session.mark_seen(batch.keep))
-        if config.move_to:
-            self._timed(result, lambda: session.move(batch.keep, config.move_to))
+        if run.config.mark_seen:
+            _timed(run.result, lambda: run.session.mark_seen(batch.keep))
+        if run.config.move_to:
+            _timed(run.result, lambda: run.session.move(batch.keep, run.config.move_to))
 
-    def _quarantine(self, user_id: int, folder: FolderState, uid: int, raw: bytes,
-                    reason: str, where: str) -> None:
+    def _quarantine(self, run: _Run, uid: int, raw: bytes, reason: str) -> None:
         # A name made of the message's place on the server: a re-fetch overwrites, not piles up.
-        name = f"imap-{user_id}-{folder.uidvalidity}-{uid}.eml"
-        log.warning("%s uid=%d quarantined as spool/failed/%s: %s", where, uid, name, reason)
+        name = f"imap-{run.route.user_id}-{run.folder.uidvalidity}-{uid}.eml"
+        log.warning("%s uid=%d quarantined as spool/failed/%s: %s", run.where, uid, name, reason)
         try:
             self.spool.quarantine(self.spool.failed / name, reason, raw=raw, name=name)
         except OSError as exc:
             raise TransientError(f"cannot write to spool/failed: {exc.strerror}") from exc
 
-    @staticmethod
-    def _timed(result: SyncResult, call):
-        started = time.perf_counter()
-        try:
-            return call()
-        finally:
-            result.imap_seconds += time.perf_counter() - started
+
+def _timed(result: SyncResult, call):
+    """Run ``call``, adding the time to the IMAP wait of ``result``."""
+    started = time.perf_counter()
+    try:
+        return call()
+    finally:
+        result.imap_seconds += time.perf_counter() - started
+
+
+def _save_fast(items: list[_Item]) -> list[SaveResult]:
+    return save_many([item.request for item in items]) if items else []
+
+
+class _Fetcher:
+    """Fetches the batches in order; with ``ahead``, the next one while this one is saved.
+
+    The session is used by one thread at a time: the fetch thread while a fetch is in
+    flight, and nobody else (mark_seen/move_to turn ``ahead`` off).
+    """
+
+    def __init__(self, session: ImapSession, batches: list[list[int]], *, ahead: bool):
+        self.session = session
+        self.batches = iter(batches)
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="imap-fetch") if ahead else None
+        self.pending: Future | None = None
+
+    def __enter__(self) -> "_Fetcher":
+        if self.pool:
+            self._submit()
+        return self
+
+    def _submit(self) -> None:
+        uids = next(self.batches, None)
+        self.pending = self.pool.submit(self.session.fetch_raw, uids) if uids else None
+
+    def next(self) -> dict[int, bytes]:
+        if self.pool is None:
+            return self.session.fetch_raw(next(self.batches))
+        current = self.pending
+        self._submit()
+        return current.result()
+
+    def __exit__(self, *exc) -> None:
+        if self.pool:
+            self.pool.shutdown(wait=True)  # a fetch in flight ends before the session does
 
 
 def _unchanged(state: MailboxState, folder: FolderState, refetch: bool) -> bool:

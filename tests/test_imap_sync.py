@@ -22,6 +22,25 @@ from tests.imap_fixtures import (
 )
 
 
+def refuse(monkeypatch, message_id: str, error: Exception) -> None:
+    """The database refuses one message, in the batch insert and in the one-by-one path."""
+    import consumer.imap_sync as module
+    real_many, real_one = module.save_many, module.save_for_users
+
+    def many(requests):
+        if any(r.parsed.message_id == message_id for r in requests):
+            raise error
+        return real_many(requests)
+
+    def one(parsed, files, routes, **kwargs):
+        if parsed.message_id == message_id:
+            raise error
+        return real_one(parsed, files, routes, **kwargs)
+
+    monkeypatch.setattr(module, "save_many", many)
+    monkeypatch.setattr(module, "save_for_users", one)
+
+
 def stored_ids(user) -> list[str]:
     return [m.message_id for m in EmailMessage.select(EmailMessage.message_id)
             .where(EmailMessage.user == user.id)]
@@ -222,21 +241,13 @@ def test_one_unparseable_message_is_quarantined_and_the_rest_go_on(imap_user):
 def test_a_crash_mid_sync_refetches_at_most_one_batch(imap_user, monkeypatch):
     settings = imap_user.settings.replace(imap_batch_size=10)
     append(imap_user.account, generated(0, 45))
-    import consumer.imap_sync as module
-    real_save = module.save_for_users
-
-    def locked_on_uid_25(parsed, files, routes, **kwargs):
-        if parsed.message_id == "<test-24@example.net>":  # UID 25, in the third batch
-            raise peewee.OperationalError("database is locked")
-        return real_save(parsed, files, routes, **kwargs)
-
-    monkeypatch.setattr(module, "save_for_users", locked_on_uid_25)
+    refuse(monkeypatch, "<test-24@example.net>", peewee.OperationalError("database is locked"))  # UID 25
     with pytest.raises(TransientError, match="database is locked"):
         MailboxSync(settings).run(imap_user.user, imap_user.config)
     assert checkpoint(imap_user.user).last_uid == 20  # the third batch rolled back whole
     assert EmailMessage.select().count() == 20
 
-    monkeypatch.setattr(module, "save_for_users", real_save)
+    monkeypatch.undo()
     result = MailboxSync(settings).run(imap_user.user, imap_user.config)
 
     assert result.fetched == 25  # nothing committed is fetched again
@@ -244,7 +255,7 @@ def test_a_crash_mid_sync_refetches_at_most_one_batch(imap_user, monkeypatch):
     assert EmailMessage.select().count() == 45
 
 
-def test_cancelled_between_batches_stops_with_the_checkpoint_of_the_last_batch(imap_user):
+def test_cancelled_between_batches_stops_with_the_checkpoint_of_the_last_commit(imap_user):
     settings = imap_user.settings.replace(imap_batch_size=10)
     append(imap_user.account, generated(0, 35))
     answers = iter([True, False])
@@ -252,17 +263,19 @@ def test_cancelled_between_batches_stops_with_the_checkpoint_of_the_last_batch(i
     result = MailboxSync(settings).run(imap_user.user, imap_user.config,
                                        keep_going=lambda: next(answers))
 
-    assert result.cancelled and result.batches == 2
-    assert EmailMessage.select().count() == 20
-    assert checkpoint(imap_user.user).last_uid == 20
+    # Checked before each further batch: the second "no" stops the run; the batch parsed
+    # meanwhile is not committed for a cancelled task.
+    assert result.cancelled and result.batches == 1
+    assert EmailMessage.select().count() == 10
+    assert checkpoint(imap_user.user).last_uid == 10
     assert checkpoint(imap_user.user).highestmodseq is None  # the run did not finish
     rest = MailboxSync(settings).run(imap_user.user, imap_user.config)
-    assert (rest.new, rest.saved) == (15, 15)
+    assert (rest.new, rest.saved) == (25, 25)
 
 
 def test_dovecot_stopped_mid_fetch_then_the_next_run_stores_every_message_once(imap_user, dovecot):
     settings = imap_user.settings.replace(imap_batch_size=25)
-    append(imap_user.account, generated(0, 100))
+    append(imap_user.account, generated(0, 250))
     sync = MailboxSync(settings)
 
     def stop_after_two_batches(result, delta):
@@ -272,7 +285,11 @@ def test_dovecot_stopped_mid_fetch_then_the_next_run_stores_every_message_once(i
     try:
         with pytest.raises(EmailFetchError):
             sync.run(imap_user.user, imap_user.config, progress=stop_after_two_batches)
-        assert checkpoint(imap_user.user).last_uid == 50
+        # Batches fetched ahead before the server went are saved; the checkpoint is exactly
+        # what was committed.
+        committed = checkpoint(imap_user.user).last_uid
+        assert 50 <= committed < 250 and committed % 25 == 0
+        assert EmailMessage.select().count() == committed
         with pytest.raises(EmailFetchError):  # still down: connection refused, transient
             sync.run(imap_user.user, imap_user.config)
     finally:
@@ -280,9 +297,9 @@ def test_dovecot_stopped_mid_fetch_then_the_next_run_stores_every_message_once(i
 
     result = sync.run(imap_user.user, imap_user.config)
 
-    assert (result.fetched, result.saved, result.duplicates) == (50, 50, 0)
+    assert (result.fetched, result.saved, result.duplicates) == (250 - committed, 250 - committed, 0)
     ids = stored_ids(imap_user.user)
-    assert len(ids) == len(set(ids)) == 100
+    assert len(ids) == len(set(ids)) == 250
 
 
 def test_wrong_password_is_an_auth_error(imap_user):
@@ -321,15 +338,7 @@ def test_a_refused_connection_is_transient(imap_user):
 
 def test_a_message_the_database_refuses_is_quarantined(imap_user, monkeypatch):
     append(imap_user.account, generated(0, 3))
-    import consumer.imap_sync as module
-    real = module.save_for_users
-
-    def refuse_second(parsed, files, routes, **kwargs):
-        if parsed.message_id == "<html-1@example.net>":
-            raise peewee.DataError("value too long")
-        return real(parsed, files, routes, **kwargs)
-
-    monkeypatch.setattr(module, "save_for_users", refuse_second)
+    refuse(monkeypatch, "<html-1@example.net>", peewee.DataError("value too long"))
     result = MailboxSync(imap_user.settings).run(imap_user.user, imap_user.config)
 
     assert (result.saved, result.failed) == (2, 1)
