@@ -122,5 +122,5 @@ def bulk_insert(model: type[peewee.Model], rows: list[dict]) -> None:
     params = ", ".join(database.param for _ in fields)
     sql = f'INSERT INTO "{model._meta.table_name}" ({columns}) VALUES ({params})'
     values = [tuple(f.db_value(row[f.name]) for f in fields) for row in rows]
-    cursor = database.cursor()
-    cursor.executemany(sql, values)
+    with peewee.__exception_wrapper__:  # driver errors become peewee's (IntegrityError, …)
+        database.cursor().executemany(sql, values)

@@ -1,0 +1,61 @@
+"""mailferry.db: the versioned schema and the bulk insert, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import peewee
+import pytest
+
+from mailferry import db as dbmod
+from mailferry.models import InboundReceipt, SchemaVersion, User
+
+
+def test_schema_is_versioned_and_opening_twice_changes_nothing(settings):
+    versions = [row.version for row in SchemaVersion.select()]
+    assert versions == [v for v, _, _ in dbmod.MIGRATIONS]
+    dbmod.open_database(settings.resolved_database_url)
+    assert [row.version for row in SchemaVersion.select()] == versions
+
+
+def test_a_new_migration_step_runs_once(settings, monkeypatch):
+    calls = []
+
+    def add_column(database):
+        calls.append(1)
+        database.execute_sql('ALTER TABLE "user" ADD COLUMN nickname VARCHAR(50)')
+
+    monkeypatch.setattr(dbmod, "MIGRATIONS", dbmod.MIGRATIONS + [(999, "nickname", add_column)])
+    dbmod.open_database(settings.resolved_database_url)
+    dbmod.open_database(settings.resolved_database_url)
+    assert calls == [1]
+    assert 999 in {row.version for row in SchemaVersion.select()}
+    columns = {c.name for c in dbmod.db.get_columns("user")}
+    assert "nickname" in columns
+
+
+def test_sqlite_runs_in_wal_mode_with_full_sync(sqlite_settings):
+    assert dbmod.db.execute_sql("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert dbmod.db.execute_sql("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+
+
+def test_bulk_insert_applies_defaults_and_unique_keys(settings):
+    with dbmod.db.atomic():
+        dbmod.bulk_insert(InboundReceipt, [{"queue_id": "A", "outcome": "stored"},
+                                           {"queue_id": "B", "outcome": "unrouted"}])
+    rows = {r.queue_id: r for r in InboundReceipt.select()}
+    assert rows["A"].created_at is not None and rows["B"].stored_count == 0
+    with pytest.raises(peewee.IntegrityError):
+        with dbmod.db.atomic():
+            dbmod.bulk_insert(InboundReceipt, [{"queue_id": "A", "outcome": "stored"}])
+
+
+def test_unsupported_database_url_is_a_config_error(tmp_path):
+    from mailferry.errors import ConfigError
+    with pytest.raises(ConfigError, match="unsupported database"):
+        dbmod.open_database("mysql://x/y")
+
+
+def test_user_email_is_unique(settings):
+    User.create(email="a@x.org")
+    with pytest.raises(peewee.IntegrityError):
+        with dbmod.db.atomic():
+            User.create(email="a@x.org")
