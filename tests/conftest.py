@@ -47,3 +47,9 @@ def sqlite_settings(tmp_path) -> Settings:
 def broker_settings(settings, rabbitmq_vhost) -> Settings:
     """``settings`` on a fresh RabbitMQ vhost."""
     return settings.replace(amqp_url=rabbitmq_vhost)
+
+
+@pytest.fixture
+def sqlite_broker_settings(sqlite_settings, rabbitmq_vhost) -> Settings:
+    """A fresh vhost and SQLite only: for broker tests where the database does not matter."""
+    return sqlite_settings.replace(amqp_url=rabbitmq_vhost)
