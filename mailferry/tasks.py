@@ -117,7 +117,8 @@ def create_many(source: str, items: Iterable[tuple[int | None, dict]], *,
     timeout = int(timeout_seconds or DEFAULT_TIMEOUT)
     holders = {key: (task_id, status) for key, task_id, status in
                EmailTask.select(EmailTask.lock_key, EmailTask.task_id, EmailTask.status)
-               .where(EmailTask.lock_key.startswith(f"{source}:")).tuples()}
+               .where(EmailTask.email_source == source, EmailTask.status.in_(S.ACTIVE),
+                      EmailTask.lock_key.is_null(False)).tuples()}  # the (source, status) index
     now = utcnow()
     rows, made = [], []
     for user_id, details in items:
