@@ -44,6 +44,24 @@ def port_open(port: int, host: str = LOOPBACK, timeout: float = 0.5) -> bool:
         return False
 
 
+def listening(port: int, host: str = LOOPBACK) -> bool:
+    """True when a socket is in LISTEN state on host:port, checked in /proc/net/tcp without
+    connecting (a connection would make some servers, dovecot, spawn a process for it).
+    Falls back to connecting where /proc/net/tcp cannot be read."""
+    try:
+        lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    except OSError:
+        return port_open(port, host)
+    want_ip = "".join(f"{int(o):02X}" for o in reversed(host.split(".")))
+    want = f"{want_ip}:{port:04X}"
+    any_ip = f"00000000:{port:04X}"
+    for line in lines:
+        fields = line.split()
+        if len(fields) > 3 and fields[3] == "0A" and fields[1] in (want, any_ip):
+            return True
+    return False
+
+
 def wait_until(
     predicate: Callable[[], bool],
     timeout: float,

@@ -40,9 +40,9 @@ from pathlib import Path
 from .ports import (
     LOOPBACK,
     free_port,
+    listening,
     pid_alive,
     pids_with_env,
-    port_open,
     start_reaper,
     stop_reaper,
     tail,
@@ -318,7 +318,9 @@ class RabbitMQServer:
             return False
 
     def broker_ready(self) -> bool:
-        return port_open(self.amqp_port) and self.management_ready()
+        # The AMQP listener is checked in /proc/net/tcp: a probe connection would put a
+        # "client unexpectedly closed TCP connection" warning in the broker's log each time.
+        return listening(self.amqp_port) and self.management_ready()
 
     def management_api(self, method: str, path: str, body=None, timeout: float = 10):
         """Call the management HTTP API as guest; returns the decoded JSON (or None)."""
@@ -410,7 +412,7 @@ class RabbitMQServer:
     def stop_app(self) -> None:
         """Stop the broker inside the running Erlang node (AMQP and HTTP listeners close)."""
         self.rabbitmqctl("eval", f"{_DROP_MGMT_HANDLER}, rabbit:stop().", timeout=60)
-        wait_until(lambda: not port_open(self.amqp_port), 10)
+        wait_until(lambda: not listening(self.amqp_port), 10)
 
     def start_app(self) -> None:
         self.rabbitmqctl("start_app", timeout=120)
