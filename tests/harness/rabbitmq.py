@@ -19,8 +19,12 @@ Speed (measured on a 2-core gVisor machine with the Debian 3.10.8 package):
 * Stop/stop_app: RabbitMQ 3.10's management agent waits 5 s during ``stop_app`` (the event
   handler's terminate forces an event refresh while the broker is going down; fixed upstream in
   3.13, rabbitmq-server PR #11070). The harness removes that handler first, then stops, in one
-  ``rabbitmqctl eval``: stop_app takes ~0.8 s instead of ~5.8 s, stop ~3 s instead of ~9 s. The
+  ``rabbitmqctl eval``: stop_app takes ~1 s instead of ~5.8 s, stop ~2 s instead of ~9 s. The
   handler is added back by ``start_app``.
+
+Every process of the node (beam, its private epmd, helpers) carries ``MAILFERRY_HARNESS_RABBITMQ=
+<node>`` in its environment: ``stop()`` ends exactly those, and a watchdog (ports.start_reaper)
+ends them if the test process dies without stopping the node.
 """
 from __future__ import annotations
 
