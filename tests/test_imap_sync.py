@@ -344,3 +344,23 @@ def test_a_message_the_database_refuses_is_quarantined(imap_user, monkeypatch):
     assert (result.saved, result.failed) == (2, 1)
     assert EmailMessage.select().count() == 2
     assert EmailAttachment.select().count() == 1
+
+
+def test_a_message_already_stored_from_smtp_is_not_stored_again(imap_user):
+    from consumer.route import Route
+    from consumer.save import save_for_users, store_files
+    from mailferry.models import db
+    from mailferry.storage import BlobStore
+    messages = generated(0, 3)
+    parsed = parse_email(messages[1])
+    files = store_files(BlobStore(imap_user.settings.resolved_storage_dir), messages[1], parsed)
+    with db.atomic():
+        save_for_users(parsed, files, [Route(imap_user.user.id, imap_user.user.email, None)],
+                       source="smtp", envelope={"queue_id": "Q1"})
+    append(imap_user.account, messages)
+
+    result = MailboxSync(imap_user.settings).run(imap_user.user, imap_user.config)
+
+    assert (result.saved, result.duplicates) == (2, 1)
+    assert EmailMessage.get(EmailMessage.message_id == parsed.message_id).source == "smtp"
+    assert EmailMessage.select().count() == 3
