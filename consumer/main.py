@@ -37,9 +37,14 @@ def _optional_handlers():
 
 def main(settings: Settings | None = None) -> int:
     settings = bootstrap(settings)
-    from mailferry import health
-    health.serve(settings, settings.consumer_metrics_port, role="consumer")
+    from mailferry import health, metrics
+    from mailferry.overview import database_problem
     runner = Runner(settings, build_handlers(settings))
+    metrics.register_database_collector(settings.resolved_spool_dir)
+    health.add_readiness_check("database", database_problem)
+    health.add_readiness_check(
+        "broker", lambda: None if runner.ready.is_set() else "not consuming from RabbitMQ")
+    health.serve(settings, settings.consumer_metrics_port, role="consumer")
     runner.install_signal_handlers()
     runner.run()
     return 0

@@ -1,12 +1,18 @@
 """Every Prometheus metric Mailferry exports, in one place.
 
 Units are seconds; labels have few values (source, status, outcome, queue) and never carry a
-message id or an address.
+message id or an address. Most objects are updated where the work happens; the figures kept in
+the database (tasks by status, unrouted mail, the scheduler lease, …) are read when Prometheus
+scrapes, by ``DatabaseCollector``.
 """
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+import logging
+import threading
+
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
 
 emails = Counter(
     "mailferry_emails", "Messages handled, by source (smtp, imap) and outcome "
@@ -42,11 +48,6 @@ fetch_jobs_published = Counter(
 task_transitions = Counter(
     "mailferry_task_transitions", "Task state changes, by source and the status reached "
     "(SKIPPED counts lock collisions)", ["source", "status"])
-tasks_by_status = Gauge(
-    "mailferry_tasks", "Tasks in the database by status, as of the last scheduler tick",
-    ["status"])
-tasks_past_timeout = Gauge(
-    "mailferry_tasks_running_past_timeout", "RUNNING tasks past their timeout_at, last tick")
 task_timeouts = Counter(
     "mailferry_task_timeouts", "Tasks cancelled by the watchdog, expiry or stale cleanup, "
     "by reason (watchdog, expired, stale_pending, stale_running, startup, unpublished)",
@@ -60,3 +61,118 @@ spool_republished = Counter(
     "mailferry_spool_republished", "Orphaned spool files republished by the sweep")
 retention_deleted = Counter(
     "mailferry_retention_deleted", "Tasks deleted by retention cleanup, by status", ["status"])
+
+
+# Every expected label set starts at 0: increase() and rate() cannot see a first event in a
+# series that is born already at 1, and an alert on it would never fire.
+def _initialise_series() -> None:
+    from mailferry.models import TaskSource, TaskStatus
+    for source in ("smtp", "imap"):
+        for outcome in ("stored", "duplicate", "unrouted", "failed", "quarantined"):
+            emails.labels(source, outcome)
+    for source in TaskSource.ALL:
+        for status in TaskStatus.ALL:
+            if status != TaskStatus.PENDING:
+                task_transitions.labels(source, status)
+    for reason in ("watchdog", "expired", "stale_pending", "stale_running", "startup", "unpublished"):
+        task_timeouts.labels(reason)
+    for outcome in ("ok", "partial", "lease_lost"):
+        scheduler_ticks.labels(outcome)
+
+
+_initialise_series()
+
+# -- read from the database at scrape time -------------------------------------------------------
+
+log = logging.getLogger(__name__)
+
+
+class DatabaseCollector:
+    """Figures kept in the database and the spool, read on each scrape (mailferry/overview.py).
+
+    Every process that serves /metrics exports the same values: aggregate them with ``max``.
+    A database that cannot be read gives ``mailferry_database_up 0`` and nothing else, never
+    a failed scrape.
+    """
+
+    def __init__(self, spool_dir):
+        self.spool_dir = spool_dir
+
+    def describe(self):
+        # Names only, so registering does not query the database.
+        return self._families()
+
+    def collect(self):
+        from mailferry.errors import MailferryError
+        from mailferry.overview import read_overview
+        try:
+            overview = read_overview(self.spool_dir)
+        except MailferryError as exc:
+            log.warning("metrics: cannot read the database: %s", exc)
+            up = GaugeMetricFamily("mailferry_database_up", _DATABASE_UP_HELP)
+            up.add_metric([], 0)
+            return [up]
+        return list(self._families(overview))
+
+    @staticmethod
+    def _families(o=None):
+        from mailferry.overview import epoch
+        up = GaugeMetricFamily("mailferry_database_up", _DATABASE_UP_HELP)
+        tasks = GaugeMetricFamily(
+            "mailferry_tasks", "Tasks in the database, by source and status", labels=["source", "status"])
+        past = GaugeMetricFamily(
+            "mailferry_tasks_running_past_timeout", "RUNNING tasks past their timeout_at")
+        failed = GaugeMetricFamily(
+            "mailferry_tasks_failed_last_hour", "Tasks that ended FAILED in the last hour")
+        pending = GaugeMetricFamily(
+            "mailferry_tasks_oldest_pending_seconds", "Age of the oldest PENDING task (0: none)")
+        last = GaugeMetricFamily(
+            "mailferry_last_successful_fetch_timestamp_seconds",
+            "Newest success in the database, by source: imap = the last COMPLETED IMAP fetch "
+            "task, smtp = the last inbound message handled (0: never)", labels=["source"])
+        mailboxes = GaugeMetricFamily(
+            "mailferry_imap_mailboxes", "Active users with an active IMAP configuration")
+        unrouted = GaugeMetricFamily(
+            "mailferry_unrouted_messages", "Messages kept in unrouted_message (no user matched)")
+        quarantined = GaugeMetricFamily(
+            "mailferry_quarantined_files", "Message files quarantined in spool/failed")
+        expires = GaugeMetricFamily(
+            "mailferry_scheduler_lease_expires_timestamp_seconds",
+            "When the scheduler lease runs out unless renewed (in the past: no scheduler acts)")
+        holder = InfoMetricFamily(
+            "mailferry_scheduler_lease", "The scheduler holding an unexpired lease", labels=["holder"])
+        if o is not None:
+            up.add_metric([], 1)
+            for source, counts in sorted(o.tasks.items()):
+                for status, n in counts.items():
+                    tasks.add_metric([source, status], n)
+            past.add_metric([], o.running_past_timeout)
+            failed.add_metric([], o.failed_last_hour)
+            pending.add_metric([], o.oldest_pending_seconds or 0)
+            for source, when in sorted(o.last_success.items()):
+                last.add_metric([source], epoch(when))
+            mailboxes.add_metric([], o.imap_mailboxes)
+            unrouted.add_metric([], o.unrouted)
+            quarantined.add_metric([], o.quarantined)
+            expires.add_metric([], epoch(o.lease_expires_at))
+            if o.lease_holder:
+                holder.add_metric([], {"holder": o.lease_holder})
+        return [up, tasks, past, failed, pending, last, mailboxes, unrouted, quarantined,
+                expires, holder]
+
+
+_DATABASE_UP_HELP = "1 if the last scrape could read the database"
+_collector: DatabaseCollector | None = None
+_collector_lock = threading.Lock()
+
+
+def register_database_collector(spool_dir) -> DatabaseCollector:
+    """Export the database figures from this process (once; later calls update the spool)."""
+    global _collector
+    with _collector_lock:
+        if _collector is None:
+            _collector = DatabaseCollector(spool_dir)
+            REGISTRY.register(_collector)
+        else:
+            _collector.spool_dir = spool_dir
+        return _collector

@@ -12,11 +12,12 @@ import signal
 import threading
 import time
 
-from mailferry import health
+from mailferry import health, metrics
 from mailferry.app import bootstrap
 from mailferry.broker import Publisher
 from mailferry.config import Settings
 from mailferry.errors import MailferryError
+from mailferry.overview import database_problem
 from scheduler.cleanup import startup_cleanup
 from scheduler.lease import Lease
 from scheduler.tick import TickResult, run_tick
@@ -95,6 +96,18 @@ class Scheduler:
         log.info("tick %d: %s in %.2f s", self.ticks, result.outcome, result.seconds)
         return result
 
+    def broker_readiness(self) -> str | None:
+        """None unless the acting scheduler's last tick could not publish its fetch jobs.
+
+        The publisher connects only when a tick has something to publish, so this is the
+        broker as the scheduler last needed it, without an extra connection per probe.
+        """
+        fetch = self.last_tick.fetch if self.last_tick is not None else None
+        if fetch is None or not fetch.unpublished or not self.lease.held():
+            return None
+        return f"the last tick could not publish {fetch.unpublished} fetch job(s): " + (
+            fetch.errors[-1] if fetch.errors else "RabbitMQ unavailable")
+
     def readiness(self) -> str | None:
         """None when healthy: acting and ticking on time, or standing by and checking the lease."""
         now = time.monotonic()
@@ -113,6 +126,9 @@ def main(settings: Settings | None = None) -> int:
     # start only costs the ticks until it is back.
     settings = bootstrap(settings)
     scheduler = Scheduler(settings)
+    metrics.register_database_collector(settings.resolved_spool_dir)
+    health.add_readiness_check("database", database_problem)
+    health.add_readiness_check("broker", scheduler.broker_readiness)
     health.add_readiness_check("scheduler", scheduler.readiness)
     health.serve(settings, settings.scheduler_metrics_port, role="scheduler")
     scheduler.install_signal_handlers()

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from mailferry import metrics
 from mailferry.config import Settings
 from mailferry.errors import MailferryError
-from mailferry.tasks import get_task_metrics
 from scheduler.cleanup import cleanup_stale_tasks
 from scheduler.fetch import FetchSummary, schedule_imap_fetch
 from scheduler.retention import RetentionSummary, cleanup_tasks
@@ -63,7 +62,6 @@ def run_tick(settings: Settings, publisher, *, lease=None, retention: bool = Tru
         except MailferryError as exc:
             result.failed_steps.append(name)
             log.error("tick step %s failed: %s", name, exc)
-    _update_gauges()
     result.seconds = time.perf_counter() - started
     metrics.scheduler_tick_seconds.observe(result.seconds)
     metrics.scheduler_ticks.labels(result.outcome).inc()
@@ -79,12 +77,3 @@ def _still_ours(lease) -> bool:
     except MailferryError:
         return False
 
-
-def _update_gauges() -> None:
-    try:
-        stats = get_task_metrics()
-    except MailferryError:
-        return
-    for status, count in stats["by_status"].items():
-        metrics.tasks_by_status.labels(status).set(count)
-    metrics.tasks_past_timeout.set(stats["running_past_timeout"])

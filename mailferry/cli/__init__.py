@@ -16,6 +16,7 @@ COMMAND_MODULES = [
     "mailferry.cli.settings",
     "mailferry.cli.imap",
     "mailferry.cli.tasks",
+    "mailferry.cli.ops",
 ]
 
 
