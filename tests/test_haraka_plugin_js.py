@@ -1,7 +1,7 @@
 """The Haraka queue plugin: its JavaScript suite (npm test), and real Haraka started by the harness.
 
 Without haraka_plugin/node_modules these tests skip locally and fail in CI (CI is set).
-A real RabbitMQ is used when MAILFERRY_TEST_AMQP_URL names one.
+The JS suite's real-broker tests get a fresh vhost of the harness's RabbitMQ.
 """
 from __future__ import annotations
 
@@ -53,8 +53,10 @@ def _spooled(spool: Path) -> list[str]:
     return sorted(p.name for p in incoming.iterdir()) if incoming.is_dir() else []
 
 
-def test_js_suite_passes(haraka_installed):
-    proc = subprocess.run(["npm", "test"], cwd=PLUGIN_DIR, capture_output=True, text=True, timeout=300)
+def test_js_suite_passes(haraka_installed, rabbitmq_vhost):
+    env = dict(os.environ, MAILFERRY_TEST_AMQP_URL=rabbitmq_vhost)
+    proc = subprocess.run(["npm", "test"], cwd=PLUGIN_DIR, capture_output=True, text=True,
+                          timeout=300, env=env)
     assert proc.returncode == 0, f"npm test failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
 
 
@@ -75,10 +77,9 @@ def test_haraka_with_discard_queue_accepts_mail(haraka_installed, tmp_path):
         assert "discarding message" in server.log_path.read_text()
 
 
-@pytest.mark.skipif(not os.environ.get("MAILFERRY_TEST_AMQP_URL"), reason="MAILFERRY_TEST_AMQP_URL is not set")
-def test_haraka_spools_and_publishes_to_a_real_broker(haraka_installed, tmp_path):
-    pika = pytest.importorskip("pika")
-    url = os.environ["MAILFERRY_TEST_AMQP_URL"]
+def test_haraka_spools_and_publishes_to_a_real_broker(haraka_installed, rabbitmq_vhost, tmp_path):
+    import pika
+    url = rabbitmq_vhost
     exchange = f"mailferry.test.{uuid.uuid4()}"  # private: a real consumer never sees it
     conn = pika.BlockingConnection(pika.URLParameters(url))
     channel = conn.channel()
