@@ -26,6 +26,10 @@ from mailferry.mailbox_config import ImapConfig
 log = logging.getLogger(__name__)
 
 BODY = b"BODY[]"  # the key of a BODY.PEEK[] item in a FETCH response
+SIZE = b"RFC822.SIZE"
+# UIDs named in one FETCH: servers cap a command line (Dovecot: 64 KB), and a UID takes up
+# to 11 characters in the list.
+FETCH_CHUNK = 1000
 # Response codes (RFC 5530) that say a refused command may work later.
 TRANSIENT_CODES = (b"[UNAVAILABLE]", b"[INUSE]", b"[SERVERBUG]", b"[LIMIT]", b"[OVERQUOTA]")
 
@@ -113,15 +117,27 @@ class ImapSession:
             found = self.client.search(["UID", f"{last_uid + 1}:*"])
         return sorted(uid for uid in found if uid > last_uid)
 
+    def sizes(self, uids: list[int]) -> dict[int, int]:
+        """RFC822.SIZE of each of ``uids`` still there: what batches are cut by."""
+        found: dict[int, int] = {}
+        for response in self._fetch(uids, SIZE, "sizes"):
+            found.update({uid: int(data[SIZE]) for uid, data in response.items() if SIZE in data})
+        return found
+
     def fetch_raw(self, uids: list[int]) -> dict[int, bytes]:
         """The raw messages of ``uids`` (those still there), with BODY.PEEK[]: \\Seen stays."""
-        if not uids:
-            return {}
+        found: dict[int, bytes] = {}
+        for response in self._fetch(uids, b"BODY.PEEK[]", "messages"):
+            found.update({uid: data[BODY] for uid, data in response.items() if data.get(BODY) is not None})
+        return found
+
+    def _fetch(self, uids: list[int], item: bytes, what: str):
         # A list, not ranges: imapclient keeps only the answers whose UID it was given
         # (it drops unsolicited FETCH responses that way).
-        with translated(f"fetch of {len(uids)} messages", self.where):
-            response = self.client.fetch(list(uids), [b"BODY.PEEK[]"])
-        return {uid: data[BODY] for uid, data in response.items() if data.get(BODY) is not None}
+        for start in range(0, len(uids), FETCH_CHUNK):
+            chunk = list(uids[start:start + FETCH_CHUNK])
+            with translated(f"fetch of {len(chunk)} {what}", self.where):
+                yield self.client.fetch(chunk, [item])
 
     def mark_seen(self, uids: list[int]) -> None:
         if uids:

@@ -110,6 +110,7 @@ class MailboxSync:
                  connect: Callable[[ImapConfig, float], ImapSession] = imap_client.connect):
         self.settings = settings
         self.batch_size = settings.imap_batch_size
+        self.batch_bytes = settings.imap_batch_bytes
         self.limits = Limits.from_settings(settings)
         self.store = store or BlobStore(settings.resolved_storage_dir)
         self.spool = (spool or Spool(settings.resolved_spool_dir)).ensure()
@@ -169,7 +170,8 @@ class MailboxSync:
         Parsing is the CPU-bound step (and holds the GIL); fetching and writing files mostly
         wait on sockets and disks, so they overlap it. Commits stay in order, in this thread.
         """
-        chunks = [uids[i:i + self.batch_size] for i in range(0, len(uids), self.batch_size)]
+        sizes = _timed(run.result, lambda: run.session.sizes(uids))
+        chunks = plan_batches(uids, sizes, self.batch_size, self.batch_bytes)
         staged: _Batch | None = None  # parsed, files being written, not committed yet
         # mark_seen/move_to use the session between batches: no fetching ahead then.
         with _Fetcher(run.session, chunks, ahead=not run.config.changes_server) as fetcher, \
@@ -280,6 +282,28 @@ def _timed(result: SyncResult, call):
         return call()
     finally:
         result.imap_seconds += time.perf_counter() - started
+
+
+def plan_batches(uids: list[int], sizes: dict[int, int], max_count: int,
+                 max_bytes: int) -> list[list[int]]:
+    """Cut ``uids`` into batches of at most ``max_count`` messages and ``max_bytes`` bytes.
+
+    The byte bound keeps memory flat when a mailbox holds big messages (up to three batches
+    are in flight); a message bigger than the bound is a batch of its own.
+    """
+    batches: list[list[int]] = []
+    current: list[int] = []
+    used = 0
+    for uid in uids:
+        size = sizes.get(uid, 0)  # gone since the search: fetched as nothing
+        if current and (len(current) >= max_count or used + size > max_bytes):
+            batches.append(current)
+            current, used = [], 0
+        current.append(uid)
+        used += size
+    if current:
+        batches.append(current)
+    return batches
 
 
 def _save_fast(items: list[_Item]) -> list[SaveResult]:

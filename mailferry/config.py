@@ -80,6 +80,9 @@ class Settings:
         "tasks deleted per retention batch", minimum=1))
     imap_batch_size: int = field(default=100, metadata=_meta(
         "messages fetched from IMAP per batch (one checkpoint per batch)", minimum=1))
+    imap_batch_bytes: int = field(default=16 * 1024 * 1024, metadata=_meta(
+        "most bytes of mail in one IMAP batch (a batch holds at least one message)",
+        minimum=64 * 1024))
     imap_timeout: int = field(default=30, metadata=_meta(
         "seconds for IMAP connect and read", minimum=1))
     # Metrics and health: one port per long-running process.

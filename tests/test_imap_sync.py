@@ -364,3 +364,24 @@ def test_a_message_already_stored_from_smtp_is_not_stored_again(imap_user):
     assert (result.saved, result.duplicates) == (2, 1)
     assert EmailMessage.get(EmailMessage.message_id == parsed.message_id).source == "smtp"
     assert EmailMessage.select().count() == 3
+
+
+def test_batches_are_cut_by_count_and_by_bytes():
+    from consumer.imap_sync import plan_batches
+    uids = list(range(1, 11))
+    assert plan_batches(uids, {u: 10 for u in uids}, 4, 1000) == [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10]]
+    assert plan_batches(uids, {u: 10 for u in uids}, 100, 25) == [[1, 2], [3, 4], [5, 6], [7, 8], [9, 10]]
+    # a message over the byte bound is a batch of its own; a UID gone since the search costs 0
+    assert plan_batches([1, 2, 3, 4], {1: 5, 2: 500, 3: 5}, 100, 100) == [[1], [2], [3, 4]]
+    assert plan_batches([], {}, 10, 10) == []
+
+
+def test_big_messages_make_small_batches(imap_user):
+    settings = imap_user.settings.replace(imap_batch_bytes=64 * 1024)
+    big = [mailgen.with_attachment(n, f"scan-{n}.bin", bytes([n]) * 30_000) for n in range(6)]
+    append(imap_user.account, big)  # ~41 KB each once base64-encoded: one per batch
+
+    result = MailboxSync(settings).run(imap_user.user, imap_user.config)
+
+    assert (result.batches, result.saved) == (6, 6)
+    assert checkpoint(imap_user.user).last_uid == 6
