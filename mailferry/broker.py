@@ -168,6 +168,14 @@ class Publisher:
                     raise TransientError(f"publish to {routing_key!r} failed: {exc!r}") from exc
                 time.sleep(min(0.2 * 2 ** attempt, 2))
 
+    def queue_depth(self, queue: str) -> int:
+        """Messages ready in ``queue`` (not counting those a consumer holds unacked)."""
+        try:
+            return self._ensure().queue_declare(queue, passive=True).method.message_count
+        except CONNECTION_ERRORS as exc:
+            self.close()
+            raise TransientError(f"cannot read the depth of {queue}: {exc!r}") from exc
+
     def declare_watchdog(self, seconds: int) -> str:
         try:
             return declare_watchdog(self._ensure(), self.settings, seconds)

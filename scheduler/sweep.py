@@ -9,7 +9,9 @@ envelope, so the recipients come from the envelope headers an MTA may have added
 job cannot be recovered. A file with no recipient at all is quarantined with the reason.
 A republished file's mtime is reset, so a job still waiting in the queue (a consumer that is
 down) is not published again every tick; the consumer treats a repeated queue id as a
-duplicate anyway. Each sweep that finds files is recorded as a HARAKA_EMAIL_FETCH task.
+duplicate anyway. And while mailferry.inbound has messages waiting, an old file is most
+likely one of them (a backlog, a consumer that is down): republishing is deferred to a sweep
+that finds the queue drained, so a backlog is never doubled. Each sweep that finds files is recorded as a HARAKA_EMAIL_FETCH task.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class SweepSummary:
     already_stored: int = 0
     republished: int = 0
     quarantined: int = 0
+    deferred: int = 0
     task_id: str | None = None
     status: str | None = None
 
@@ -126,7 +129,11 @@ def sweep_spool(settings: Settings, publisher, now: float | None = None) -> Swee
                   failed=summary.quarantined,
                   processed=summary.already_stored + summary.republished + summary.quarantined,
                   details={"files": summary.found, "already_stored": summary.already_stored,
-                           "republished": summary.republished, "quarantined": summary.quarantined})
+                           "republished": summary.republished, "quarantined": summary.quarantined,
+                           "deferred": summary.deferred})
+    if summary.deferred:
+        log.info("spool sweep: %d old files not republished while %s has messages waiting",
+                 summary.deferred, broker.INBOUND)
     summary.status = TaskStatus.COMPLETED
     return summary
 
@@ -134,6 +141,7 @@ def sweep_spool(settings: Settings, publisher, now: float | None = None) -> Swee
 def _sweep(settings: Settings, spool: Spool, files: list[Path], publisher, summary: SweepSummary) -> None:
     done = _receipts([p.stem for p in files])
     key = broker.ROUTING_KEYS[broker.INBOUND]
+    waiting = publisher.queue_depth(broker.INBOUND)
     for path in files:
         queue_id = path.stem
         if queue_id in done:
@@ -149,6 +157,9 @@ def _sweep(settings: Settings, spool: Spool, files: list[Path], publisher, summa
             spool.quarantine(path, f"orphaned spool file, cannot be republished: {why}")
             summary.quarantined += 1
             log.warning("spool sweep: %s quarantined: %s", path.name, why)
+            continue
+        if waiting:
+            summary.deferred += 1
             continue
         publisher.publish(key, job.to_body(), message_id=queue_id)
         os.utime(path)  # not again before another spool_sweep_age

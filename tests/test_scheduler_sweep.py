@@ -64,7 +64,8 @@ def test_sweep_republishes_orphans_removes_done_files_and_quarantines_unroutable
     assert (task.email_source, task.status, task.user_id) == (TaskSource.HARAKA, S.COMPLETED, None)
     assert (task.emails_fetched, task.emails_saved, task.emails_failed, task.emails_processed) == (
         4, 2, 1, 4)
-    assert task.details == {"files": 4, "already_stored": 1, "republished": 2, "quarantined": 1}
+    assert task.details == {"files": 4, "already_stored": 1, "republished": 2, "quarantined": 1,
+                            "deferred": 0}
     assert task.lock_key is None
     assert [e.message for e in tasks.execution_log(task.task_id)][-1] == "→ COMPLETED"
 
@@ -73,6 +74,22 @@ def test_sweep_republishes_orphans_removes_done_files_and_quarantines_unroutable
     publisher.close()
     assert again.found == 0 and again.task_id is None
     assert EmailTask.select().count() == 1
+
+
+def test_sweep_defers_republishing_while_the_inbound_queue_has_a_backlog(broker_settings):
+    settings = broker_settings.replace(spool_sweep_age=60)
+    spool = Spool(settings.resolved_spool_dir).ensure()
+    old = spool_file(spool, mailgen.plain(1), "WAITING-1", age=120)
+    publisher = Publisher(settings, declare=True)
+    publisher.publish(broker.ROUTING_KEYS[broker.INBOUND], b'{"v":1}')  # a backlog of one
+    summary = sweep_spool(settings, publisher)
+    assert (summary.found, summary.republished, summary.deferred) == (1, 0, 1)
+    assert len(drain(settings.amqp_url, broker.INBOUND)) == 1  # only the backlog, not doubled
+    assert old.exists()
+    again = sweep_spool(settings, publisher)  # the queue drained: now it is an orphan
+    publisher.close()
+    assert (again.republished, again.deferred) == (1, 0)
+    assert [body["queue_id"] for _, body in drain(settings.amqp_url, broker.INBOUND)] == ["WAITING-1"]
 
 
 def test_a_republished_orphan_is_stored_by_the_inbound_consumer(broker_settings):
