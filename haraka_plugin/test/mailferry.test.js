@@ -78,6 +78,58 @@ describe('queue hook', () => {
     ])
   })
 
+  it('shares folder fsyncs between concurrent messages, each covered by one that began after its rename', async (t) => {
+    const { broker, plugin } = await connected(t)
+    const incoming = path.join(plugin.cfg.spool_dir, 'incoming')
+    const events = []
+    const realOpen = fsp.open
+    t.mock.method(fsp, 'open', async (file, ...rest) => {
+      const handle = await realOpen(file, ...rest)
+      if (file === incoming) {
+        const realSync = handle.sync.bind(handle)
+        handle.sync = async () => {
+          const n = events.filter((e) => e.startsWith('dirsync start')).length
+          events.push(`dirsync start ${n}`)
+          await new Promise((r) => setTimeout(r, 20)) // a slow disk: later renames pile up
+          await realSync()
+          events.push(`dirsync end ${n}`)
+        }
+      }
+      return handle
+    })
+    const realRename = fsp.rename
+    t.mock.method(fsp, 'rename', async (from, to) => {
+      await realRename(from, to)
+      events.push(`rename ${path.basename(to, '.eml')}`)
+    })
+    broker.channel.on_publish = (call) => events.push(`publish ${call.body.queue_id}`)
+
+    const conns = Array.from({ length: 8 }, () => makeMailConnection())
+    for (const r of await Promise.all(conns.map((c) => callQueue(plugin, c)))) assertOk(r)
+
+    const syncs = events.filter((e) => e.startsWith('dirsync start')).length
+    assert.ok(syncs < conns.length, `${syncs} folder fsyncs for ${conns.length} messages`)
+    for (const { transaction: { uuid } } of conns) {
+      const renamed = events.indexOf(`rename ${uuid}`)
+      const published = events.indexOf(`publish ${uuid}`)
+      const covered = events.some((e, i) => {
+        if (!e.startsWith('dirsync start') || i < renamed) return false
+        const ended = events.indexOf(e.replace('start', 'end'))
+        return ended !== -1 && ended < published
+      })
+      assert.ok(covered, `${uuid}: no folder fsync between its rename and its publish: ${events.join(', ')}`)
+    }
+  })
+
+  it('creates the spool folder again when it was removed while Haraka runs', async (t) => {
+    const { plugin } = await connected(t)
+    assertOk(await callQueue(plugin, makeMailConnection()))
+    fs.rmSync(path.join(plugin.cfg.spool_dir, 'incoming'), { recursive: true })
+    const conn = makeMailConnection()
+    assertOk(await callQueue(plugin, conn))
+    assert.deepEqual(spoolFiles(plugin), [`${conn.transaction.uuid}.eml`])
+  })
+
   it('publishes the inbound contract with every envelope recipient', async (t) => {
     const { broker, plugin } = await connected(t)
     const conn = makeMailConnection()
