@@ -4,12 +4,10 @@ with rabbitmq_prometheus, the `mailferry` CLI in a subprocess, HTTP GETs."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -165,15 +163,3 @@ def deploy_prometheus_config(targets: dict[str, str], *, vhost: str, interval: s
     config["scrape_configs"] = jobs
     return config
 
-
-def environ_ci() -> bool:
-    return bool(os.environ.get("CI"))
-
-
-def wait_quietly(predicate, timeout: float, interval: float = 0.25) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return False

@@ -228,3 +228,23 @@ def test_consumer_without_a_broker_is_alive_but_not_ready(settings, tmp_path):
         assert 'mailferry_tasks{source="IMAP_EMAIL_FETCH",status="PENDING"} 0.0' in body
     finally:
         assert stop_process(consumer) == 0
+
+
+def test_the_acting_scheduler_is_not_ready_when_its_tick_could_not_publish(settings):
+    """``settings`` points at a broker that does not exist: the fetch jobs stay unpublished."""
+    from mailferry.broker import Publisher
+    from scheduler.main import Scheduler
+    from tests.task_fixtures import add_imap_user
+
+    scheduler = Scheduler(settings, publisher=Publisher(settings, declare=True))
+    assert scheduler.broker_readiness() is None  # nothing tried yet
+    scheduler.lease.acquire()
+    scheduler.tick_once()  # nobody to fetch for: nothing published, nothing failed
+    assert scheduler.broker_readiness() is None
+    add_imap_user("ann@example.org")
+    scheduler.tick_once()
+    reason = scheduler.broker_readiness()
+    assert reason.startswith("the last tick could not publish 1 fetch job(s): ")
+    assert "RabbitMQ" in reason
+    scheduler.lease.release()
+    assert scheduler.broker_readiness() is None  # a standby publishes nothing
