@@ -12,7 +12,7 @@ One run, on a throwaway RabbitMQ, SQLite in a temp folder, and one consumer proc
    The consumer is stopped during these rounds (the queue is purged after each), so both
    servers have the machine to themselves; one extra round with the consumer draining at the
    same time shows a single box running everything.
-2. Steady load: Python smtplib sends ``--rate`` messages/s (open loop, 4 connections) for
+2. Steady load: Python smtplib sends ``--rate`` messages/s (open loop, 8 connections) for
    ``--seconds``, a tenth with a 100 KB attachment, with the consumer running: end-of-DATA→250
    (final ``.`` sent → 250 read) and 250→stored (250 read → the InboundReceipt row written in
    the consumer's committing transaction; one clock, one machine). End-of-DATA→250 is measured
@@ -58,7 +58,7 @@ from tests.pipeline import consumer_process, queue_depth, wait_for  # noqa: E402
 SMTP_SOURCE = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
 RCPT = "bob@example.org"
 QUEUED_AS = re.compile(rb"queued as (\S+)")
-STEADY_CONNECTIONS = 4
+STEADY_CONNECTIONS = 8
 GOAL_RATIO = 0.7
 GOAL_STORED_P99_MS = 500.0
 
