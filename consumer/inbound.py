@@ -90,7 +90,9 @@ class InboundHandler:
     def commit(self, batch: "_Batch") -> list[Outcome]:
         """Stage two (disk): blobs with one durability barrier, one transaction, spool cleanup."""
         prepared, outcomes = batch.prepared, batch.outcomes
-        stored = store_batch(self.store, [(p.raw, p.parsed) for p in prepared])
+        # The spool file is already durable (Haraka fsynced it): link it, don't copy it.
+        stored = store_batch(self.store, [(p.raw, p.parsed) for p in prepared],
+                             [p.path for p in prepared])
         for item, files in zip(prepared, stored):
             item.files, item.raw = files, b""
         for item, routes in zip(prepared, self.router.route_many([p.job.rcpt_to for p in prepared])):

@@ -17,6 +17,7 @@ import re
 import time
 import unicodedata
 from dataclasses import dataclass
+from pathlib import Path
 
 import peewee
 
@@ -52,10 +53,15 @@ def parse_logged(raw: bytes, limits: Limits, *, context: str) -> ParsedEmail:
     """
     started = time.perf_counter()
     parsed = parse_email(raw, limits)
-    metrics.parse_seconds.observe(time.perf_counter() - started)
+    observe_parse(parsed, time.perf_counter() - started, context=context)
+    return parsed
+
+
+def observe_parse(parsed: ParsedEmail, seconds: float, *, context: str) -> None:
+    """The metric and the warning lines of one parse (also of one done in a helper process)."""
+    metrics.parse_seconds.observe(seconds)
     for warning in parsed.warnings:
         log.warning("%s message_id=%s: %s", context, parsed.message_id, warning)
-    return parsed
 
 
 def parse_and_store(store: BlobStore, raw: bytes, limits: Limits, *,
@@ -70,10 +76,11 @@ def parse_and_store(store: BlobStore, raw: bytes, limits: Limits, *,
     return parsed, store_batch(store, [(raw, parsed)])[0]
 
 
-def store_batch(store: BlobStore, items: list[tuple[bytes, ParsedEmail]]) -> list[StoredFiles]:
+def store_batch(store: BlobStore, items: list[tuple[bytes, ParsedEmail]],
+                raw_sources: list[Path | None] | None = None) -> list[StoredFiles]:
     """``store_files_many`` with storage errors translated to TransientError."""
     try:
-        return store_files_many(store, items)
+        return store_files_many(store, items, raw_sources)
     except OSError as exc:
         raise TransientError(f"cannot write to storage: {exc.strerror}") from exc
 
@@ -91,13 +98,21 @@ def store_files(store: BlobStore, raw: bytes, parsed: ParsedEmail) -> StoredFile
     return store_files_many(store, [(raw, parsed)])[0]
 
 
-def store_files_many(store: BlobStore, items: list[tuple[bytes, ParsedEmail]]) -> list[StoredFiles]:
-    """Store the raw sources and attachments of a batch with one durability barrier."""
+def store_files_many(store: BlobStore, items: list[tuple[bytes, ParsedEmail]],
+                     raw_sources: list[Path | None] | None = None) -> list[StoredFiles]:
+    """Store the raw sources and attachments of a batch with one durability barrier.
+
+    ``raw_sources`` may give, per item, a durable file holding the raw source (a spool
+    file): it is linked into storage rather than written again.
+    """
     blobs: list[tuple[bytes, str | None]] = []
-    for raw, parsed in items:
+    sources: list[Path | None] = []
+    for index, (raw, parsed) in enumerate(items):
         blobs.append((raw, parsed.sha256))
+        sources.append(raw_sources[index] if raw_sources else None)
         blobs.extend((a.data, None) for a in parsed.attachments)
-    paths = iter(store.put_many(blobs))
+        sources.extend(None for _ in parsed.attachments)
+    paths = iter(store.put_many(blobs, sources))
     out = []
     for _, parsed in items:
         raw_path = next(paths)[0]

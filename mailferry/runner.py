@@ -242,11 +242,15 @@ class Runner:
                 state = lane.handler.prepare(batch)
             except Exception:  # judged message by message, the slow and careful way
                 state = _Settled(self._handle(lane, batch))
+            waited = time.perf_counter()
             lane.stage.put((batch, state))
+            metrics.worker_wait_seconds.labels(lane.handler.queue, "commit").inc(time.perf_counter() - waited)
 
     def _commit_loop(self, lane: _Lane) -> None:
         while True:
+            waited = time.perf_counter()
             item = lane.stage.get()
+            metrics.worker_wait_seconds.labels(lane.handler.queue, "prepare").inc(time.perf_counter() - waited)
             if item is None:
                 return
             batch, state = item
@@ -257,7 +261,9 @@ class Runner:
             self._settle_threadsafe(lane, batch, outcomes)
 
     def _next_batch(self, lane: _Lane) -> list[Delivery] | None:
+        waited = time.perf_counter()
         first = lane.inbox.get()
+        metrics.worker_wait_seconds.labels(lane.handler.queue, "broker").inc(time.perf_counter() - waited)
         if first is None:
             return None
         lane.track(+1)

@@ -47,23 +47,35 @@ class BlobStore:
         """Store one blob durably; return (relative path, sha256)."""
         return self.put_many([(data, sha256)])[0]
 
-    def put_many(self, blobs: list[tuple[bytes, str | None]]) -> list[tuple[str, str]]:
-        """Store blobs durably with two filesystem flushes in all; (relative path, sha256) each."""
-        results, pending, queued = [], [], set()
-        for data, digest in blobs:
+    def put_many(self, blobs: list[tuple[bytes, str | None]],
+                 sources: list[Path | None] | None = None) -> list[tuple[str, str]]:
+        """Store blobs durably with two filesystem flushes in all; (relative path, sha256) each.
+
+        ``sources`` may name, per blob, a file that already holds exactly those bytes durably
+        (a spool file Haraka fsynced): it is hard-linked into place instead of copied — no
+        second write of the message, and the link is as atomic as a rename. Across
+        filesystems the bytes are written as usual.
+        """
+        results, pending, queued, linked = [], [], set(), False
+        for index, (data, digest) in enumerate(blobs):
             digest = digest or hashlib.sha256(data).hexdigest()
             relative = self.relative_path(digest)
             results.append((relative, digest))
             target = self.root / relative
-            if target.exists() or target in queued:
+            if target in queued or target.exists():
                 continue
             self._ensure_folder(target.parent)
-            pending.append((target, _write_temporary(target.parent, data)))
             queued.add(target)
+            source = sources[index] if sources else None
+            if source is not None and _link(source, target):
+                linked = True
+                continue
+            pending.append((target, _write_temporary(target.parent, data)))
         if pending:
             flush_filesystem(self.root)
             for target, tmp in pending:
                 os.replace(tmp, target)
+        if pending or linked:
             flush_filesystem(self.root)
         return results
 
@@ -74,6 +86,16 @@ class BlobStore:
         if folder not in self._folders:
             folder.mkdir(parents=True, exist_ok=True)
             self._folders.add(folder)
+
+
+def _link(source: Path, target: Path) -> bool:
+    try:
+        os.link(source, target)
+        return True
+    except FileExistsError:
+        return True  # the same content, stored meanwhile by another consumer
+    except OSError:
+        return False  # another filesystem, or links not allowed: copy instead
 
 
 def _write_temporary(folder: Path, data: bytes) -> str:
