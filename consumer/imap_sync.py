@@ -25,8 +25,9 @@ from consumer import imap_client
 from consumer.imap_client import FolderState, ImapSession
 from consumer.parse import Limits, ParsedEmail
 from consumer.route import Route
+from consumer.parse_pool import Parsed, ParsePool, worth_a_helper
 from consumer.save import (
-    SaveRequest, SaveResult, parse_logged, save_for_users, save_many, store_batch,
+    SaveRequest, SaveResult, observe_parse, parse_logged, save_for_users, save_many, store_batch,
 )
 from mailferry import metrics
 from mailferry.config import Settings
@@ -38,6 +39,9 @@ from mailferry.storage import BlobStore
 
 log = logging.getLogger(__name__)
 SOURCE = "imap"
+# A run of this many batches or more is parsed in a helper process (consumer.parse_pool):
+# it then costs the helper's start once; a few new messages are parsed here.
+HELPER_MIN_BATCHES = 4
 
 
 @dataclass
@@ -83,7 +87,7 @@ class _Batch:
     uids: list[int]
     final: bool  # the last batch of the run: its commit also stores HIGHESTMODSEQ
     items: list[_Item] = field(default_factory=list)  # parsed, to save
-    files: Future | None = None  # their blobs, being written
+    ready: Future | None = None  # done when parsed and its files are written
     counts: Counts = field(default_factory=Counts)
     keep: list[int] = field(default_factory=list)  # saved or already there: safe to mark/move
 
@@ -107,7 +111,8 @@ class MailboxSync:
 
     def __init__(self, settings: Settings, *, store: BlobStore | None = None,
                  spool: Spool | None = None,
-                 connect: Callable[[ImapConfig, float], ImapSession] = imap_client.connect):
+                 connect: Callable[[ImapConfig, float], ImapSession] = imap_client.connect,
+                 parse_in_helper: bool = True):
         self.settings = settings
         self.batch_size = settings.imap_batch_size
         self.batch_bytes = settings.imap_batch_bytes
@@ -115,6 +120,12 @@ class MailboxSync:
         self.store = store or BlobStore(settings.resolved_storage_dir)
         self.spool = (spool or Spool(settings.resolved_spool_dir)).ensure()
         self.connect = connect
+        self.parse_pool = ParsePool() if parse_in_helper and worth_a_helper() else None
+
+    def close(self) -> None:
+        """Stop the parser helper process, if one was started."""
+        if self.parse_pool is not None:
+            self.parse_pool.close()
 
     def run(self, user: User, config: ImapConfig, folder: str | None = None, *,
             keep_going: Callable[[], bool] = lambda: True,
@@ -167,11 +178,14 @@ class MailboxSync:
         """Batch by batch, in a pipeline: while batch n is parsed, the next one is fetched
         and the previous one's files are written; then the previous one is committed.
 
-        Parsing is the CPU-bound step (and holds the GIL); fetching and writing files mostly
-        wait on sockets and disks, so they overlap it. Commits stay in order, in this thread.
+        Parsing is the CPU-bound step and holds the GIL; fetching and writing files mostly
+        wait on sockets and disks, so in one process they overlap its pauses. A long run is
+        parsed in a helper process instead, so this one stores and commits batch n−1 on the
+        other core meanwhile. Commits stay in order, in this thread.
         """
         sizes = _timed(run.result, lambda: run.session.sizes(uids))
         chunks = plan_batches(uids, sizes, self.batch_size, self.batch_bytes)
+        in_helper = self.parse_pool is not None and len(chunks) >= HELPER_MIN_BATCHES
         staged: _Batch | None = None  # parsed, files being written, not committed yet
         # mark_seen/move_to use the session between batches: no fetching ahead then.
         with _Fetcher(run.session, chunks, ahead=not run.config.changes_server) as fetcher, \
@@ -186,9 +200,8 @@ class MailboxSync:
                     return
                 batch = _Batch(chunk, final=number == len(chunks) - 1)
                 try:
-                    self._parse(run, batch, _timed(run.result, fetcher.next))
-                    batch.files = writer.submit(store_batch, self.store,
-                                                [(i.raw, i.parsed) for i in batch.items])
+                    raw = _timed(run.result, fetcher.next)
+                    batch.ready = self._prepare(run, batch, raw, writer, in_helper)
                 except BaseException:
                     if staged is not None:
                         self._commit_quietly(run, staged)  # keep what is done: one batch lost at most
@@ -199,24 +212,42 @@ class MailboxSync:
             if staged is not None:
                 self._commit(run, staged)
 
-    def _parse(self, run: _Run, batch: _Batch, raw: dict[int, bytes]) -> None:
-        for uid in batch.uids:
-            data = raw.get(uid)
-            if data is None:
-                continue  # expunged between SEARCH and FETCH
-            batch.counts.fetched += 1
+    def _prepare(self, run: _Run, batch: _Batch, raw: dict[int, bytes],
+                 writer: ThreadPoolExecutor, in_helper: bool) -> Future:
+        """Start parsing the batch and writing its files; the future is done when both are."""
+        present = [(uid, raw[uid]) for uid in batch.uids if uid in raw]  # others: expunged
+        batch.counts.fetched = len(present)
+        if in_helper:
+            parsing = self.parse_pool.submit([data for _, data in present], self.limits)
+            return writer.submit(lambda: self._store(run, batch, present, self.parse_pool.collect(parsing)))
+        parsed = []
+        for uid, data in present:  # here, in this thread: the writer overlaps the next batch
+            started = time.perf_counter()
             try:
-                parsed = parse_logged(data, self.limits, context=f"{run.where} uid={uid}")
+                email = parse_logged(data, self.limits, context=f"{run.where} uid={uid}")
+                parsed.append(Parsed(email, None, time.perf_counter() - started))
             except EmailParseError as exc:
-                self._quarantine(run, uid, data, str(exc))
+                parsed.append(Parsed(None, str(exc), 0.0))
+        return writer.submit(self._store, run, batch, present, parsed, observed=True)
+
+    def _store(self, run: _Run, batch: _Batch, present: list[tuple[int, bytes]],
+               parsed: list[Parsed], observed: bool = False) -> None:
+        """In the writer thread: quarantine the refused, write the files of the others."""
+        for (uid, data), outcome in zip(present, parsed):
+            if outcome.email is None:
+                self._quarantine(run, uid, data, outcome.error)
                 batch.counts.failed += 1
                 continue
-            batch.items.append(_Item(uid, data, parsed))
+            if not observed:
+                observe_parse(outcome.email, outcome.seconds, context=f"{run.where} uid={uid}")
+            batch.items.append(_Item(uid, data, outcome.email))
+        files = store_batch(self.store, [(i.raw, i.parsed) for i in batch.items])
+        for item, stored in zip(batch.items, files):
+            item.request = SaveRequest(item.parsed, stored, [run.route], SOURCE)
 
     def _commit(self, run: _Run, batch: _Batch) -> None:
         """Once its files are durable: the batch's rows and the checkpoint, one transaction."""
-        for item, files in zip(batch.items, batch.files.result()):
-            item.request = SaveRequest(item.parsed, files, [run.route], SOURCE)
+        batch.ready.result()
         try:
             with db.atomic():
                 try:

@@ -385,3 +385,22 @@ def test_big_messages_make_small_batches(imap_user):
 
     assert (result.batches, result.saved) == (6, 6)
     assert checkpoint(imap_user.user).last_uid == 6
+
+
+@pytest.mark.parametrize("helper", [True, False], ids=["helper-process", "in-process"])
+def test_a_long_run_parses_alike_in_the_helper_process_and_here(imap_user, helper):
+    settings = imap_user.settings.replace(imap_batch_size=10)
+    messages = generated(0, 25) + [nested_too_deep(7)] + generated(25, 24)
+    append(imap_user.account, messages)
+    sync = MailboxSync(settings, parse_in_helper=helper)
+    try:
+        result = sync.run(imap_user.user, imap_user.config)
+    finally:
+        sync.close()
+
+    assert (result.batches, result.fetched, result.saved, result.failed) == (5, 50, 49, 1)
+    assert (sync.parse_pool is not None) == helper
+    stored = EmailMessage.get(EmailMessage.message_id == "<att-2@example.net>")
+    assert [a.filename for a in stored.attachments] == ["report-2.pdf"]
+    spool = Spool(imap_user.settings.resolved_spool_dir)
+    assert (spool.failed / f"imap-{imap_user.user.id}-{result.uidvalidity}-26.eml").exists()

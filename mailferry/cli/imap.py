@@ -143,8 +143,9 @@ def fetch_command(args) -> int:
     if tasks.start_task(task.task_id) is None:
         raise PermanentError(f"task {task.task_id} was ended before it started")
     bar = None if args.quiet else ProgressBar(sys.stderr)
+    sync = MailboxSync(settings)
     try:
-        status = run_fetch_task(task, args.folder, sync=MailboxSync(settings), configs=configs,
+        status = run_fetch_task(task, args.folder, sync=sync, configs=configs,
                                 progress=bar.update if bar else None)
     except KeyboardInterrupt:
         tasks.cancel_task(task.task_id, "interrupted by the operator (mailferry fetch)")
@@ -152,6 +153,7 @@ def fetch_command(args) -> int:
               file=sys.stderr)
         return 130
     finally:
+        sync.close()
         if bar:
             bar.close()
     done = tasks.get_task(task.task_id)

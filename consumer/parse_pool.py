@@ -1,0 +1,88 @@
+"""Parsing in a helper process, for long runs of messages (an IMAP first sync).
+
+Parsing is CPU-bound Python: in one process it holds the GIL, so fetching, writing files and
+committing can only fill its pauses. A helper process parses batch n while the worker's own
+process stores and commits batch n−1, and two cores work. The helper runs the same
+``parse_email``; each outcome (the value, or the reason it was refused) comes back whole, and
+the caller logs the warnings and observes the metric (``consumer.save.observe_parse``).
+
+The helper is started with ``forkserver`` (never ``fork``: the consumer has threads) when
+first needed and kept until ``close()``. A helper that died (killed, out of memory) is a
+TransientError; the next ``submit`` starts a new one. Like every multiprocessing child it
+imports the parent's main script unless that is a package's ``__main__`` (``python -m
+consumer``) — a script that uses it must keep its work under ``if __name__ == "__main__"``.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import time
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+
+from consumer.parse import Limits, ParsedEmail, parse_email
+from mailferry.errors import EmailParseError, TransientError
+
+
+@dataclass
+class Parsed:
+    """One message's outcome: ``email``, or the ``error`` that refused it."""
+
+    email: ParsedEmail | None
+    error: str | None
+    seconds: float
+
+
+def parse_many(raws: list[bytes], limits: Limits) -> list[Parsed]:
+    """Parse each message, going on past the ones refused (in the helper, or here)."""
+    out = []
+    for raw in raws:
+        started = time.perf_counter()
+        try:
+            out.append(Parsed(parse_email(raw, limits), None, time.perf_counter() - started))
+        except EmailParseError as exc:
+            out.append(Parsed(None, str(exc), time.perf_counter() - started))
+    return out
+
+
+def worth_a_helper() -> bool:
+    """A helper only pays off with a second core to run on."""
+    return (os.cpu_count() or 1) > 1
+
+
+def _ignore_sigint() -> None:
+    # Ctrl-C in `mailferry fetch` reaches the whole process group; the parent handles it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class ParsePool:
+    """One helper process, started on first use."""
+
+    def __init__(self) -> None:
+        self._executor: ProcessPoolExecutor | None = None
+
+    def submit(self, raws: list[bytes], limits: Limits) -> Future:
+        if self._executor is None:
+            method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+            self._executor = ProcessPoolExecutor(
+                1, mp_context=multiprocessing.get_context(method), initializer=_ignore_sigint)
+        try:
+            return self._executor.submit(parse_many, raws, limits)
+        except BrokenProcessPool as exc:
+            self.close()
+            raise TransientError(f"the parser process died: {exc}") from exc
+
+    def collect(self, future: Future) -> list[Parsed]:
+        try:
+            return future.result()
+        except BrokenProcessPool as exc:
+            self.close()
+            raise TransientError(f"the parser process died: {exc}") from exc
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None
