@@ -62,3 +62,16 @@ def test_safe_filename_has_no_path_and_no_control_characters(name, expected):
 def test_safe_filename_is_bounded():
     name = safe_filename("x" * 500 + ".pdf")
     assert name.endswith(".pdf") and len(name.encode()) <= 200 and "/" not in name
+
+
+def test_a_durable_source_file_is_linked_into_storage_not_copied(tmp_path):
+    store = BlobStore(tmp_path / "storage")
+    source = tmp_path / "spool.eml"
+    source.write_bytes(b"raw message")
+    [(relative, digest)] = store.put_many([(b"raw message", None)], [source])
+    stored = store.path_of(relative)
+    assert stored.read_bytes() == b"raw message"
+    assert stored.stat().st_ino == source.stat().st_ino  # one inode, two names
+    source.unlink()  # the spool file goes after the commit; the stored copy stays
+    assert store.read(relative) == b"raw message"
+    assert list((tmp_path / "storage").rglob(".tmp-*")) == []
