@@ -4,8 +4,9 @@ batch parsed, saved and checkpointed in one transaction.
 The checkpoint (``MailboxState``) is UIDVALIDITY + the last UID saved (+ HIGHESTMODSEQ when
 the server has CONDSTORE), never a date: ``SEARCH SINCE`` has day granularity and looks at
 INTERNALDATE, so it misses mail appended with an old date. Because the checkpoint moves in
-the transaction that saved the batch, a crash re-fetches at most one batch, and the unique
-(user, message_id) key turns what was saved already into a counted duplicate.
+the transaction that saved the batch, a crash re-fetches only the batches in flight (at most
+two), and the unique (user, message_id) key turns what was saved already into a counted
+duplicate.
 
 The server is left exactly as it was (EXAMINE + BODY.PEEK[]) unless the user asked for
 ``mark_seen`` or ``move_to``; those run only after the batch was committed.
@@ -24,8 +25,8 @@ import peewee
 from consumer import imap_client
 from consumer.imap_client import FolderState, ImapSession
 from consumer.parse import Limits, ParsedEmail
-from consumer.route import Route
 from consumer.parse_pool import Parsed, ParsePool, worth_a_helper
+from consumer.route import Route
 from consumer.save import (
     SaveRequest, SaveResult, observe_parse, parse_logged, save_for_users, save_many, store_batch,
 )
