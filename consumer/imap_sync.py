@@ -5,7 +5,7 @@ The checkpoint (``MailboxState``) is UIDVALIDITY + the last UID saved (+ HIGHEST
 the server has CONDSTORE), never a date: ``SEARCH SINCE`` has day granularity and looks at
 INTERNALDATE, so it misses mail appended with an old date. Because the checkpoint moves in
 the transaction that saved the batch, a crash re-fetches only the batches in flight (at most
-two), and the unique (user, message_id) key turns what was saved already into a counted
+three), and the unique (user, message_id) key turns what was saved already into a counted
 duplicate.
 
 The server is left exactly as it was (EXAMINE + BODY.PEEK[]) unless the user asked for
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
@@ -187,7 +188,10 @@ class MailboxSync:
         sizes = _timed(run.result, lambda: run.session.sizes(uids))
         chunks = plan_batches(uids, sizes, self.batch_size, self.batch_bytes)
         in_helper = self.parse_pool is not None and len(chunks) >= HELPER_MIN_BATCHES
-        staged: _Batch | None = None  # parsed, files being written, not committed yet
+        # Batches prepared and not yet committed. With the helper, two: it parses the next
+        # while the writer flushes one and this thread commits the one before.
+        depth = 2 if in_helper else 1
+        staged: deque[_Batch] = deque()
         # mark_seen/move_to use the session between batches: no fetching ahead then.
         with _Fetcher(run.session, chunks, ahead=not run.config.changes_server) as fetcher, \
                 ThreadPoolExecutor(1, thread_name_prefix="blob-writer") as writer:
@@ -204,14 +208,14 @@ class MailboxSync:
                     raw = _timed(run.result, fetcher.next)
                     batch.ready = self._prepare(run, batch, raw, writer, in_helper)
                 except BaseException:
-                    if staged is not None:
-                        self._commit_quietly(run, staged)  # keep what is done: one batch lost at most
+                    while staged:  # keep what is done before the error goes up
+                        self._commit_quietly(run, staged.popleft())
                     raise
-                if staged is not None:
-                    self._commit(run, staged)
-                staged = batch
-            if staged is not None:
-                self._commit(run, staged)
+                staged.append(batch)
+                while len(staged) > depth:
+                    self._commit(run, staged.popleft())
+            while staged:
+                self._commit(run, staged.popleft())
 
     def _prepare(self, run: _Run, batch: _Batch, raw: dict[int, bytes],
                  writer: ThreadPoolExecutor, in_helper: bool) -> Future:

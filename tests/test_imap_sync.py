@@ -257,20 +257,21 @@ def test_a_crash_mid_sync_refetches_at_most_one_batch(imap_user, monkeypatch):
 
 def test_cancelled_between_batches_stops_with_the_checkpoint_of_the_last_commit(imap_user):
     settings = imap_user.settings.replace(imap_batch_size=10)
-    append(imap_user.account, generated(0, 35))
-    answers = iter([True, False])
+    append(imap_user.account, generated(0, 80))
+    answers = iter([True, True, True, False])
 
     result = MailboxSync(settings).run(imap_user.user, imap_user.config,
                                        keep_going=lambda: next(answers))
 
-    # Checked before each further batch: the second "no" stops the run; the batch parsed
-    # meanwhile is not committed for a cancelled task.
-    assert result.cancelled and result.batches == 1
-    assert EmailMessage.select().count() == 10
-    assert checkpoint(imap_user.user).last_uid == 10
+    # Asked before each further batch: after the "no", batches prepared but not committed
+    # are dropped — nothing more is committed for a cancelled task.
+    assert result.cancelled and 1 <= result.batches <= 3
+    committed = result.batches * 10
+    assert EmailMessage.select().count() == committed
+    assert checkpoint(imap_user.user).last_uid == committed
     assert checkpoint(imap_user.user).highestmodseq is None  # the run did not finish
     rest = MailboxSync(settings).run(imap_user.user, imap_user.config)
-    assert (rest.new, rest.saved) == (25, 25)
+    assert (rest.new, rest.saved, rest.duplicates) == (80 - committed, 80 - committed, 0)
 
 
 def test_dovecot_stopped_mid_fetch_then_the_next_run_stores_every_message_once(imap_user, dovecot):
