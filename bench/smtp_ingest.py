@@ -298,7 +298,7 @@ def main() -> int:
         ]
     stored_p99 = percentile(stored, 99)
     rows += [
-        (f"accepted, plugin, consumer running alongside", f"{busy:.0f} msg/s", ""),
+        ("accepted, plugin, consumer running alongside", f"{busy:.0f} msg/s", ""),
         (f"end-of-DATA→250 p50 / p99, plugin, {args.rate:.0f} msg/s",
          f"{ms(percentile(steady.eod_to_250, 50))} / {ms(percentile(steady.eod_to_250, 99))} ms", ""),
         (f"end-of-DATA→250 p50 / p99, discard, {args.rate:.0f} msg/s",
