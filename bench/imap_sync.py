@@ -22,6 +22,7 @@ judged on the median of the per-round ratios.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import tempfile
@@ -37,7 +38,7 @@ from consumer.imap_worker import run_fetch_task
 from consumer.parse import parse_email
 from mailferry.config import Settings
 from mailferry.db import close_database, open_database
-from mailferry import tasks
+from mailferry import metrics, tasks
 from mailferry.mailbox_config import EmailConfigManager
 from mailferry.models import EmailMessage, TaskSource, TaskStatus, User
 from tests.harness.dovecot import DovecotServer
@@ -104,11 +105,17 @@ def first_sync(var_dir: Path, database_url: str, server: DovecotServer,
     tasks.start_task(task.task_id)
     results = []
     sync = MailboxSync(settings, parse_in_helper=not args.no_helper)
-    started = time.perf_counter()
+    parse_before = metrics.parse_seconds._sum.get()
+    cpu_before, started = time.process_time(), time.perf_counter()
     status = run_fetch_task(task, None, sync=sync, configs=configs,
                             progress=lambda result, delta: results.append(result))
     elapsed = time.perf_counter() - started  # the helper process's start included
+    cpu = time.process_time() - cpu_before
     sync.close()
+    print(f"  first sync: {elapsed:.1f} s; CPU of this process {cpu:.1f} s (all its threads), "
+          f"parsing {metrics.parse_seconds._sum.get() - parse_before:.1f} s "
+          f"({'in the helper' if sync.parse_pool else 'in this process'}); "
+          f"load average {os.getloadavg()[0]:.1f}", flush=True)
     result = results[-1]
     assert status == TaskStatus.COMPLETED, tasks.get_task(task.task_id).error_message
     assert EmailMessage.select().where(EmailMessage.user == users["big"]).count() + \
@@ -171,6 +178,8 @@ def main() -> int:
             # Ceilings and sync alternate, so a busy machine slows all three alike.
             fetch_rate, served = fetch_ceiling(server, "big")
             parse_rate = parse_ceiling(served)
+            print(f"  ceilings: fetch {fetch_rate:,.0f} msg/s, parse {parse_rate:,.0f} msg/s; "
+                  f"load average {os.getloadavg()[0]:.1f}", flush=True)
             database_url = postgres.create_database(f"bench_imap_{number}") if postgres else ""
             sync_rate, result, settings = first_sync(base / f"var{number}", database_url, server, args)
             rounds.append((fetch_rate, parse_rate, sync_rate))

@@ -188,6 +188,8 @@ class MailboxSync:
         sizes = _timed(run.result, lambda: run.session.sizes(uids))
         chunks = plan_batches(uids, sizes, self.batch_size, self.batch_bytes)
         in_helper = self.parse_pool is not None and len(chunks) >= HELPER_MIN_BATCHES
+        if in_helper:
+            self.parse_pool.start()  # batches are parsed here until it is up
         # Batches prepared and not yet committed. With the helper, two: it parses the next
         # while the writer flushes one and this thread commits the one before.
         depth = 2 if in_helper else 1
@@ -222,7 +224,7 @@ class MailboxSync:
         """Start parsing the batch and writing its files; the future is done when both are."""
         present = [(uid, raw[uid]) for uid in batch.uids if uid in raw]  # others: expunged
         batch.counts.fetched = len(present)
-        if in_helper:
+        if in_helper and self.parse_pool.ready():
             parsing = self.parse_pool.submit([data for _, data in present], self.limits)
             return writer.submit(lambda: self._store(run, batch, present, self.parse_pool.collect(parsing)))
         parsed = []

@@ -59,16 +59,30 @@ def _ignore_sigint() -> None:
 
 
 class ParsePool:
-    """One helper process, started on first use."""
+    """One helper process, started by ``start()`` or the first ``submit``."""
 
     def __init__(self) -> None:
         self._executor: ProcessPoolExecutor | None = None
+        self._warm: Future | None = None
+
+    def start(self) -> None:
+        """Start the helper without waiting for it (it takes a while to import flanker)."""
+        if self._executor is None:
+            if "forkserver" in multiprocessing.get_all_start_methods():
+                context = multiprocessing.get_context("forkserver")
+                # The fork server imports the parser once; each helper forked from it starts warm.
+                context.set_forkserver_preload([__name__])
+            else:
+                context = multiprocessing.get_context("spawn")
+            self._executor = ProcessPoolExecutor(1, mp_context=context, initializer=_ignore_sigint)
+            self._warm = self._executor.submit(parse_many, [], Limits())
+
+    def ready(self) -> bool:
+        """True once the helper is up: until then a batch is better parsed here."""
+        return self._warm is not None and self._warm.done() and self._warm.exception() is None
 
     def submit(self, raws: list[bytes], limits: Limits) -> Future:
-        if self._executor is None:
-            method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-            self._executor = ProcessPoolExecutor(
-                1, mp_context=multiprocessing.get_context(method), initializer=_ignore_sigint)
+        self.start()
         try:
             return self._executor.submit(parse_many, raws, limits)
         except BrokenProcessPool as exc:
@@ -85,4 +99,4 @@ class ParsePool:
     def close(self) -> None:
         if self._executor is not None:
             self._executor.shutdown(wait=True, cancel_futures=True)
-            self._executor = None
+            self._executor = self._warm = None

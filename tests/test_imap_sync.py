@@ -394,13 +394,20 @@ def test_a_long_run_parses_alike_in_the_helper_process_and_here(imap_user, helpe
     messages = generated(0, 25) + [nested_too_deep(7)] + generated(25, 24)
     append(imap_user.account, messages)
     sync = MailboxSync(settings, parse_in_helper=helper)
+    sent = []
+    if helper:
+        from tests.pipeline import wait_for
+        sync.parse_pool.start()
+        wait_for(sync.parse_pool.ready, timeout=60, message="the parser helper to start")
+        submit = sync.parse_pool.submit
+        sync.parse_pool.submit = lambda raws, limits: sent.append(len(raws)) or submit(raws, limits)
     try:
         result = sync.run(imap_user.user, imap_user.config)
     finally:
         sync.close()
 
     assert (result.batches, result.fetched, result.saved, result.failed) == (5, 50, 49, 1)
-    assert (sync.parse_pool is not None) == helper
+    assert sent == ([10] * 5 if helper else [])  # every batch went to the helper, or none
     stored = EmailMessage.get(EmailMessage.message_id == "<att-2@example.net>")
     assert [a.filename for a in stored.attachments] == ["report-2.pdf"]
     spool = Spool(imap_user.settings.resolved_spool_dir)
