@@ -70,6 +70,7 @@ class SyncResult(Counts):
     cancelled: bool = False  # stopped between batches because keep_going() said so
     last_uid: int = 0
     imap_seconds: float = 0.0  # time spent waiting for the server
+    connect_seconds: float = 0.0  # of which: connecting and logging in
     seconds: float = 0.0
 
 
@@ -136,6 +137,7 @@ class MailboxSync:
         started = time.perf_counter()
         result = SyncResult(folder=folder or config.folder)
         session = _timed(result, lambda: self.connect(config, float(self.settings.imap_timeout)))
+        result.connect_seconds = result.imap_seconds
         try:
             self._sync(session, user, config, result, keep_going, progress or (lambda r, d: None))
         finally:
