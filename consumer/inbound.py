@@ -16,12 +16,13 @@ import peewee
 
 from consumer.parse import Limits, ParsedEmail
 from consumer.route import Route, Router
-from consumer.save import SaveRequest, StoredFiles, parse_logged, save_for_users, save_many, store_batch
+from consumer.parse_pool import ParsePool, parse_many, worth_a_helper
+from consumer.save import SaveRequest, StoredFiles, observe_parse, save_for_users, save_many, store_batch
 from mailferry import broker, metrics
 from mailferry.config import Settings
 from mailferry.contracts import InboundJob
-from mailferry.errors import EmailParseError, PermanentError, TransientError
-from mailferry.db import bulk_insert
+from mailferry.errors import PermanentError, TransientError
+from mailferry.db import bulk_insert, write_transaction
 from mailferry.models import InboundReceipt, UnroutedMessage, db
 from mailferry.runner import Delivery, Outcome
 from mailferry.spool import Spool
@@ -37,7 +38,7 @@ class _Prepared:
     job: InboundJob
     path: object
     raw: bytes
-    parsed: ParsedEmail
+    parsed: ParsedEmail | None
     files: StoredFiles | None = None
     routes: list[Route] | None = None
 
@@ -59,6 +60,14 @@ class InboundHandler:
         self.store = store or BlobStore(settings.resolved_storage_dir)
         self.limits = Limits.from_settings(settings)
         self.router = Router()
+        # Parsing is the CPU-bound part: in a helper process it runs on its own core while
+        # this process reads, stores and commits (see consumer/parse_pool.py).
+        wanted = {"on": True, "off": False}.get(settings.parse_process, worth_a_helper())
+        self.pool = ParsePool() if wanted else None
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
 
     def handle(self, deliveries: list[Delivery]) -> list[Outcome]:
         return self.commit(self.prepare(deliveries))
@@ -80,12 +89,32 @@ class InboundHandler:
                 self._remove_spool_file(job)
                 metrics.emails.labels(SOURCE, "duplicate").inc()
                 continue
-            result = self._prepare(i, job)
+            result = self._read(i, job)
             if isinstance(result, Outcome):
                 batch.outcomes[i] = result
             else:
                 batch.prepared.append(result)
+        self._parse(batch)
         return batch
+
+    def _parse(self, batch: "_Batch") -> None:
+        """Parse the batch — in the parser process when there is one — quarantining refusals."""
+        raws = [item.raw for item in batch.prepared]
+        if not raws:
+            return
+        if self.pool is not None:
+            results = self.pool.collect(self.pool.submit(raws, self.limits))
+        else:
+            results = parse_many(raws, self.limits)
+        kept = []
+        for item, result in zip(batch.prepared, results):
+            if result.email is None:
+                batch.outcomes[item.index] = self._quarantine(item.job, item.path, result.error)
+                continue
+            observe_parse(result.email, result.seconds, context=f"queue_id={item.job.queue_id}")
+            item.parsed = result.email
+            kept.append(item)
+        batch.prepared = kept
 
     def commit(self, batch: "_Batch") -> list[Outcome]:
         """Stage two (disk): blobs with one durability barrier, one transaction, spool cleanup."""
@@ -115,7 +144,7 @@ class InboundHandler:
         except peewee.OperationalError as exc:
             raise TransientError(f"database unavailable: {exc}") from exc
 
-    def _prepare(self, index: int, job: InboundJob) -> _Prepared | Outcome:
+    def _read(self, index: int, job: InboundJob) -> _Prepared | Outcome:
         try:
             path = self.spool.resolve(job.spool_path)
         except PermanentError as exc:
@@ -131,11 +160,7 @@ class InboundHandler:
         if len(job.rcpt_to) > self.limits.max_addresses:
             return self._quarantine(job, path, f"{len(job.rcpt_to)} envelope recipients, over "
                                                f"the limit of {self.limits.max_addresses}")
-        try:
-            parsed = parse_logged(raw, self.limits, context=f"queue_id={job.queue_id}")
-        except EmailParseError as exc:
-            return self._quarantine(job, path, str(exc))
-        return _Prepared(index, job, path, raw, parsed)
+        return _Prepared(index, job, path, raw, None)
 
     def _quarantine(self, job: InboundJob, path, reason: str) -> Outcome:
         log.warning("queue_id=%s quarantined: %s", job.queue_id, reason)
@@ -149,7 +174,7 @@ class InboundHandler:
         outcomes: dict[int, Outcome] = {}
         counts: list[tuple[str, int]] = []
         try:
-            with db.atomic():
+            with write_transaction():
                 try:
                     with db.atomic():  # savepoint around the fast path
                         counts = self._save_bulk(prepared)

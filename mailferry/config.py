@@ -44,9 +44,12 @@ class Settings:
         "Fernet key for IMAP passwords at rest; empty means <var_dir>/secret.key, made once"))
     queue_type: str = field(default="classic", metadata=_meta(
         "RabbitMQ queue type", choices=QUEUE_TYPES))
-    prefetch: int = field(default=64, metadata=_meta(
-        "messages a consumer holds unacked; also its largest batch per commit",
+    prefetch: int = field(default=128, metadata=_meta(
+        "messages a consumer holds unacked; a batch per commit is a quarter of it",
         minimum=1, maximum=10_000))
+    parse_process: str = field(default="auto", metadata=_meta(
+        "parse inbound mail in a helper process: on, off, or auto (on with two or more cores)",
+        choices=("auto", "on", "off")))
     log_level: str = field(default="INFO", metadata=_meta("log level", choices=LOG_LEVELS))
     # Parse limits: a message over one of them is quarantined with the reason.
     max_message_bytes: int = field(default=50 * 1024 * 1024, metadata=_meta(
