@@ -18,13 +18,17 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import threading
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
+from pathlib import Path
 
 from consumer.parse import Limits, ParsedEmail, parse_email
 from mailferry.errors import EmailParseError, TransientError
+
+OWNER_POLL_SECONDS = 1.0  # how soon a helper notices that its owner is gone
 
 
 @dataclass
@@ -53,9 +57,33 @@ def worth_a_helper() -> bool:
     return (os.cpu_count() or 1) > 1
 
 
-def _ignore_sigint() -> None:
-    # Ctrl-C in `mailferry fetch` reaches the whole process group; the parent handles it.
+def _start_helper(owner: int) -> None:
+    """Runs first in the helper."""
+    # Ctrl-C in `mailferry fetch` reaches the whole process group; the owner handles it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_with, args=(owner,), daemon=True, name="owner-watch").start()
+
+
+def _exit_with(owner: int) -> None:
+    # A helper whose owner was killed (SIGKILL, OOM) would wait for work forever: it holds
+    # both ends of its own job pipe, so it never sees end-of-file — and it keeps the fork
+    # server alive with it. So it watches its owner and leaves with it.
+    while _alive(owner):
+        time.sleep(OWNER_POLL_SECONDS)
+    os._exit(0)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie is dead: its parent just has not reaped it yet
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 class ParsePool:
@@ -74,7 +102,8 @@ class ParsePool:
                 context.set_forkserver_preload([__name__])
             else:
                 context = multiprocessing.get_context("spawn")
-            self._executor = ProcessPoolExecutor(1, mp_context=context, initializer=_ignore_sigint)
+            self._executor = ProcessPoolExecutor(1, mp_context=context, initializer=_start_helper,
+                                                 initargs=(os.getpid(),))
             self._warm = self._executor.submit(parse_many, [], Limits())
 
     def ready(self) -> bool:

@@ -1,0 +1,85 @@
+"""The parser helper process (consumer/parse_pool.py) used by long IMAP runs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from consumer.parse import Limits
+from consumer.parse_pool import ParsePool, parse_many
+from mailferry.errors import TransientError
+from tests import mailgen
+from tests.harness.ports import pid_alive, terminate_pids, wait_until
+from tests.imap_fixtures import nested_too_deep
+from tests.pipeline import ROOT
+
+
+def helper_pid(pool: ParsePool) -> int:
+    return next(iter(pool._executor._processes))
+
+
+@pytest.fixture
+def pool():
+    pool = ParsePool()
+    pool.start()
+    assert wait_until(pool.ready, 60), "the helper did not start"
+    yield pool
+    pool.close()
+
+
+def test_the_helper_parses_as_this_process_does(pool):
+    raws = [path.read_bytes() for path in mailgen.corpus_files()[:12]] + [nested_too_deep(1)]
+    here = parse_many(raws, Limits())
+    there = pool.collect(pool.submit(raws, Limits()))
+    assert [p.error for p in there] == [p.error for p in here]
+    assert there[-1].email is None and "nesting deeper than" in there[-1].error
+    for mine, theirs in zip(here[:-1], there[:-1]):
+        assert theirs.email == mine.email  # every field, attachments' bytes included
+        assert theirs.seconds > 0
+
+
+def test_a_helper_that_died_is_a_transient_error_and_the_next_submit_starts_another(pool):
+    first = helper_pid(pool)
+    os.kill(first, signal.SIGKILL)
+    assert wait_until(lambda: not pid_alive(first), 10)
+    with pytest.raises(TransientError, match="parser process died"):
+        pool.collect(pool.submit([mailgen.plain(1)], Limits()))
+    result = pool.collect(pool.submit([mailgen.plain(2)], Limits()))
+    assert result[0].email.message_id == "<test-2@example.net>"
+    assert helper_pid(pool) != first
+
+
+def test_a_helper_whose_owner_was_killed_leaves_with_its_fork_server(tmp_path):
+    script = textwrap.dedent("""
+        import multiprocessing.forkserver as fs, sys, time
+        from consumer.parse_pool import ParsePool
+        if __name__ == "__main__":
+            pool = ParsePool()
+            pool.start()
+            while not pool.ready():
+                time.sleep(0.05)
+            print(next(iter(pool._executor._processes)), fs._forkserver._forkserver_pid, flush=True)
+            time.sleep(600)
+    """)
+    (tmp_path / "owner.py").write_text(script)
+    owner = subprocess.Popen([sys.executable, str(tmp_path / "owner.py")], cwd=ROOT,
+                             env={**os.environ, "PYTHONPATH": str(ROOT)},
+                             stdout=subprocess.PIPE, text=True)
+    helper = server = None
+    try:
+        helper, server = (int(x) for x in owner.stdout.readline().split())
+        assert pid_alive(helper) and pid_alive(server)
+        owner.kill()  # SIGKILL: no atexit, no executor shutdown
+        owner.wait(10)
+        assert wait_until(lambda: not pid_alive(helper) and not pid_alive(server), 15), \
+            "the helper or its fork server outlived their owner"
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+        terminate_pids([p for p in (helper, server) if p], grace=2)
