@@ -48,6 +48,7 @@ class _Batch:
     started: float
     outcomes: list[Outcome | None]
     prepared: list[_Prepared]
+    parsing: object = None  # the parser process's Future, until commit collects it
 
 
 class InboundHandler:
@@ -73,7 +74,7 @@ class InboundHandler:
         return self.commit(self.prepare(deliveries))
 
     def prepare(self, deliveries: list[Delivery]) -> "_Batch":
-        """Stage one (CPU): check each job, read and parse its file, quarantine the bad."""
+        """Stage one: check each job, read its file, start parsing it (quarantine the bad)."""
         batch = _Batch(time.perf_counter(), [None] * len(deliveries), [])
         jobs: dict[int, InboundJob] = {}
         for i, delivery in enumerate(deliveries):
@@ -94,20 +95,23 @@ class InboundHandler:
                 batch.outcomes[i] = result
             else:
                 batch.prepared.append(result)
-        self._parse(batch)
+        if batch.prepared and self.pool is not None:
+            # Handed to the parser process, which reads and parses the files; this thread
+            # goes on with the next batch and commit() collects the result.
+            batch.parsing = self.pool.submit_files([str(p.path) for p in batch.prepared], self.limits)
+        elif batch.prepared:
+            self._take_parsed(batch, parse_many([p.raw for p in batch.prepared], self.limits))
         return batch
 
-    def _parse(self, batch: "_Batch") -> None:
-        """Parse the batch — in the parser process when there is one — quarantining refusals."""
-        raws = [item.raw for item in batch.prepared]
-        if not raws:
-            return
-        if self.pool is not None:
-            results = self.pool.collect(self.pool.submit(raws, self.limits))
-        else:
-            results = parse_many(raws, self.limits)
+    def _take_parsed(self, batch: "_Batch", results) -> None:
+        """Keep what parsed; quarantine what was refused, with its reason."""
         kept = []
         for item, result in zip(batch.prepared, results):
+            if result.missing:
+                batch.outcomes[item.index] = self._missing(item.job)
+                continue
+            if result.error and result.error.startswith("unreadable:"):
+                raise TransientError(f"cannot read {item.job.spool_path}: {result.error}")
             if result.email is None:
                 batch.outcomes[item.index] = self._quarantine(item.job, item.path, result.error)
                 continue
@@ -117,7 +121,9 @@ class InboundHandler:
         batch.prepared = kept
 
     def commit(self, batch: "_Batch") -> list[Outcome]:
-        """Stage two (disk): blobs with one durability barrier, one transaction, spool cleanup."""
+        """Stage two (disk): blobs, one transaction, spool cleanup."""
+        if batch.parsing is not None:
+            self._take_parsed(batch, self.pool.collect(batch.parsing))
         prepared, outcomes = batch.prepared, batch.outcomes
         # The spool file is already durable (Haraka fsynced it): link it, don't copy it.
         stored = store_batch(self.store, [(p.raw, p.parsed) for p in prepared],
@@ -150,17 +156,23 @@ class InboundHandler:
         except PermanentError as exc:
             metrics.emails.labels(SOURCE, "failed").inc()
             return Outcome.dead(str(exc))
-        try:
-            raw = path.read_bytes()
-        except FileNotFoundError:
-            metrics.emails.labels(SOURCE, "failed").inc()
-            return Outcome.dead(f"spool file {job.spool_path} is missing and was never stored")
-        except OSError as exc:
-            raise TransientError(f"cannot read {job.spool_path}: {exc.strerror}") from exc
         if len(job.rcpt_to) > self.limits.max_addresses:
             return self._quarantine(job, path, f"{len(job.rcpt_to)} envelope recipients, over "
                                                f"the limit of {self.limits.max_addresses}")
+        if self.pool is not None:
+            return _Prepared(index, job, path, None, None)  # the parser process reads it
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            return self._missing(job)
+        except OSError as exc:
+            raise TransientError(f"cannot read {job.spool_path}: {exc.strerror}") from exc
         return _Prepared(index, job, path, raw, None)
+
+    @staticmethod
+    def _missing(job: InboundJob) -> Outcome:
+        metrics.emails.labels(SOURCE, "failed").inc()
+        return Outcome.dead(f"spool file {job.spool_path} is missing and was never stored")
 
     def _quarantine(self, job: InboundJob, path, reason: str) -> Outcome:
         log.warning("queue_id=%s quarantined: %s", job.queue_id, reason)

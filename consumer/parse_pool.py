@@ -38,6 +38,7 @@ class Parsed:
     email: ParsedEmail | None
     error: str | None
     seconds: float
+    missing: bool = False
 
 
 def parse_many(raws: list[bytes], limits: Limits) -> list[Parsed]:
@@ -49,6 +50,25 @@ def parse_many(raws: list[bytes], limits: Limits) -> list[Parsed]:
             out.append(Parsed(parse_email(raw, limits), None, time.perf_counter() - started))
         except EmailParseError as exc:
             out.append(Parsed(None, str(exc), time.perf_counter() - started))
+    return out
+
+
+def parse_files(paths: list[str], limits: Limits) -> list[Parsed]:
+    """``parse_many`` of files, read where they are parsed: the bytes never cross processes.
+
+    A file that cannot be read comes back with ``error`` starting "unreadable:" and
+    ``missing`` telling a vanished file from another failure.
+    """
+    out = []
+    for path in paths:
+        try:
+            with open(path, "rb") as fh:
+                raw = fh.read()
+        except OSError as exc:
+            out.append(Parsed(None, f"unreadable: {exc.strerror}", 0.0,
+                              missing=isinstance(exc, FileNotFoundError)))
+            continue
+        out.extend(parse_many([raw], limits))
     return out
 
 
@@ -114,6 +134,14 @@ class ParsePool:
         self.start()
         try:
             return self._executor.submit(parse_many, raws, limits)
+        except BrokenProcessPool as exc:
+            self.close()
+            raise TransientError(f"the parser process died: {exc}") from exc
+
+    def submit_files(self, paths: list[str], limits: Limits) -> Future:
+        self.start()
+        try:
+            return self._executor.submit(parse_files, paths, limits)
         except BrokenProcessPool as exc:
             self.close()
             raise TransientError(f"the parser process died: {exc}") from exc

@@ -3,33 +3,21 @@
 Nothing taken from a message ever becomes part of a path here. Files are durable before the
 database commit that points at them, and the same bytes stored twice are one file.
 
-Durability is paid per batch, not per file: a batch's files are written under temporary
-names, the filesystem is flushed once (``syncfs``), the files are renamed into place, and the
-filesystem is flushed again. A crash can therefore never leave a final name over partial
-content — which matters because a present name is taken as "already stored".
+A new blob's content is durable before its final name exists (fsynced temporary file, then
+rename; or a hard link to a spool file that is durable already), so a crash can never leave a
+final name over partial content — which matters because a present name means "stored".
+Folder entries are made durable per batch: each folder that changed is fsynced once.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import hashlib
 import os
+from concurrent.futures import ThreadPoolExecutor
 import tempfile
 from pathlib import Path
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-_syncfs = getattr(_libc, "syncfs", None)
-
-
-def flush_filesystem(folder: Path) -> None:
-    """Make everything written on ``folder``'s filesystem durable, in one call."""
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        if _syncfs is None or _syncfs(fd) != 0:
-            os.sync()  # no syncfs (not Linux): flush everything
-    finally:
-        os.close(fd)
+FSYNC_THREADS = 8  # folder fsyncs in flight at once
 
 
 class BlobStore:
@@ -47,16 +35,18 @@ class BlobStore:
         """Store one blob durably; return (relative path, sha256)."""
         return self.put_many([(data, sha256)])[0]
 
-    def put_many(self, blobs: list[tuple[bytes, str | None]],
+    def put_many(self, blobs: list[tuple[bytes | None, str | None]],
                  sources: list[Path | None] | None = None) -> list[tuple[str, str]]:
-        """Store blobs durably with two filesystem flushes in all; (relative path, sha256) each.
+        """Store blobs durably; (relative path, sha256) each.
 
         ``sources`` may name, per blob, a file that already holds exactly those bytes durably
         (a spool file Haraka fsynced): it is hard-linked into place instead of copied — no
-        second write of the message, and the link is as atomic as a rename. Across
-        filesystems the bytes are written as usual.
+        second write of the message, and a link is as atomic as a rename. Other blobs are
+        written under temporary names, fsynced, and renamed. Then every folder that gained an
+        entry is fsynced once, however many files it gained.
         """
-        results, pending, queued, linked = [], [], set(), False
+        results, pending, queued = [], [], set()
+        touched: set[Path] = set()  # folders whose entries changed
         for index, (data, digest) in enumerate(blobs):
             digest = digest or hashlib.sha256(data).hexdigest()
             relative = self.relative_path(digest)
@@ -64,28 +54,53 @@ class BlobStore:
             target = self.root / relative
             if target in queued or target.exists():
                 continue
-            self._ensure_folder(target.parent)
+            touched.update(self._ensure_folder(target.parent))
             queued.add(target)
             source = sources[index] if sources else None
             if source is not None and _link(source, target):
-                linked = True
+                touched.add(target.parent)
                 continue
+            if data is None:  # the caller had only the source file: copy it
+                data = Path(source).read_bytes()
             pending.append((target, _write_temporary(target.parent, data)))
-        if pending:
-            flush_filesystem(self.root)
-            for target, tmp in pending:
-                os.replace(tmp, target)
-        if pending or linked:
-            flush_filesystem(self.root)
+        for target, tmp in pending:
+            os.replace(tmp, target)
+            touched.add(target.parent)
+        # Deepest first, a level at a time: a new folder's entries are durable before its name
+        # is. Within a level the fsyncs are independent and run side by side — each waits on
+        # the disk, and a batch touches dozens of folders.
+        for depth in sorted({len(f.parts) for f in touched}, reverse=True):
+            level = [f for f in touched if len(f.parts) == depth]
+            if len(level) == 1:
+                fsync_dir(level[0])
+            else:
+                list(_fsync_pool().map(fsync_dir, level))
         return results
 
     def read(self, relative: str) -> bytes:
         return (self.root / relative).read_bytes()
 
-    def _ensure_folder(self, folder: Path) -> None:
-        if folder not in self._folders:
-            folder.mkdir(parents=True, exist_ok=True)
-            self._folders.add(folder)
+    def _ensure_folder(self, folder: Path) -> list[Path]:
+        """Create ``folder`` if needed; the folders whose entries that changed."""
+        if folder in self._folders:
+            return []
+        changed = []
+        for level in (folder.parent, folder):  # ab/ then ab/cd/
+            if not level.is_dir():
+                level.mkdir(parents=True, exist_ok=True)
+                changed.append(level.parent)
+        self._folders.add(folder)
+        return changed
+
+
+_pool: ThreadPoolExecutor | None = None
+
+
+def _fsync_pool() -> ThreadPoolExecutor:
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(max_workers=FSYNC_THREADS, thread_name_prefix="fsync")
+    return _pool
 
 
 def _link(source: Path, target: Path) -> bool:
@@ -103,6 +118,8 @@ def _write_temporary(folder: Path, data: bytes) -> str:
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
+            fh.flush()
+            os.fdatasync(fh.fileno())
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
