@@ -184,3 +184,24 @@ def test_sigterm_like_stop_leaves_nothing_unacked(broker_settings):
     connection.close()
     assert declared.method.message_count == 0 and declared.method.consumer_count == 0
     assert User.get().messages.count() == 50
+
+
+def test_parsing_in_the_consumer_thread_gives_the_same_result(sqlite_broker_settings):
+    """MAILFERRY_PARSE_PROCESS=off (what a one-core machine gets): same outcomes, no helper."""
+    settings = sqlite_broker_settings.replace(parse_process="off")
+    add_user("bob@example.org")
+    injector = Injector(settings)
+    ok = [injector.inject(mailgen.with_attachment(1, "a.pdf", b"%PDF-1"))]
+    ok.append(injector.inject(mailgen.national(2, "koi8-r", "Привет")))
+    endless = injector.inject((mailgen.CORPUS / "enclosed-endless.eml").read_bytes(), ["bob@example.org"])
+    injector.close()
+    from consumer.inbound import InboundHandler
+    handler = InboundHandler(settings)
+    assert handler.pool is None
+    spool = Spool(settings.resolved_spool_dir)
+    with consumer_thread(settings, [handler]):
+        wait_for(lambda: handled(ok) and (spool.failed / f"{endless}.eml.reason").exists())
+    subjects = sorted(m.subject for m in EmailMessage.select())
+    assert subjects == ["Attachment 1", "Привет"]
+    assert EmailAttachment.get().safe_filename == "a.pdf"
+    assert [json.loads(body)["queue_id"] for _, body in dead_letters(settings.amqp_url)] == [endless]
