@@ -1,9 +1,11 @@
 """The inbound worker: ``mailferry.inbound`` jobs (a spooled file + its SMTP envelope) become
 stored messages, one per routed user, in one transaction per batch.
 
-Per batch: check each job (contract, path, receipt), read and parse the spooled file, write
-its blobs; then one transaction with a savepoint per message; then, after the commit, remove
-the spool files. The runner acks only after ``handle`` returned.
+Per batch, in two stages the runner overlaps: ``prepare`` checks each job (contract, path,
+receipt) and starts parsing its spooled file (in the parser process when there is one);
+``commit`` collects the parse, links the raw files and writes the attachments into storage,
+saves everything in one transaction, and after the commit removes the spool files. The
+runner acks only after ``commit`` returned.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import peewee
 from consumer.parse import Limits, ParsedEmail
 from consumer.route import Route, Router
 from consumer.parse_pool import ParsePool, parse_many, worth_a_helper
-from consumer.save import SaveRequest, StoredFiles, observe_parse, save_for_users, save_many, store_batch
+from consumer.save import SaveRequest, SaveResult, StoredFiles, observe_parse, save_for_users, save_many, store_batch
 from mailferry import broker, metrics
 from mailferry.config import Settings
 from mailferry.contracts import InboundJob
@@ -37,7 +39,7 @@ class _Prepared:
     index: int
     job: InboundJob
     path: object
-    raw: bytes
+    raw: bytes | None  # None when the parser process reads the file
     parsed: ParsedEmail | None
     files: StoredFiles | None = None
     routes: list[Route] | None = None
@@ -110,7 +112,7 @@ class InboundHandler:
             if result.missing:
                 batch.outcomes[item.index] = self._missing(item.job)
                 continue
-            if result.error and result.error.startswith("unreadable:"):
+            if result.unreadable:
                 raise TransientError(f"cannot read {item.job.spool_path}: {result.error}")
             if result.email is None:
                 batch.outcomes[item.index] = self._quarantine(item.job, item.path, result.error)
@@ -196,9 +198,9 @@ class InboundHandler:
                     # this batch message by message, each in its own savepoint.
                     counts = []
                     for item in prepared:
-                        outcome, count = self._save_one(item)
+                        outcome, item_counts = self._save_one(item)
                         outcomes[item.index] = outcome
-                        counts.append(count)
+                        counts.extend(item_counts)
         except peewee.OperationalError as exc:
             raise TransientError(f"database commit failed: {exc}") from exc
         for outcome_name, number in counts:
@@ -213,10 +215,8 @@ class InboundHandler:
                                          item.job.envelope()) for item in routed])
         counts, receipts = [], []
         for item, result in zip(routed, results):
-            outcome = "stored" if result.stored else "duplicate"
-            counts.append((outcome, len(result.stored) or result.duplicates))
-            if result.stored and result.duplicates:
-                counts.append(("duplicate", result.duplicates))
+            outcome, result_counts = _outcome_of(result)
+            counts.extend(result_counts)
             receipts.append({"queue_id": item.job.queue_id, "outcome": outcome,
                              "stored_count": len(result.stored)})
         unrouted = [item for item in prepared if not item.routes]
@@ -241,35 +241,43 @@ class InboundHandler:
         log.warning("queue_id=%s message_id=%s unrouted: no user for %s",
                     item.job.queue_id, item.parsed.message_id, ", ".join(item.job.rcpt_to))
 
-    def _save_one(self, item: _Prepared) -> tuple[Outcome, tuple[str, int]]:
-        job, parsed = item.job, item.parsed
+    def _save_one(self, item: _Prepared) -> tuple[Outcome, list[tuple[str, int]]]:
+        job = item.job
         try:
             with db.atomic():  # savepoint: this message alone rolls back on error
                 if not item.routes:
-                    outcome = "unrouted"
+                    outcome, counts, stored_count = "unrouted", [("unrouted", 1)], 0
                     UnroutedMessage.create(**self._unrouted_row(item))
                     self._log_unrouted(item)
-                    saved = 1
                 else:
-                    result = save_for_users(parsed, item.files, item.routes, source=SOURCE,
+                    result = save_for_users(item.parsed, item.files, item.routes, source=SOURCE,
                                             envelope=job.envelope())
-                    outcome = "stored" if result.stored else "duplicate"
-                    saved = len(result.stored) if result.stored else result.duplicates
-                    if result.stored and result.duplicates:
-                        metrics.emails.labels(SOURCE, "duplicate").inc(result.duplicates)
+                    outcome, counts = _outcome_of(result)
+                    stored_count = len(result.stored)
                 InboundReceipt.create(queue_id=job.queue_id, outcome=outcome,
-                                      stored_count=saved if outcome == "stored" else 0)
+                                      stored_count=stored_count)
         except peewee.IntegrityError:
             # The same queue id twice in flight (a sweep republished it): already handled.
-            return Outcome.ack(), ("duplicate", 1)
+            return Outcome.ack(), [("duplicate", 1)]
         except peewee.OperationalError:
             raise
         except peewee.PeeweeException as exc:
-            return Outcome.dead(f"cannot save: {exc}"), ("failed", 1)
-        return Outcome.ack(), (outcome, saved)
+            return Outcome.dead(f"cannot save: {exc}"), [("failed", 1)]
+        return Outcome.ack(), counts
 
     def _remove_spool_file(self, job: InboundJob) -> None:
         try:
             self.spool.remove(self.spool.resolve(job.spool_path))
         except PermanentError:
             pass
+
+
+def _outcome_of(result: SaveResult) -> tuple[str, list[tuple[str, int]]]:
+    """A routed message's receipt outcome and its metric counts: stored for the users who got
+    it, duplicate for those who had it already."""
+    if not result.stored:
+        return "duplicate", [("duplicate", result.duplicates)]
+    counts = [("stored", len(result.stored))]
+    if result.duplicates:
+        counts.append(("duplicate", result.duplicates))
+    return "stored", counts

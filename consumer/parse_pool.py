@@ -38,7 +38,8 @@ class Parsed:
     email: ParsedEmail | None
     error: str | None
     seconds: float
-    missing: bool = False
+    unreadable: bool = False  # the file could not be read (not a verdict on the message)
+    missing: bool = False  # … because it is gone
 
 
 def parse_many(raws: list[bytes], limits: Limits) -> list[Parsed]:
@@ -56,8 +57,8 @@ def parse_many(raws: list[bytes], limits: Limits) -> list[Parsed]:
 def parse_files(paths: list[str], limits: Limits) -> list[Parsed]:
     """``parse_many`` of files, read where they are parsed: the bytes never cross processes.
 
-    A file that cannot be read comes back with ``error`` starting "unreadable:" and
-    ``missing`` telling a vanished file from another failure.
+    A file that cannot be read comes back ``unreadable``, with ``missing`` telling a vanished
+    file from another failure.
     """
     out = []
     for path in paths:
@@ -65,7 +66,7 @@ def parse_files(paths: list[str], limits: Limits) -> list[Parsed]:
             with open(path, "rb") as fh:
                 raw = fh.read()
         except OSError as exc:
-            out.append(Parsed(None, f"unreadable: {exc.strerror}", 0.0,
+            out.append(Parsed(None, f"unreadable: {exc.strerror}", 0.0, unreadable=True,
                               missing=isinstance(exc, FileNotFoundError)))
             continue
         out.extend(parse_many([raw], limits))
@@ -131,17 +132,15 @@ class ParsePool:
         return self._warm is not None and self._warm.done() and self._warm.exception() is None
 
     def submit(self, raws: list[bytes], limits: Limits) -> Future:
-        self.start()
-        try:
-            return self._executor.submit(parse_many, raws, limits)
-        except BrokenProcessPool as exc:
-            self.close()
-            raise TransientError(f"the parser process died: {exc}") from exc
+        return self._submit(parse_many, raws, limits)
 
     def submit_files(self, paths: list[str], limits: Limits) -> Future:
+        return self._submit(parse_files, paths, limits)
+
+    def _submit(self, work, items: list, limits: Limits) -> Future:
         self.start()
         try:
-            return self._executor.submit(parse_files, paths, limits)
+            return self._executor.submit(work, items, limits)
         except BrokenProcessPool as exc:
             self.close()
             raise TransientError(f"the parser process died: {exc}") from exc

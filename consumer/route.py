@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from peewee import chunked
+
 from mailferry.models import EmailAlias, User
 
 
@@ -40,7 +42,7 @@ class Router:
         if not addresses:
             return {}
         found: dict[str, int] = {}
-        for chunk in _chunks(sorted(addresses), 500):
+        for chunk in chunked(sorted(addresses), 500):
             for user in User.select(User.id, User.email).where(
                     User.email.in_(chunk), User.is_active == True):  # noqa: E712
                 found[user.email] = user.id
@@ -69,7 +71,3 @@ class Router:
                     break
         return list(routes.values())
 
-
-def _chunks(items: list, size: int):
-    for start in range(0, len(items), size):
-        yield items[start:start + size]

@@ -64,18 +64,6 @@ def observe_parse(parsed: ParsedEmail, seconds: float, *, context: str) -> None:
         log.warning("%s message_id=%s: %s", context, parsed.message_id, warning)
 
 
-def parse_and_store(store: BlobStore, raw: bytes, limits: Limits, *,
-                    context: str) -> tuple[ParsedEmail, StoredFiles]:
-    """Parse ``raw`` and write its blobs: what every worker does before its transaction.
-
-    Raises EmailParseError (the caller quarantines the message) or TransientError (storage
-    not writable). Batches should use ``parse_logged`` and ``store_batch`` instead: one
-    durability barrier for the whole batch.
-    """
-    parsed = parse_logged(raw, limits, context=context)
-    return parsed, store_batch(store, [(raw, parsed)])[0]
-
-
 def store_batch(store: BlobStore, items: list[tuple[bytes, ParsedEmail]],
                 raw_sources: list[Path | None] | None = None) -> list[StoredFiles]:
     """``store_files_many`` with storage errors translated to TransientError."""
@@ -161,7 +149,7 @@ def _existing_keys(user_ids: list[int], message_ids: list[str]) -> set[tuple[int
     if not user_ids:
         return set()
     found = set()
-    for chunk in _chunks(message_ids, 500):
+    for chunk in peewee.chunked(message_ids, 500):
         query = (EmailMessage.select(EmailMessage.user, EmailMessage.message_id)
                  .where(EmailMessage.user.in_(user_ids), EmailMessage.message_id.in_(chunk)))
         found.update((row.user_id, row.message_id) for row in query)
@@ -170,16 +158,11 @@ def _existing_keys(user_ids: list[int], message_ids: list[str]) -> set[tuple[int
 
 def _message_ids(user_ids: list[int], message_ids: list[str]) -> dict[tuple[int, str], int]:
     found = {}
-    for chunk in _chunks(message_ids, 500):
+    for chunk in peewee.chunked(message_ids, 500):
         query = (EmailMessage.select(EmailMessage.id, EmailMessage.user, EmailMessage.message_id)
                  .where(EmailMessage.user.in_(user_ids), EmailMessage.message_id.in_(chunk)))
         found.update({(row.user_id, row.message_id): row.id for row in query})
     return found
-
-
-def _chunks(items: list, size: int):
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
 
 
 def save_for_users(parsed: ParsedEmail, files: StoredFiles, routes: list[Route], *,

@@ -119,7 +119,7 @@ def _write_temporary(folder: Path, data: bytes) -> str:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
-            os.fdatasync(fh.fileno())
+            os.fsync(fh.fileno())
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -128,12 +128,8 @@ def _write_temporary(folder: Path, data: bytes) -> str:
 
 def write_durably(target: Path, data: bytes) -> None:
     """Write tmp, fsync, rename over ``target``, fsync the folder: for single files."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
+    tmp = _write_temporary(target.parent, data)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

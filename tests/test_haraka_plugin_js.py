@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness.fixtures import require_service
 from tests.harness.haraka import PLUGIN_DIR, HarakaServer, haraka_available
 from tests.harness.ports import free_port
 
@@ -23,18 +24,12 @@ MESSAGE = (b"Subject: harness\r\nMessage-ID: <harness@example.org>\r\n\r\n"
 RCPTS = ["first@example.com", "second@example.net"]
 
 
-def _missing(what: str) -> None:
-    if os.environ.get("CI"):
-        pytest.fail(f"{what} (CI must install it: npm ci in haraka_plugin)")
-    pytest.skip(what)
-
-
 @pytest.fixture
 def haraka_installed() -> None:
     if shutil.which("node") is None:
-        _missing("node is not installed")
+        require_service("node", "not installed")
     if not (PLUGIN_DIR / "node_modules").is_dir() or not haraka_available():
-        _missing("haraka_plugin/node_modules is missing")
+        require_service("Haraka", "haraka_plugin/node_modules is missing (npm ci in haraka_plugin)")
 
 
 def _send(server: HarakaServer) -> tuple[int, str]:

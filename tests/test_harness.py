@@ -285,7 +285,7 @@ def test_imap_accounts_are_separate_and_removed_users_cannot_log_in(dovecot, ima
 
 def test_imaps_and_starttls_with_the_self_signed_certificate(dovecot, imap_account):
     if dovecot.ssl_port is None:
-        pytest.skip("openssl missing: the test dovecot has no TLS")
+        require_service("openssl", "the test dovecot has no TLS (scripts/install-system.sh installs it)")
     ctx = ssl.create_default_context(cafile=str(dovecot.cert_path))
     client = IMAPClient("localhost", dovecot.ssl_port, ssl=True, ssl_context=ctx, timeout=10)
     client.login(imap_account.username, imap_account.password)

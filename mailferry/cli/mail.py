@@ -58,7 +58,7 @@ class Injector:
             self.publisher.publish(broker.ROUTING_KEYS[broker.INBOUND], job.to_body(),
                                    message_id=queue_id)
         except Exception:
-            self.spool.remove(self.spool.incoming / f"{queue_id}.eml")  # as the plugin does
+            self.spool.remove(self.spool.resolve(relative))  # as the plugin does
             raise
         return queue_id
 
