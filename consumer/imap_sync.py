@@ -33,6 +33,7 @@ from consumer.save import (
 )
 from mailferry import metrics
 from mailferry.config import Settings
+from mailferry.db import write_transaction
 from mailferry.errors import EmailParseError, TransientError
 from mailferry.mailbox_config import ImapConfig
 from mailferry.models import MailboxState, User, db, utcnow
@@ -258,7 +259,7 @@ class MailboxSync:
         """Once its files are durable: the batch's rows and the checkpoint, one transaction."""
         batch.ready.result()
         try:
-            with db.atomic():
+            with write_transaction():  # fair with the inbound consumers on SQLite
                 try:
                     with db.atomic():  # a savepoint around the fast path
                         outcomes = _save_fast(batch.items)
