@@ -67,6 +67,8 @@ class InboundHandler:
         # this process reads, stores and commits (see consumer/parse_pool.py).
         wanted = {"on": True, "off": False}.get(settings.parse_process, worth_a_helper())
         self.pool = ParsePool() if wanted else None
+        if self.pool is not None:
+            self.pool.start(wait=True)  # up before the first batch, not during it
 
     def close(self) -> None:
         if self.pool is not None:

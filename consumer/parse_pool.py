@@ -114,8 +114,8 @@ class ParsePool:
         self._executor: ProcessPoolExecutor | None = None
         self._warm: Future | None = None
 
-    def start(self) -> None:
-        """Start the helper without waiting for it (it takes a while to import flanker)."""
+    def start(self, wait: bool = False) -> None:
+        """Start the helper (it takes a while to import flanker); ``wait``: until it is up."""
         if self._executor is None:
             if "forkserver" in multiprocessing.get_all_start_methods():
                 context = multiprocessing.get_context("forkserver")
@@ -126,6 +126,8 @@ class ParsePool:
             self._executor = ProcessPoolExecutor(1, mp_context=context, initializer=_start_helper,
                                                  initargs=(os.getpid(),))
             self._warm = self._executor.submit(parse_many, [], Limits())
+        if wait:
+            self.collect(self._warm)
 
     def ready(self) -> bool:
         """True once the helper is up: until then a batch is better parsed here."""

@@ -27,7 +27,7 @@ from mailferry import metrics
 from mailferry.db import bulk_insert
 from mailferry.errors import TransientError
 from mailferry.models import EmailAttachment, EmailMessage, db, utcnow
-from mailferry.storage import BlobStore
+from mailferry.storage import Blob, BlobStore
 
 log = logging.getLogger(__name__)
 
@@ -93,14 +93,12 @@ def store_files_many(store: BlobStore, items: list[tuple[bytes, ParsedEmail]],
     ``raw_sources`` may give, per item, a durable file holding the raw source (a spool
     file): it is linked into storage rather than written again.
     """
-    blobs: list[tuple[bytes, str | None]] = []
-    sources: list[Path | None] = []
+    blobs: list[Blob] = []
     for index, (raw, parsed) in enumerate(items):
-        blobs.append((raw, parsed.sha256))
-        sources.append(raw_sources[index] if raw_sources else None)
-        blobs.extend((a.data, None) for a in parsed.attachments)
-        sources.extend(None for _ in parsed.attachments)
-    paths = iter(store.put_many(blobs, sources))
+        source = raw_sources[index] if raw_sources else None
+        blobs.append(Blob(raw, parsed.sha256, source, raw=True))
+        blobs.extend(Blob(a.data) for a in parsed.attachments)
+    paths = iter(store.put_many(blobs))
     out = []
     for _, parsed in items:
         raw_path = next(paths)[0]

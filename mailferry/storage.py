@@ -1,23 +1,42 @@
-"""Content-addressed file storage for raw messages and attachments: ``ab/cd/<sha256>``.
+"""File storage for raw messages and attachments, named by content hash.
 
-Nothing taken from a message ever becomes part of a path here. Files are durable before the
-database commit that points at them, and the same bytes stored twice are one file.
+Attachments live at ``ab/cd/<sha256>``: the same file sent a thousand times (a logo, a
+signature) is one file. A message's raw source lives at ``raw/<YYYY-MM-DD>/<sha256>.eml``,
+filed by the UTC day it was stored: a batch of messages then adds entries to one folder, and
+one folder fsync makes the whole batch durable — spread over ``ab/cd/`` the same batch touched
+a folder per message, and those fsyncs were most of the consumer's own cost (docs/BENCHMARKS.md).
+Nothing taken from a message ever becomes part of a path here.
 
-A new blob's content is durable before its final name exists (fsynced temporary file, then
-rename; or a hard link to a spool file that is durable already), so a crash can never leave a
-final name over partial content — which matters because a present name means "stored".
-Folder entries are made durable per batch: each folder that changed is fsynced once.
+Files are durable before the database commit that points at them. A new blob's content is
+durable before its final name exists (fsynced temporary file, then rename; or a hard link to a
+spool file that is durable already), so a crash can never leave a final name over partial
+content — which matters because a present name means "stored". Folder entries are made
+durable per batch: each folder that changed is fsynced once.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from concurrent.futures import ThreadPoolExecutor
 import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 FSYNC_THREADS = 8  # folder fsyncs in flight at once
+
+
+@dataclass(frozen=True)
+class Blob:
+    """Bytes to store. ``source``: a durable file holding exactly these bytes (a spool file
+    Haraka fsynced), hard-linked instead of written again; ``data`` may then be None.
+    ``raw``: a message's raw source, filed by day rather than by hash prefix."""
+
+    data: bytes | None
+    sha256: str | None = None
+    source: Path | None = None
+    raw: bool = False
 
 
 class BlobStore:
@@ -25,7 +44,9 @@ class BlobStore:
         self.root = Path(root)
         self._folders: set[Path] = set()
 
-    def relative_path(self, sha256: str) -> str:
+    def relative_path(self, sha256: str, raw_day: str | None = None) -> str:
+        if raw_day:
+            return f"raw/{raw_day}/{sha256}.eml"
         return f"{sha256[:2]}/{sha256[2:4]}/{sha256}"
 
     def path_of(self, relative: str) -> Path:
@@ -33,42 +54,38 @@ class BlobStore:
 
     def put(self, data: bytes, sha256: str | None = None) -> tuple[str, str]:
         """Store one blob durably; return (relative path, sha256)."""
-        return self.put_many([(data, sha256)])[0]
+        return self.put_many([Blob(data, sha256)])[0]
 
-    def put_many(self, blobs: list[tuple[bytes | None, str | None]],
-                 sources: list[Path | None] | None = None) -> list[tuple[str, str]]:
+    def put_many(self, blobs: list[Blob]) -> list[tuple[str, str]]:
         """Store blobs durably; (relative path, sha256) each.
 
-        ``sources`` may name, per blob, a file that already holds exactly those bytes durably
-        (a spool file Haraka fsynced): it is hard-linked into place instead of copied — no
-        second write of the message, and a link is as atomic as a rename. Other blobs are
-        written under temporary names, fsynced, and renamed. Then every folder that gained an
-        entry is fsynced once, however many files it gained.
+        A blob with a ``source`` is hard-linked into place — no second write of the message,
+        and a link is as atomic as a rename. Other blobs are written under temporary names,
+        fsynced, and renamed. Then every folder that gained an entry is fsynced once, however
+        many files it gained.
         """
+        day = time.strftime("%Y-%m-%d", time.gmtime())
         results, pending, queued = [], [], set()
         touched: set[Path] = set()  # folders whose entries changed
-        for index, (data, digest) in enumerate(blobs):
-            digest = digest or hashlib.sha256(data).hexdigest()
-            relative = self.relative_path(digest)
+        for blob in blobs:
+            digest = blob.sha256 or hashlib.sha256(blob.data).hexdigest()
+            relative = self.relative_path(digest, day if blob.raw else None)
             results.append((relative, digest))
             target = self.root / relative
             if target in queued or target.exists():
                 continue
             touched.update(self._ensure_folder(target.parent))
             queued.add(target)
-            source = sources[index] if sources else None
-            if source is not None and _link(source, target):
+            if blob.source is not None and _link(blob.source, target):
                 touched.add(target.parent)
                 continue
-            if data is None:  # the caller had only the source file: copy it
-                data = Path(source).read_bytes()
+            data = blob.data if blob.data is not None else Path(blob.source).read_bytes()
             pending.append((target, _write_temporary(target.parent, data)))
         for target, tmp in pending:
             os.replace(tmp, target)
             touched.add(target.parent)
         # Deepest first, a level at a time: a new folder's entries are durable before its name
-        # is. Within a level the fsyncs are independent and run side by side — each waits on
-        # the disk, and a batch touches dozens of folders.
+        # is. Within a level the fsyncs are independent and run side by side.
         for depth in sorted({len(f.parts) for f in touched}, reverse=True):
             level = [f for f in touched if len(f.parts) == depth]
             if len(level) == 1:
@@ -85,7 +102,7 @@ class BlobStore:
         if folder in self._folders:
             return []
         changed = []
-        for level in (folder.parent, folder):  # ab/ then ab/cd/
+        for level in (folder.parent, folder):  # ab/ then ab/cd/, or raw/ then raw/<day>/
             if not level.is_dir():
                 level.mkdir(parents=True, exist_ok=True)
                 changed.append(level.parent)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 
 from consumer.save import safe_filename
 from mailferry.errors import ContractError
 from mailferry.spool import Spool
-from mailferry.storage import BlobStore
+from mailferry.storage import Blob, BlobStore
 
 
 @pytest.mark.parametrize("relative", [
@@ -68,7 +70,9 @@ def test_a_durable_source_file_is_linked_into_storage_not_copied(tmp_path):
     store = BlobStore(tmp_path / "storage")
     source = tmp_path / "spool.eml"
     source.write_bytes(b"raw message")
-    [(relative, digest)] = store.put_many([(b"raw message", None)], [source])
+    digest = hashlib.sha256(b"raw message").hexdigest()
+    [(relative, _)] = store.put_many([Blob(None, digest, source, raw=True)])
+    assert relative.startswith("raw/") and relative.endswith(f"/{digest}.eml")
     stored = store.path_of(relative)
     assert stored.read_bytes() == b"raw message"
     assert stored.stat().st_ino == source.stat().st_ino  # one inode, two names
