@@ -81,13 +81,20 @@ class InboundHandler:
         """Stage one: check each job, read its file, start parsing it (quarantine the bad)."""
         batch = _Batch(time.perf_counter(), [None] * len(deliveries), [])
         jobs: dict[int, InboundJob] = {}
+        redelivered: set[str] = set()
         for i, delivery in enumerate(deliveries):
             try:
                 jobs[i] = InboundJob.from_body(delivery.body)
             except PermanentError as exc:
                 batch.outcomes[i] = Outcome.dead(f"malformed inbound job: {exc}")
                 metrics.emails.labels(SOURCE, "failed").inc()
-        done = self._already_handled({job.queue_id for job in jobs.values()})
+                continue
+            if delivery.redelivered:
+                redelivered.add(jobs[i].queue_id)
+        # Only a job RabbitMQ delivered before can have been committed already (the ack was
+        # lost): those are looked up here, before parsing. Any other repeat still meets the
+        # receipt's unique key at the commit, and a missing file is looked up in _missing.
+        done = self._already_handled(redelivered)
         for i, job in jobs.items():
             if job.queue_id in done:
                 batch.outcomes[i] = Outcome.ack()  # a redelivery of work already committed
@@ -173,8 +180,10 @@ class InboundHandler:
             raise TransientError(f"cannot read {job.spool_path}: {exc.strerror}") from exc
         return _Prepared(index, job, path, raw, None)
 
-    @staticmethod
-    def _missing(job: InboundJob) -> Outcome:
+    def _missing(self, job: InboundJob) -> Outcome:
+        if self._already_handled({job.queue_id}):
+            metrics.emails.labels(SOURCE, "duplicate").inc()
+            return Outcome.ack()  # stored before, and its file removed after that commit
         metrics.emails.labels(SOURCE, "failed").inc()
         return Outcome.dead(f"spool file {job.spool_path} is missing and was never stored")
 

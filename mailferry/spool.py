@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import stat
 import uuid
 from pathlib import Path
 
@@ -15,6 +16,18 @@ from mailferry.storage import fsync_dir, write_durably
 
 INCOMING = "incoming"
 FAILED = "failed"
+
+
+def _plain_name(name: str) -> bool:
+    return bool(name) and "/" not in name and name not in (".", "..")
+
+
+def _plain_file(path: Path) -> bool:
+    """A file, not a symbolic link (which could point anywhere)."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 class Spool:
@@ -32,6 +45,12 @@ class Spool:
         """The absolute path of ``relative``; ContractError if it escapes the spool root."""
         if not relative or "\x00" in relative:
             raise ContractError("spool_path is empty or contains a NUL byte")
+        folder, _, name = relative.partition("/")
+        if (folder == INCOMING and _plain_name(name) and not self.incoming.is_symlink()
+                and _plain_file(self.incoming / name)):
+            # What Haraka and the injector publish: a file right in incoming/. Two lstats
+            # instead of one per path component: this runs for every message.
+            return self.incoming / name
         candidate = (self.root / relative).resolve()
         if candidate != self.root and self.root not in candidate.parents:
             raise ContractError(f"spool_path {relative!r} resolves outside the spool root")

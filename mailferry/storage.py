@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-FSYNC_THREADS = 8  # folder fsyncs in flight at once
+FSYNC_THREADS = 8  # file writes and folder fsyncs in flight at once
 
 
 @dataclass(frozen=True)
@@ -80,18 +80,16 @@ class BlobStore:
                 touched.add(target.parent)
                 continue
             data = blob.data if blob.data is not None else Path(blob.source).read_bytes()
-            pending.append((target, _write_temporary(target.parent, data)))
-        for target, tmp in pending:
+            pending.append((target, data))
+        # Each write waits on its own fsync: side by side, a batch waits about as long as one.
+        temporaries = _in_parallel(lambda item: _write_temporary(item[0].parent, item[1]), pending)
+        for (target, _), tmp in zip(pending, temporaries):
             os.replace(tmp, target)
             touched.add(target.parent)
         # Deepest first, a level at a time: a new folder's entries are durable before its name
         # is. Within a level the fsyncs are independent and run side by side.
         for depth in sorted({len(f.parts) for f in touched}, reverse=True):
-            level = [f for f in touched if len(f.parts) == depth]
-            if len(level) == 1:
-                fsync_dir(level[0])
-            else:
-                list(_fsync_pool().map(fsync_dir, level))
+            _in_parallel(fsync_dir, [f for f in touched if len(f.parts) == depth])
         return results
 
     def read(self, relative: str) -> bytes:
@@ -118,6 +116,13 @@ def _fsync_pool() -> ThreadPoolExecutor:
     if _pool is None:
         _pool = ThreadPoolExecutor(max_workers=FSYNC_THREADS, thread_name_prefix="fsync")
     return _pool
+
+
+def _in_parallel(work, items: list) -> list:
+    """``work`` of each item, on the fsync threads when there is more than one."""
+    if len(items) <= 1:
+        return [work(item) for item in items]
+    return list(_fsync_pool().map(work, items))
 
 
 def _link(source: Path, target: Path) -> bool:

@@ -6,6 +6,7 @@ import hashlib
 import json
 
 import pika
+import pytest
 
 from consumer.parse import parse_email
 from mailferry import broker
@@ -205,3 +206,37 @@ def test_parsing_in_the_consumer_thread_gives_the_same_result(sqlite_broker_sett
     assert subjects == ["Attachment 1", "Привет"]
     assert EmailAttachment.get().safe_filename == "a.pdf"
     assert [json.loads(body)["queue_id"] for _, body in dead_letters(settings.amqp_url)] == [endless]
+
+
+@pytest.mark.parametrize("redelivered", [True, False], ids=["redelivered", "first-delivery"])
+def test_a_job_committed_before_is_an_acknowledged_duplicate(settings, redelivered):
+    """The ack of a committed batch was lost (a crash, a broker restart) and RabbitMQ delivers
+    the job again, or the job was published twice: the repeat is acked as a duplicate, with
+    its spool file already removed or still there — never stored twice, never dead-lettered
+    as missing. Only a redelivery is looked up before parsing; the others meet the receipt's
+    unique key or the lookup of a missing file."""
+    from consumer.inbound import InboundHandler
+    from mailferry.contracts import InboundJob, now_iso
+    from mailferry.runner import Delivery
+
+    add_user("bob@example.org")
+    handler = InboundHandler(settings.replace(parse_process="off"))
+    spool = handler.spool
+    raw = mailgen.plain(1)
+    queue_id, relative = spool.write_incoming(raw)
+    job = InboundJob(spool_path=relative, queue_id=queue_id, mail_from="", rcpt_to=["bob@example.org"],
+                     size=len(raw), received_at=now_iso(), remote_ip="127.0.0.1", helo="test")
+
+    def handle(again: bool) -> list[str]:
+        delivery = Delivery(1, job.to_body(), pika.BasicProperties(), again, "inbound", 0)
+        return [outcome.action for outcome in handler.handle([delivery])]
+
+    assert handle(False) == ["ack"]
+    assert not (spool.root / relative).exists()  # removed after the commit
+    assert handle(redelivered) == ["ack"]  # its file is gone
+    spool.write_incoming(raw, queue_id)  # a crash came between the commit and the removal
+    assert handle(redelivered) == ["ack"]
+    assert not (spool.root / relative).exists()
+    assert EmailMessage.select().count() == 1
+    assert [r.outcome for r in InboundReceipt.select()] == ["stored"]
+    assert list(spool.failed.iterdir()) == []

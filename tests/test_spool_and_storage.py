@@ -27,6 +27,17 @@ def test_spool_refuses_a_symlink_that_leads_outside(tmp_path):
         spool.resolve("incoming/evil.eml")
 
 
+def test_spool_refuses_files_of_an_incoming_folder_that_leads_outside(tmp_path):
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "x.eml").write_bytes(b"raw message")
+    spool = Spool(tmp_path / "spool")
+    spool.root.mkdir()
+    spool.incoming.symlink_to(outside)
+    with pytest.raises(ContractError):
+        spool.resolve("incoming/x.eml")
+
+
 def test_write_incoming_and_quarantine_keep_the_message_and_a_reason(tmp_path):
     spool = Spool(tmp_path / "spool").ensure()
     queue_id, relative = spool.write_incoming(b"raw message")
