@@ -176,7 +176,15 @@ exports.queue_to_rabbitmq = function (next, connection) {
   const final = path.join(incoming, `${id}.eml`)
 
   this.spool(txn, incoming, id)
-    .then((size) => this.publish(this.inbound_body(connection, id, size), id))
+    // The file's content is on disk; its name becomes durable (folder fsync) while RabbitMQ
+    // takes its copy of the job (its own fsync, then the confirm): two waits side by side
+    // instead of one after the other. 250 only once both are done. A crash before that
+    // leaves the sender without a 250, so it retries; a job whose file did not survive is
+    // dead-lettered by the consumer as missing.
+    .then(({ size, named }) => Promise.all([
+      this.publish(this.inbound_body(connection, id, size), id),
+      named,
+    ]))
     .then(
       () => {
         this.logdebug(`published ${id} to RabbitMQ`, connection)
@@ -200,7 +208,9 @@ exports.unavailable = function () {
 }
 
 // Write <incoming>/.<id>.tmp, fsync, rename to <id>.eml, fsync the folder: after this the file
-// survives a crash, and a reader never sees a half-written .eml. Resolves to the size in bytes.
+// survives a crash, and a reader never sees a half-written .eml. Resolves, once the file is
+// renamed, to { size, named }: its size in bytes and the promise of the folder fsync (which
+// rejects with the same kind of error as the other steps).
 //
 // Under load a sender waits mostly for these steps' round trips through libuv's thread pool
 // and the disk, not for work (bench/smtp_ingest.py, docs/BENCHMARKS.md): so the folder is
@@ -217,15 +227,22 @@ exports.spool = async function (txn, incoming, id) {
       return write_synced(txn.message_stream, tmp)
     })
     await fsp.rename(tmp, path.join(incoming, `${id}.eml`))
-    await folder.sync()
-    return size
+    const named = folder.sync().catch((err) => {
+      throw spool_error(err)
+    })
+    named.catch(() => {}) // handled by the caller's Promise.all; never an unhandled rejection
+    return { size, named }
   } catch (err) {
     await remove(tmp)
-    const failure = new Error(`cannot spool message: ${err.message}`)
-    // The log gets the detail; the SMTP client gets no local paths.
-    failure.reply = 'mail queue cannot store the message, try again later'
-    throw failure
+    throw spool_error(err)
   }
+}
+
+function spool_error(err) {
+  const failure = new Error(`cannot spool message: ${err.message}`)
+  // The log gets the detail; the SMTP client gets no local paths.
+  failure.reply = 'mail queue cannot store the message, try again later'
+  return failure
 }
 
 exports.spool_folder = function (dir_path) {

@@ -46,7 +46,7 @@ describe('queue hook', () => {
     assert.deepEqual(spoolFiles(plugin), [`${id}.eml`], 'no temporary file is left behind')
   })
 
-  it('fsyncs the temporary file, renames it, then fsyncs the folder, before publishing', async (t) => {
+  it('fsyncs the temporary file and renames it before publishing; answers after the folder fsync and the confirm', async (t) => {
     const { broker, plugin } = await connected(t)
     const conn = makeMailConnection()
     const incoming = path.join(plugin.cfg.spool_dir, 'incoming')
@@ -58,7 +58,9 @@ describe('queue hook', () => {
       const realSync = handle.sync.bind(handle)
       handle.sync = async () => {
         ops.push(`sync ${path.basename(file)}`)
-        return realSync()
+        if (file === incoming) await new Promise((r) => setTimeout(r, 30)) // a slow folder fsync
+        await realSync()
+        ops.push(`synced ${path.basename(file)}`)
       }
       return handle
     })
@@ -69,16 +71,20 @@ describe('queue hook', () => {
     })
     broker.channel.on_publish = () => ops.push('publish')
 
-    assertOk(await callQueue(plugin, conn))
-    assert.deepEqual(ops, [
-      `sync .${id}.tmp`,
-      `rename .${id}.tmp ${id}.eml`,
-      `sync ${path.basename(incoming)}`,
-      'publish',
-    ])
+    const answer = callQueue(plugin, conn).then((r) => {
+      ops.push('answer')
+      return r
+    })
+    assertOk(await answer)
+    // The folder fsync and the publish start side by side (in either order); the answer
+    // waits for the slower folder fsync.
+    const folder = path.basename(incoming)
+    assert.deepEqual(ops.slice(0, 3), [`sync .${id}.tmp`, `synced .${id}.tmp`, `rename .${id}.tmp ${id}.eml`])
+    assert.deepEqual(ops.slice(3, 5).sort(), ['publish', `sync ${folder}`])
+    assert.deepEqual(ops.slice(5), [`synced ${folder}`, 'answer'])
   })
 
-  it('shares folder fsyncs between concurrent messages, each covered by one that began after its rename', async (t) => {
+  it('shares folder fsyncs between concurrent messages, each answered after one that began after its rename', async (t) => {
     const { broker, plugin } = await connected(t)
     const incoming = path.join(plugin.cfg.spool_dir, 'incoming')
     const events = []
@@ -105,20 +111,46 @@ describe('queue hook', () => {
     broker.channel.on_publish = (call) => events.push(`publish ${call.body.queue_id}`)
 
     const conns = Array.from({ length: 8 }, () => makeMailConnection())
-    for (const r of await Promise.all(conns.map((c) => callQueue(plugin, c)))) assertOk(r)
+    const answers = conns.map((c) => callQueue(plugin, c).then((r) => {
+      events.push(`answer ${c.transaction.uuid}`)
+      return r
+    }))
+    for (const r of await Promise.all(answers)) assertOk(r)
 
     const syncs = events.filter((e) => e.startsWith('dirsync start')).length
     assert.ok(syncs < conns.length, `${syncs} folder fsyncs for ${conns.length} messages`)
     for (const { transaction: { uuid } } of conns) {
       const renamed = events.indexOf(`rename ${uuid}`)
       const published = events.indexOf(`publish ${uuid}`)
+      const answered = events.indexOf(`answer ${uuid}`)
+      assert.ok(renamed < published && published < answered, `${uuid}: ${events.join(', ')}`)
       const covered = events.some((e, i) => {
         if (!e.startsWith('dirsync start') || i < renamed) return false
         const ended = events.indexOf(e.replace('start', 'end'))
-        return ended !== -1 && ended < published
+        return ended !== -1 && ended < answered
       })
-      assert.ok(covered, `${uuid}: no folder fsync between its rename and its publish: ${events.join(', ')}`)
+      assert.ok(covered, `${uuid}: no folder fsync between its rename and its answer: ${events.join(', ')}`)
     }
+  })
+
+  it('answers DENYSOFT and removes the spool file when the folder fsync fails, even after the confirm', async (t) => {
+    const { broker, plugin } = await connected(t)
+    const incoming = path.join(plugin.cfg.spool_dir, 'incoming')
+    const realOpen = fsp.open
+    t.mock.method(fsp, 'open', async (file, ...rest) => {
+      const handle = await realOpen(file, ...rest)
+      if (file === incoming) {
+        handle.sync = async () => {
+          await new Promise((r) => setTimeout(r, 20)) // fails after the broker confirmed
+          throw Object.assign(new Error('EIO: i/o error, fsync'), { code: 'EIO' })
+        }
+      }
+      return handle
+    })
+    const r = await callQueue(plugin, makeMailConnection())
+    assertDeny(r, /mail queue cannot store the message/, constants.denysoft)
+    assert.equal(broker.channel.published.length, 1, 'the job was published meanwhile')
+    assert.deepEqual(spoolFiles(plugin), [])
   })
 
   it('creates the spool folder again when it was removed while Haraka runs', async (t) => {
