@@ -81,8 +81,16 @@ class BlobStore:
                 continue
             data = blob.data if blob.data is not None else Path(blob.source).read_bytes()
             pending.append((target, data))
-        # Each write waits on its own fsync: side by side, a batch waits about as long as one.
-        temporaries = _in_parallel(lambda item: _write_temporary(item[0].parent, item[1]), pending)
+        # Write every file first, then fsync them all side by side: the disk then flushes the
+        # batch in a few journal commits, where a write-fsync-write-fsync sequence pays a
+        # commit per file (about half the time and CPU, docs/BENCHMARKS.md).
+        temporaries = [_write_temporary(target.parent, data, sync=False) for target, data in pending]
+        try:
+            _in_parallel(fsync_file, temporaries)
+        except BaseException:
+            for tmp in temporaries:
+                Path(tmp).unlink(missing_ok=True)
+            raise
         for (target, _), tmp in zip(pending, temporaries):
             os.replace(tmp, target)
             touched.add(target.parent)
@@ -135,13 +143,14 @@ def _link(source: Path, target: Path) -> bool:
         return False  # another filesystem, or links not allowed: copy instead
 
 
-def _write_temporary(folder: Path, data: bytes) -> str:
+def _write_temporary(folder: Path, data: bytes, sync: bool = True) -> str:
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
-            os.fsync(fh.fileno())
+            if sync:
+                os.fsync(fh.fileno())
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -157,6 +166,15 @@ def write_durably(target: Path, data: bytes) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(target.parent)
+
+
+def fsync_file(path: str) -> None:
+    """Flush a file written (and closed) before: its data and size reach the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def fsync_dir(folder: Path) -> None:
