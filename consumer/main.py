@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 
+from consumer.expiry import build_handlers as expiry_handlers
+from consumer.imap_worker import build_handlers as imap_handlers
 from consumer.inbound import InboundHandler
 from mailferry.app import bootstrap
 from mailferry.config import Settings
@@ -13,26 +15,8 @@ log = logging.getLogger(__name__)
 
 
 def build_handlers(settings: Settings) -> list:
-    handlers = [InboundHandler(settings)]
-    for extra in _optional_handlers():
-        handlers.extend(extra(settings))
-    return handlers
-
-
-def _optional_handlers():
-    """Handlers of the IMAP and task parts, present once those modules exist."""
-    found = []
-    try:
-        from consumer.imap_worker import build_handlers as imap
-        found.append(imap)
-    except ImportError:
-        pass
-    try:
-        from consumer.expiry import build_handlers as expiry
-        found.append(expiry)
-    except ImportError:
-        pass
-    return found
+    """Every queue this process consumes: inbound mail, IMAP fetch jobs, task timeouts."""
+    return [InboundHandler(settings), *imap_handlers(settings), *expiry_handlers(settings)]
 
 
 def main(settings: Settings | None = None) -> int:

@@ -168,6 +168,12 @@ class Runner:
         self._publish_channel = setup
         self._publish_channel.confirm_delivery()
         for lane in self.lanes:
+            # Queues declared first (publishers can route), then whatever a handler needs to
+            # be ready for its first batch (the inbound parser process), then consume.
+            warm_up = getattr(lane.handler, "warm_up", None)
+            if warm_up is not None:
+                warm_up()
+        for lane in self.lanes:
             channel = self._connection.channel()
             channel.basic_qos(prefetch_count=lane.handler.prefetch)
             lane.channel = channel

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from mailferry import broker
 from mailferry.cli.users import add_user
 from mailferry.models import EmailAttachment, EmailMessage, InboundReceipt
 from mailferry.storage import BlobStore
@@ -193,6 +194,9 @@ def test_a_thousand_messages_over_eight_connections_are_stored_exactly_once(
         broker_settings, haraka_installed, tmp_path):
     settings = broker_settings
     add_user("bob@example.org")
+    # The queues exist, as they do once any Mailferry process has started (make run declares
+    # them first): otherwise mail sent before the consumer is up gets a 4xx, rightly.
+    broker.setup_topology(settings)
     replies: list[tuple[int, int, bytes]] = []
     lock = threading.Lock()
 
