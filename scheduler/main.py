@@ -55,7 +55,10 @@ class Scheduler:
         next_tick = time.monotonic()
         try:
             while not self.stopping.is_set():
-                if self._hold_lease() and time.monotonic() >= next_tick:
+                # Asked to stop while taking the lease (another scheduler released it on its
+                # own way out): no new tick.
+                if (self._hold_lease() and time.monotonic() >= next_tick
+                        and not self.stopping.is_set()):
                     next_tick = time.monotonic() + self.settings.schedule_interval
                     self.tick_once()
                     if max_ticks is not None and self.ticks >= max_ticks:
