@@ -10,16 +10,15 @@ The containers offer the same small interface as the native servers:
 from __future__ import annotations
 
 import functools
-import re
-import secrets
 import shutil
 import subprocess
 import time
 from urllib.parse import quote
 
+from .postgres import PostgresAdmin
+
 RABBITMQ_IMAGE = "rabbitmq:3.10-management"
 POSTGRES_IMAGE = "postgres:15"
-_DB_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 
 
 @functools.lru_cache(maxsize=1)
@@ -96,7 +95,7 @@ class RabbitMQContainerService:
         self._container.stop()
 
 
-class PostgresContainerService:
+class PostgresContainerService(PostgresAdmin):
     """PostgreSQL in a container (testcontainers)."""
 
     def __init__(self, image: str = POSTGRES_IMAGE):
@@ -117,29 +116,6 @@ class PostgresContainerService:
 
     def url_for(self, dbname: str) -> str:
         return self.url.rsplit("/", 1)[0] + "/" + dbname
-
-    def _admin(self, sql: str) -> None:
-        import psycopg2
-
-        conn = psycopg2.connect(self.url, connect_timeout=10)
-        try:
-            conn.autocommit = True
-            with conn.cursor() as cur:
-                cur.execute(sql)
-        finally:
-            conn.close()
-
-    def create_database(self, name: str | None = None) -> str:
-        name = name or f"t_{secrets.token_hex(6)}"
-        if not _DB_NAME.match(name):
-            raise ValueError(f"unsafe database name {name!r}")
-        self._admin(f'CREATE DATABASE "{name}"')
-        return self.url_for(name)
-
-    def drop_database(self, name: str) -> None:
-        if not _DB_NAME.match(name):
-            raise ValueError(f"unsafe database name {name!r}")
-        self._admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
     def stop(self) -> None:
         self._container.stop()

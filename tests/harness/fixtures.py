@@ -38,7 +38,7 @@ import pytest
 
 from .containers import PostgresContainerService, RabbitMQContainerService, docker_available
 from .dovecot import DovecotServer, dovecot_available
-from .postgres import PostgresServer, postgres_available
+from .postgres import PostgresAdmin, PostgresServer, postgres_available
 from .rabbitmq import RabbitMQServer, management_request, rabbitmq_available
 
 __all__ = [
@@ -201,7 +201,7 @@ def restartable_rabbitmq(tmp_path_factory):
 
 
 @dataclass
-class ExternalPostgres:
+class ExternalPostgres(PostgresAdmin):
     """A server given by MAILFERRY_TEST_DATABASE_URL: test databases are created on it."""
 
     url: str
@@ -241,12 +241,6 @@ def _libpq_url(url: str) -> str:
     """postgresql+psycopg2://… → postgresql://… (libpq knows no driver suffix)."""
     scheme, rest = url.split("://", 1)
     return scheme.split("+", 1)[0] + "://" + rest
-
-
-def _safe_db_name(name: str) -> str:
-    if not name.replace("_", "").isalnum() or not name[0].isalpha() or len(name) > 63:
-        raise ValueError(f"unsafe database name {name!r}")
-    return name
 
 
 @pytest.fixture(scope="session")

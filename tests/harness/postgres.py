@@ -34,7 +34,8 @@ from .ports import (
 
 MARKER = "MAILFERRY_HARNESS_POSTGRES"
 START_TIMEOUT = 60.0
-_DB_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+# ASCII, a letter first, at most 63 bytes: safe to quote into CREATE/DROP DATABASE.
+_DB_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,62}$")
 
 
 class PostgresError(RuntimeError):
@@ -105,7 +106,42 @@ def service_dir(workdir: Path, name: str, max_len: int = 60) -> tuple[Path, bool
     return outside, True
 
 
-class PostgresServer:
+class PostgresAdmin:
+    """Throwaway databases on a server that offers ``url`` (an admin connection) and
+    ``url_for(dbname)``: the native server, the container and an external server alike."""
+
+    url: str
+
+    def url_for(self, dbname: str) -> str:
+        raise NotImplementedError
+
+    def _admin(self, sql: str) -> None:
+        import psycopg2
+
+        conn = psycopg2.connect(self.url, connect_timeout=10)
+        try:
+            conn.autocommit = True
+            with conn.cursor() as cur:
+                cur.execute(sql)
+        finally:
+            conn.close()
+
+    def create_database(self, name: str | None = None) -> str:
+        name = _safe_db_name(name or f"t_{secrets.token_hex(6)}")
+        self._admin(f'CREATE DATABASE "{name}"')
+        return self.url_for(name)
+
+    def drop_database(self, name: str) -> None:
+        self._admin(f'DROP DATABASE IF EXISTS "{_safe_db_name(name)}" WITH (FORCE)')
+
+
+def _safe_db_name(name: str) -> str:
+    if not _DB_NAME.match(name):
+        raise ValueError(f"unsafe database name {name!r}")
+    return name
+
+
+class PostgresServer(PostgresAdmin):
     """``start()`` / ``stop()`` / ``url`` / ``create_database(name) -> url`` / ``drop_database``."""
 
     def __init__(self, workdir: Path, user: str = "postgres"):
@@ -299,31 +335,6 @@ class PostgresServer:
             self.stop()
         except Exception:  # noqa: BLE001 - best effort at interpreter exit
             pass
-
-    # -- databases -----------------------------------------------------------------------
-
-    def _admin(self, sql: str) -> None:
-        import psycopg2
-
-        conn = psycopg2.connect(self.url, connect_timeout=10)
-        try:
-            conn.autocommit = True
-            with conn.cursor() as cur:
-                cur.execute(sql)
-        finally:
-            conn.close()
-
-    def create_database(self, name: str | None = None) -> str:
-        name = name or f"t_{secrets.token_hex(6)}"
-        if not _DB_NAME.match(name):
-            raise ValueError(f"unsafe database name {name!r}")
-        self._admin(f'CREATE DATABASE "{name}"')
-        return self.url_for(name)
-
-    def drop_database(self, name: str) -> None:
-        if not _DB_NAME.match(name):
-            raise ValueError(f"unsafe database name {name!r}")
-        self._admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
     def __enter__(self) -> "PostgresServer":
         return self.start()
