@@ -23,10 +23,10 @@ import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from pathlib import Path
 
 from consumer.parse import Limits, ParsedEmail, parse_email
 from mailferry.errors import EmailParseError, TransientError
+from mailferry.pids import pid_alive
 
 OWNER_POLL_SECONDS = 1.0  # how soon a helper notices that its owner is gone
 
@@ -89,22 +89,9 @@ def _exit_with(owner: int) -> None:
     # A helper whose owner was killed (SIGKILL, OOM) would wait for work forever: it holds
     # both ends of its own job pipe, so it never sees end-of-file — and it keeps the fork
     # server alive with it. So it watches its owner and leaves with it.
-    while _alive(owner):
+    while pid_alive(owner):
         time.sleep(OWNER_POLL_SECONDS)
     os._exit(0)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie is dead: its parent just has not reaped it yet
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
 
 
 class ParsePool:

@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable
 
+from mailferry.pids import pid_alive  # noqa: F401  (the harness modules import it from here)
+
 LOOPBACK = "127.0.0.1"
 
 # Ports handed out by this process. A port is returned by the kernel as free, closed again and
@@ -86,23 +88,6 @@ def wait_until(
         time.sleep(interval)
 
 
-def pid_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie is dead for our purposes.
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        return state != "Z"
-    except (OSError, IndexError):
-        return True
-
-
 def pids_with_env(marker: str, value: str) -> list[int]:
     """Pids of processes (readable by us) whose environment holds ``marker=value``.
 
@@ -154,6 +139,8 @@ def tail(path: Path, lines: int = 40) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
+# Run as `python -c` with a bare environment, outlives the tests and imports nothing of the
+# project: hence its own copy of mailferry.pids.pid_alive and of pids_with_env's scan.
 _REAPER = r"""
 import os, signal, sys, time
 parent = int(sys.argv[1])
