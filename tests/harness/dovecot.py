@@ -41,7 +41,7 @@ from .ports import (
     terminate_pids,
     wait_until,
 )
-from .postgres import service_dir
+from .postgres import remove_service_dir, service_dir
 
 MARKER = "MAILFERRY_HARNESS_DOVECOT"
 START_TIMEOUT = 30.0
@@ -376,10 +376,7 @@ service imap-login {{
         """stop() and remove its files when they live outside ``workdir``."""
         self.stop()
         if self._root_outside and self._root is not None:
-            shutil.rmtree(self._root, ignore_errors=True)
-            link = self.workdir / "dovecot"
-            if link.is_symlink():
-                link.unlink()
+            remove_service_dir(self.workdir, "dovecot", self._root)
             self._root = None
 
     def _atexit_stop(self) -> None:

@@ -106,6 +106,14 @@ def service_dir(workdir: Path, name: str, max_len: int = 60) -> tuple[Path, bool
     return outside, True
 
 
+def remove_service_dir(workdir: Path, name: str, folder: Path) -> None:
+    """Undo ``service_dir`` for a folder it made outside ``workdir``: the folder and its link."""
+    shutil.rmtree(folder, ignore_errors=True)
+    link = Path(workdir) / name
+    if link.is_symlink():
+        link.unlink()
+
+
 class PostgresAdmin:
     """Throwaway databases on a server that offers ``url`` (an admin connection) and
     ``url_for(dbname)``: the native server, the container and an external server alike."""
@@ -324,10 +332,7 @@ class PostgresServer(PostgresAdmin):
         """stop() and remove the cluster's files when they live outside ``workdir``."""
         self.stop()
         if self._root_outside and self._root is not None:
-            shutil.rmtree(self._root, ignore_errors=True)
-            link = self.workdir / "postgres"
-            if link.is_symlink():
-                link.unlink()
+            remove_service_dir(self.workdir, "postgres", self._root)
             self._root = None
 
     def _atexit_stop(self) -> None:
