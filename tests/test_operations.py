@@ -19,7 +19,7 @@ from mailferry.models import EmailMessage, EmailTask, InboundReceipt, TaskSource
 from mailferry.spool import Spool
 from mailferry.tasks import complete_task, create_task, fail_task, start_task
 from tests import mailgen
-from tests.harness.fixtures import require_service
+from tests.harness.fixtures import require_service, running
 from tests.harness.ports import free_port
 from tests.harness.rabbitmq import management_request, rabbitmq_available
 from tests.ops_helpers import (
@@ -37,12 +37,8 @@ def metrics_rabbitmq(tmp_path_factory):
     need_binary("prometheus")
     if not rabbitmq_available():
         require_service("RabbitMQ", "rabbitmq-server is not installed")
-    server = PrometheusRabbitMQ(tmp_path_factory.mktemp("rabbitmq-prometheus"))
-    try:
-        server.start()
+    with running(PrometheusRabbitMQ(tmp_path_factory.mktemp("rabbitmq-prometheus"))) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

@@ -30,6 +30,7 @@ from __future__ import annotations
 import os
 import secrets
 import urllib.error
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import NamedTuple
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
@@ -60,6 +61,17 @@ INSTALL_HINT = "install it with scripts/install-system.sh (as root)"
 
 def in_ci() -> bool:
     return bool(os.environ.get("CI"))
+
+
+@contextmanager
+def running(server, stop=None):
+    """``server`` started, and stopped after (``stop``, default ``server.stop``) — also when
+    starting failed half-way, so that nothing it began is left behind."""
+    try:
+        server.start()
+        yield server
+    finally:
+        (stop or server.stop)()
 
 
 def require_service(name: str, reason: str) -> None:
@@ -141,12 +153,8 @@ def rabbitmq(tmp_path_factory):
         return
     if not rabbitmq_available():
         require_service("RabbitMQ", f"rabbitmq-server is not installed; {INSTALL_HINT}")
-    server = RabbitMQServer(tmp_path_factory.mktemp("rabbitmq"))
-    try:
-        server.start()
+    with running(RabbitMQServer(tmp_path_factory.mktemp("rabbitmq"))) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
@@ -189,12 +197,8 @@ def restartable_rabbitmq(tmp_path_factory):
     if not rabbitmq_available():
         require_service("RabbitMQ (native, restartable)",
                         f"rabbitmq-server is not installed; {INSTALL_HINT}")
-    server = RabbitMQServer(tmp_path_factory.mktemp("rabbitmq-restartable"))
-    try:
-        server.start()
+    with running(RabbitMQServer(tmp_path_factory.mktemp("rabbitmq-restartable"))) as server:
         yield server
-    finally:
-        server.stop()
 
 
 # -- PostgreSQL ------------------------------------------------------------------------------
@@ -260,11 +264,8 @@ def postgres(tmp_path_factory):
     if not postgres_available():
         require_service("PostgreSQL", f"postgresql is not installed; {INSTALL_HINT}")
     server = PostgresServer(tmp_path_factory.mktemp("postgres"))
-    try:
-        server.start()
+    with running(server, stop=server.close):
         yield server
-    finally:
-        server.close()
 
 
 @pytest.fixture
@@ -296,11 +297,8 @@ def dovecot(tmp_path_factory):
             else "the test dovecot runs as root"
         require_service("Dovecot", reason)
     server = DovecotServer(tmp_path_factory.mktemp("dovecot"), {})
-    try:
-        server.start()
+    with running(server, stop=server.close):
         yield server
-    finally:
-        server.close()
 
 
 @pytest.fixture
