@@ -84,10 +84,12 @@ class BlobStore:
         # Write every file first, then fsync them all side by side: the disk then flushes the
         # batch in a few journal commits, where a write-fsync-write-fsync sequence pays a
         # commit per file (about half the time and CPU, docs/BENCHMARKS.md).
-        temporaries = [_write_temporary(target.parent, data, sync=False) for target, data in pending]
+        temporaries: list[str] = []
         try:
+            for target, data in pending:
+                temporaries.append(_write_temporary(target.parent, data, sync=False))
             _in_parallel(fsync_file, temporaries)
-        except BaseException:
+        except BaseException:  # no temporary file outlives a failed batch
             for tmp in temporaries:
                 Path(tmp).unlink(missing_ok=True)
             raise
