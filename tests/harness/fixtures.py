@@ -219,24 +219,6 @@ class ExternalPostgres(PostgresAdmin):
         parts = urlsplit(self.url)
         return urlunsplit(parts._replace(path="/" + dbname))
 
-    def _admin(self, sql: str) -> None:
-        import psycopg2
-
-        conn = psycopg2.connect(self.url, connect_timeout=10)
-        try:
-            conn.autocommit = True
-            with conn.cursor() as cur:
-                cur.execute(sql)
-        finally:
-            conn.close()
-
-    def create_database(self, name: str) -> str:
-        self._admin(f'CREATE DATABASE "{_safe_db_name(name)}"')
-        return self.url_for(name)
-
-    def drop_database(self, name: str) -> None:
-        self._admin(f'DROP DATABASE IF EXISTS "{_safe_db_name(name)}" WITH (FORCE)')
-
     def stop(self) -> None:  # not ours to stop
         pass
 
