@@ -4,9 +4,11 @@
 
 const fsp = require('node:fs/promises')
 const path = require('node:path')
-const { PassThrough } = require('node:stream')
+const { Writable } = require('node:stream')
 
 const constants = require('haraka-constants')
+
+const { SpoolWriter } = require('./spool_writer')
 
 // All state lives on the plugin object (this.*), never at module level: Haraka may load the
 // module more than once (cluster workers, tests) and each instance owns its own connection.
@@ -20,7 +22,8 @@ exports.register = function () {
   this.backoff_ms = this.cfg.amqp.reconnect_initial * 1000
   this.blocked = null // reason string while the broker blocks publishers (resource alarm)
   this.pending = new Map() // messageId -> { returned } for publishes awaiting their confirm
-  this.folders = new Map() // spool folder -> FolderSync: created once, fsynced for many renames
+  this.folders = new Map() // spool folder -> FolderSync: fsynced on behalf of many renames
+  this.io = null // the spool writer threads, started with the first message (spool_io)
   this.register_hook('queue', 'queue_to_rabbitmq')
   this.loginfo(`spool ${this.cfg.spool_dir}, RabbitMQ exchange ${this.cfg.amqp.exchange}`)
 }
@@ -35,6 +38,7 @@ exports.load_config = function () {
   const main = ini.main ?? {}
   this.cfg = {
     spool_dir: path.resolve(String(main.spool_dir ?? 'var/spool')),
+    spool_threads: positive(main.spool_threads, 4),
     amqp: {
       url: String(amqp.url ?? 'amqp://guest:guest@127.0.0.1:5672/%2F'),
       exchange: String(amqp.exchange ?? 'mailferry'),
@@ -68,6 +72,8 @@ exports.hook_init_child = function (next) {
 
 exports.shutdown = function () {
   this.closing = true
+  this.io?.close()
+  this.io = null
   clearTimeout(this.reconnect_timer)
   this.reconnect_timer = null
   const amqp = this.amqp
@@ -212,30 +218,26 @@ exports.unavailable = function () {
 // renamed, to { size, named }: its size in bytes and the promise of the folder fsync (which
 // rejects with the same kind of error as the other steps).
 //
-// Under load a sender waits mostly for these steps' round trips through libuv's thread pool
-// and the disk, not for work (bench/smtp_ingest.py, docs/BENCHMARKS.md): so the folder is
-// created once, the message goes out in as few writes as possible, and concurrent messages
-// share one folder fsync.
+// Under load Haraka's one event loop is the bottleneck (bench/smtp_ingest.py,
+// docs/BENCHMARKS.md), so the loop only reads the message into one buffer; the disk work runs
+// in spool writer threads (spool_writer.js), and concurrent messages share folder fsyncs.
 exports.spool = async function (txn, incoming, id) {
-  const tmp = path.join(incoming, `.${id}.tmp`)
-  const folder = this.spool_folder(incoming)
   try {
-    await folder.ready()
-    const size = await write_synced(txn.message_stream, tmp).catch(async (err) => {
-      if (err.code !== 'ENOENT') throw err
-      await folder.recreate() // the folder was removed since it was created: once more
-      return write_synced(txn.message_stream, tmp)
-    })
-    await fsp.rename(tmp, path.join(incoming, `${id}.eml`))
-    const named = folder.sync().catch((err) => {
+    const data = await read_message(txn.message_stream)
+    const size = await this.spool_io().write(incoming, id, data)
+    const named = this.spool_folder(incoming).sync().catch((err) => {
       throw spool_error(err)
     })
     named.catch(() => {}) // handled by the caller's Promise.all; never an unhandled rejection
     return { size, named }
   } catch (err) {
-    await remove(tmp)
     throw spool_error(err)
   }
+}
+
+// Best effort: a cleanup failure must not replace the error being reported (nor reject unhandled).
+function remove(file_path) {
+  return fsp.rm(file_path, { force: true }).catch(() => {})
 }
 
 function spool_error(err) {
@@ -245,87 +247,68 @@ function spool_error(err) {
   return failure
 }
 
+// The disk side of spooling: { write(folder, id, data) -> size, sync_folder(folder) }. Worker
+// threads by default, made on first use (a cluster master, which takes no mail, starts none);
+// tests wrap or replace it.
+exports.spool_io = function () {
+  if (!this.io) this.io = new SpoolWriter(this.cfg.spool_threads)
+  return this.io
+}
+
 exports.spool_folder = function (dir_path) {
   let folder = this.folders.get(dir_path)
   if (!folder) {
-    folder = new FolderSync(dir_path)
+    folder = new FolderSync(dir_path, () => this.spool_io().sync_folder(dir_path))
     this.folders.set(dir_path, folder)
   }
   return folder
 }
 
-// Largest single write: small messages (nearly all) are one write, big ones stay bounded.
-const WRITE_CHUNK = 1024 * 1024
-
-async function write_synced(message_stream, file_path) {
-  const file = await fsp.open(file_path, 'wx', 0o640)
-  let size = 0
-  try {
-    const raw = new PassThrough()
-    // The file holds the message itself, not its SMTP wire form. In haraka-message-stream
-    // `dot_stuffed: true` means "the stored lines are dot-stuffed: unstuff them" (its docs read
-    // the other way round; the tests pin the behaviour). CRLF as received.
-    message_stream.pipe(raw, { dot_stuffed: true, line_endings: '\r\n' })
-    let parts = []
-    let buffered = 0
-    for await (const chunk of raw) {
-      parts.push(chunk)
-      buffered += chunk.length
-      if (buffered >= WRITE_CHUNK) {
-        await write_all(file, Buffer.concat(parts, buffered))
-        size += buffered
-        parts = []
-        buffered = 0
-      }
+// The message as the file holds it: not its SMTP wire form. In haraka-message-stream
+// `dot_stuffed: true` means "the stored lines are dot-stuffed: unstuff them" (its docs read the
+// other way round; the tests pin the behaviour). CRLF as received, Haraka's Received header
+// included. One Uint8Array that owns its memory, so it moves to a writer thread without a copy.
+function read_message(message_stream) {
+  return new Promise((resolve, reject) => {
+    const chunks = []
+    let size = 0
+    const failed = (err) => {
+      message_stream.removeListener('error', failed)
+      reject(err)
     }
-    if (buffered) await write_all(file, Buffer.concat(parts, buffered))
-    size += buffered
-    await file.sync()
-  } finally {
-    await file.close()
-  }
-  return size
+    const sink = new Writable({
+      write(chunk, _encoding, done) {
+        chunks.push(chunk)
+        size += chunk.length
+        done()
+      },
+      final(done) {
+        message_stream.removeListener('error', failed)
+        const data = new Uint8Array(size)
+        let offset = 0
+        for (const chunk of chunks) {
+          data.set(chunk, offset)
+          offset += chunk.length
+        }
+        resolve(data)
+        done()
+      },
+    })
+    message_stream.once('error', failed)
+    sink.once('error', failed)
+    message_stream.pipe(sink, { dot_stuffed: true, line_endings: '\r\n' })
+  })
 }
 
-async function write_all(file, buffer) {
-  let offset = 0
-  while (offset < buffer.length) {
-    const { bytesWritten } = await file.write(buffer, offset, buffer.length - offset)
-    offset += bytesWritten
-  }
-}
-
-// Best effort: a cleanup failure must not replace the error being reported (nor reject unhandled).
-function remove(file_path) {
-  return fsp.rm(file_path, { force: true }).catch(() => {})
-}
-
-// A spool folder: created once, and fsynced on behalf of many renames. A rename is durable once
-// an fsync of its folder that *started after it* has finished; so a message arriving while an
-// fsync runs waits for the next one, and every message waiting then shares that next one.
+// A spool folder, fsynced on behalf of many renames. A rename is durable once an fsync of its
+// folder that *started after it* has finished; so a message arriving while an fsync runs
+// waits for the next one, and every message waiting then shares that next one.
 class FolderSync {
-  constructor(dir_path) {
+  constructor(dir_path, sync_once) {
     this.path = dir_path
-    this.created = null // promise of the mkdir
+    this.sync_once = sync_once // () -> promise of one fsync of the folder
     this.running = null // the fsync in progress
     this.queued = null // the fsync that starts when `running` ends, shared by all who wait
-  }
-
-  ready() {
-    if (!this.created) {
-      const made = fsp.mkdir(this.path, { recursive: true })
-      // Failed: the next message tries again.
-      made.catch(() => {
-        if (this.created === made) this.created = null
-      })
-      this.created = made
-    }
-    return this.created
-  }
-
-  recreate() {
-    this.created = null
-    return this.ready()
   }
 
   sync() {
@@ -340,22 +323,13 @@ class FolderSync {
   }
 
   start() {
-    const run = sync_dir(this.path)
+    const run = this.sync_once()
     const done = () => {
       if (this.running === run) this.running = null
     }
     this.running = run
     run.then(done, done)
     return run
-  }
-}
-
-async function sync_dir(dir_path) {
-  const dir = await fsp.open(dir_path, 'r')
-  try {
-    await dir.sync()
-  } finally {
-    await dir.close()
   }
 }
 

@@ -3,13 +3,13 @@
 
 const assert = require('node:assert/strict')
 const fs = require('node:fs')
-const fsp = require('node:fs/promises')
 const path = require('node:path')
 const { describe, it } = require('node:test')
 
 const constants = require('haraka-constants')
 const { callQueue, assertOk, assertDeny, assertCont } = require('haraka-test-fixtures')
 
+const { SpoolWriter } = require('../spool_writer')
 const { FIXTURE, fakeBroker, makeMailferry, makeMailConnection, spoolFiles, waitFor } = require('./helpers')
 
 async function connected(t, opts = {}) {
@@ -46,28 +46,24 @@ describe('queue hook', () => {
     assert.deepEqual(spoolFiles(plugin), [`${id}.eml`], 'no temporary file is left behind')
   })
 
-  it('fsyncs the temporary file and renames it before publishing; answers after the folder fsync and the confirm', async (t) => {
+  it('spools the file (fsynced and renamed) before publishing; answers after the folder fsync and the confirm', async (t) => {
     const { broker, plugin } = await connected(t)
     const conn = makeMailConnection()
     const incoming = path.join(plugin.cfg.spool_dir, 'incoming')
     const id = conn.transaction.uuid
     const ops = []
-    const realOpen = fsp.open
-    t.mock.method(fsp, 'open', async (file, ...rest) => {
-      const handle = await realOpen(file, ...rest)
-      const realSync = handle.sync.bind(handle)
-      handle.sync = async () => {
-        ops.push(`sync ${path.basename(file)}`)
-        if (file === incoming) await new Promise((r) => setTimeout(r, 30)) // a slow folder fsync
-        await realSync()
-        ops.push(`synced ${path.basename(file)}`)
-      }
-      return handle
+    const io = plugin.spool_io() // the real writer threads, observed from the event loop
+    t.mock.method(io, 'write', async function (folder, file_id, data) {
+      ops.push(`write ${file_id}`)
+      const size = await SpoolWriter.prototype.write.call(this, folder, file_id, data)
+      ops.push(`spooled ${fs.existsSync(path.join(folder, `${file_id}.eml`)) ? 'eml' : 'nothing'}`)
+      return size
     })
-    const realRename = fsp.rename
-    t.mock.method(fsp, 'rename', async (from, to) => {
-      ops.push(`rename ${path.basename(from)} ${path.basename(to)}`)
-      return realRename(from, to)
+    t.mock.method(io, 'sync_folder', async function (folder) {
+      ops.push(`sync ${path.basename(folder)}`)
+      await new Promise((r) => setTimeout(r, 30)) // a slow folder fsync
+      await SpoolWriter.prototype.sync_folder.call(this, folder)
+      ops.push(`synced ${path.basename(folder)}`)
     })
     broker.channel.on_publish = () => ops.push('publish')
 
@@ -79,34 +75,26 @@ describe('queue hook', () => {
     // The folder fsync and the publish start side by side (in either order); the answer
     // waits for the slower folder fsync.
     const folder = path.basename(incoming)
-    assert.deepEqual(ops.slice(0, 3), [`sync .${id}.tmp`, `synced .${id}.tmp`, `rename .${id}.tmp ${id}.eml`])
-    assert.deepEqual(ops.slice(3, 5).sort(), ['publish', `sync ${folder}`])
-    assert.deepEqual(ops.slice(5), [`synced ${folder}`, 'answer'])
+    assert.deepEqual(ops.slice(0, 2), [`write ${id}`, 'spooled eml'])
+    assert.deepEqual(ops.slice(2, 4).sort(), ['publish', `sync ${folder}`])
+    assert.deepEqual(ops.slice(4), [`synced ${folder}`, 'answer'])
   })
 
   it('shares folder fsyncs between concurrent messages, each answered after one that began after its rename', async (t) => {
     const { broker, plugin } = await connected(t)
-    const incoming = path.join(plugin.cfg.spool_dir, 'incoming')
     const events = []
-    const realOpen = fsp.open
-    t.mock.method(fsp, 'open', async (file, ...rest) => {
-      const handle = await realOpen(file, ...rest)
-      if (file === incoming) {
-        const realSync = handle.sync.bind(handle)
-        handle.sync = async () => {
-          const n = events.filter((e) => e.startsWith('dirsync start')).length
-          events.push(`dirsync start ${n}`)
-          await new Promise((r) => setTimeout(r, 20)) // a slow disk: later renames pile up
-          await realSync()
-          events.push(`dirsync end ${n}`)
-        }
-      }
-      return handle
+    const io = plugin.spool_io()
+    t.mock.method(io, 'write', async function (folder, id, data) {
+      const size = await SpoolWriter.prototype.write.call(this, folder, id, data)
+      events.push(`rename ${id}`) // the worker renamed it before answering
+      return size
     })
-    const realRename = fsp.rename
-    t.mock.method(fsp, 'rename', async (from, to) => {
-      await realRename(from, to)
-      events.push(`rename ${path.basename(to, '.eml')}`)
+    t.mock.method(io, 'sync_folder', async function (folder) {
+      const n = events.filter((e) => e.startsWith('dirsync start')).length
+      events.push(`dirsync start ${n}`)
+      await new Promise((r) => setTimeout(r, 20)) // a slow disk: later renames pile up
+      await SpoolWriter.prototype.sync_folder.call(this, folder)
+      events.push(`dirsync end ${n}`)
     })
     broker.channel.on_publish = (call) => events.push(`publish ${call.body.queue_id}`)
 
@@ -135,17 +123,9 @@ describe('queue hook', () => {
 
   it('answers DENYSOFT and removes the spool file when the folder fsync fails, even after the confirm', async (t) => {
     const { broker, plugin } = await connected(t)
-    const incoming = path.join(plugin.cfg.spool_dir, 'incoming')
-    const realOpen = fsp.open
-    t.mock.method(fsp, 'open', async (file, ...rest) => {
-      const handle = await realOpen(file, ...rest)
-      if (file === incoming) {
-        handle.sync = async () => {
-          await new Promise((r) => setTimeout(r, 20)) // fails after the broker confirmed
-          throw Object.assign(new Error('EIO: i/o error, fsync'), { code: 'EIO' })
-        }
-      }
-      return handle
+    t.mock.method(plugin.spool_io(), 'sync_folder', async () => {
+      await new Promise((r) => setTimeout(r, 20)) // fails after the broker confirmed
+      throw Object.assign(new Error('EIO: i/o error, fsync'), { code: 'EIO' })
     })
     const r = await callQueue(plugin, makeMailConnection())
     assertDeny(r, /mail queue cannot store the message/, constants.denysoft)
@@ -268,15 +248,10 @@ describe('queue hook', () => {
     assert.deepEqual(spoolFiles(plugin), [])
   })
 
-  it('answers DENYSOFT and leaves no temporary file when the spool write fails', async (t) => {
+  it('answers DENYSOFT and publishes nothing when the spool write fails', async (t) => {
     const { broker, plugin } = await connected(t)
-    const realOpen = fsp.open
-    t.mock.method(fsp, 'open', async (...args) => {
-      const handle = await realOpen(...args)
-      handle.write = async () => {
-        throw new Error('ENOSPC: no space left on device, write')
-      }
-      return handle
+    t.mock.method(plugin.spool_io(), 'write', async () => {
+      throw Object.assign(new Error('ENOSPC: no space left on device, write'), { code: 'ENOSPC' })
     })
     const r = await callQueue(plugin, makeMailConnection())
     assertDeny(r, /^mail queue cannot store the message, try again later$/, constants.denysoft)
