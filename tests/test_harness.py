@@ -20,7 +20,7 @@ from imapclient.exceptions import LoginError
 from tests.harness.containers import docker_available
 from tests.harness.fixtures import ExternalPostgres, ExternalRabbitMQ, require_service
 from tests.harness.ports import free_port, port_open, wait_until
-from tests.harness.rabbitmq import management_request
+from tests.harness.rabbitmq import RabbitMQServer, management_request
 
 MESSAGE = (
     b"From: Alice <alice@example.org>\r\n"
@@ -137,6 +137,29 @@ def test_rabbitmq_vhosts_are_isolated(rabbitmq, rabbitmq_vhost):
         assert info.value.reply_code == 404
     finally:
         conn.close()
+
+
+def test_native_rabbitmq_creates_classic_queues_v2(rabbitmq, rabbitmq_vhost):
+    # The native server (make run, tests, benchmarks) must store classic queues as RabbitMQ 4
+    # in docker-compose.yml does: v2, the only version there (Debian's 3.x default to v1).
+    if not isinstance(rabbitmq, RabbitMQServer):
+        pytest.skip("the queue storage version is the external broker's own configuration")
+    conn = pika.BlockingConnection(pika.URLParameters(rabbitmq_vhost))
+    try:
+        conn.channel().queue_declare("versioned", durable=True)
+    finally:
+        conn.close()
+    from urllib.parse import quote
+
+    def storage() -> dict:  # filled in with the first statistics emission (every 0.5 s)
+        return management_request(
+            rabbitmq.management_url, "GET",
+            f"/api/queues/{quote(_vhost_of(rabbitmq_vhost), safe='')}/versioned",
+            username=rabbitmq.username, password=rabbitmq.password,
+        ).get("backing_queue_status", {})
+
+    wait_until(lambda: "version" in storage(), timeout=10)
+    assert storage()["version"] == 2
 
 
 def test_restartable_rabbitmq_keeps_durable_messages_and_can_go_away(restartable_rabbitmq):
