@@ -218,9 +218,10 @@ exports.unavailable = function () {
 // renamed, to { size, named }: its size in bytes and the promise of the folder fsync (which
 // rejects with the same kind of error as the other steps).
 //
-// Under load Haraka's one event loop is the bottleneck (bench/smtp_ingest.py,
-// docs/BENCHMARKS.md), so the loop only reads the message into one buffer; the disk work runs
-// in spool writer threads (spool_writer.js), and concurrent messages share folder fsyncs.
+// Haraka's one event loop serves every SMTP session (under load it was the bottleneck:
+// bench/smtp_ingest.py, docs/BENCHMARKS.md), so the loop only reads the message into one
+// buffer; the disk work runs in spool writer threads (spool_writer.js), which also create the
+// folder when it is missing, and concurrent messages share folder fsyncs.
 exports.spool = async function (txn, incoming, id) {
   try {
     const data = await read_message(txn.message_stream)
