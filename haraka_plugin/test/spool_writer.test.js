@@ -119,6 +119,20 @@ describe('spool writer threads', () => {
     assert.equal(await writer.write(folder, 'after', new Uint8Array(3)), 3)
   })
 
+  it('fails the steps of a thread that ends, and starts a new one for the next', async (t) => {
+    const writer = new SpoolWriter(1)
+    t.after(() => writer.close())
+    const folder = tempSpool(t)
+    assert.equal(await writer.write(folder, 'before', new Uint8Array(3)), 3)
+    const [first] = writer.workers
+    const pending = writer.write(folder, 'cut', new Uint8Array(1024 * 1024))
+    first.worker.terminate()
+    await assert.rejects(pending, /spool writer thread ended/)
+    assert.equal(await writer.write(folder, 'after', new Uint8Array(5)), 5)
+    assert.equal(writer.workers.length, 1)
+    assert.notEqual(writer.workers[0], first)
+  })
+
   it('fails pending steps and refuses new ones once closed', async (t) => {
     const writer = new SpoolWriter(1)
     const folder = tempSpool(t)
