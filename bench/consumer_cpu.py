@@ -34,13 +34,13 @@ from tests.pipeline import consumer_process, settings_env, wait_for
 TICK = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pid: int | str) -> float:
+def cpu_seconds(pid: int | str, which: slice = slice(11, 13)) -> float:
     """utime + stime of ``pid`` (all its threads), in seconds."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / TICK
+    return sum(int(f) for f in fields[which]) / TICK
 
 
 def machine_cpu() -> dict[str, float]:
@@ -54,6 +54,7 @@ def snapshot(consumers: list[int], rabbit: int | None) -> dict[str, float]:
     out: dict[str, float] = {}
     for n, pid in enumerate(consumers):
         out[f"consumer{n}"] = cpu_seconds(pid)
+        out[f"consumer{n}/system"] = cpu_seconds(pid, slice(12, 13))
         for child in descendants(pid):
             out[f"consumer{n}.child{child}"] = cpu_seconds(child)
     if consumers:
