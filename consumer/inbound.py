@@ -24,14 +24,15 @@ from mailferry import broker, metrics
 from mailferry.config import Settings
 from mailferry.contracts import InboundJob
 from mailferry.errors import PermanentError, TransientError
-from mailferry.db import bulk_insert, write_transaction
-from mailferry.models import InboundReceipt, UnroutedMessage, db
+from mailferry.db import bulk_insert, insert_rows, write_transaction
+from mailferry.models import InboundReceipt, UnroutedMessage, db, utcnow
 from mailferry.runner import Delivery, Outcome
 from mailferry.spool import Spool
 from mailferry.storage import BlobStore
 
 log = logging.getLogger(__name__)
 SOURCE = "smtp"
+RECEIPT_COLUMNS = ("queue_id", "outcome", "stored_count", "created_at")
 
 
 @dataclass
@@ -211,8 +212,9 @@ class InboundHandler:
                         counts = self._save_bulk(prepared)
                         outcomes = {item.index: Outcome.ack() for item in prepared}
                 except peewee.IntegrityError:
-                    # A race with another consumer or a queue id twice in the batch: redo
-                    # this batch message by message, each in its own savepoint.
+                    # A queue id twice (in this batch, or committed by another consumer
+                    # meanwhile; a message stored meanwhile is only a duplicate): redo this
+                    # batch message by message, each in its own savepoint.
                     counts = []
                     for item in prepared:
                         outcome, item_counts = self._save_one(item)
@@ -230,20 +232,19 @@ class InboundHandler:
         routed = [item for item in prepared if item.routes]
         results = save_many([SaveRequest(item.parsed, item.files, item.routes, SOURCE,
                                          item.job.envelope()) for item in routed])
-        counts, receipts = [], []
+        counts, receipts, now = [], [], utcnow()
         for item, result in zip(routed, results):
             outcome, result_counts = _outcome_of(result)
             counts.extend(result_counts)
-            receipts.append({"queue_id": item.job.queue_id, "outcome": outcome,
-                             "stored_count": len(result.stored)})
+            receipts.append((item.job.queue_id, outcome, len(result.stored), now))
         unrouted = [item for item in prepared if not item.routes]
         for item in unrouted:
             self._log_unrouted(item)
             counts.append(("unrouted", 1))
-            receipts.append({"queue_id": item.job.queue_id, "outcome": "unrouted", "stored_count": 0})
+            receipts.append((item.job.queue_id, "unrouted", 0, now))
         if unrouted:
             bulk_insert(UnroutedMessage, [self._unrouted_row(item) for item in unrouted])
-        bulk_insert(InboundReceipt, receipts)
+        insert_rows(InboundReceipt, RECEIPT_COLUMNS, receipts)
         return counts
 
     @staticmethod

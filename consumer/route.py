@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import functools
+
 from peewee import chunked
 
-from mailferry.models import EmailAlias, User
+from mailferry.models import EmailAlias, User, db
 
 
 @dataclass(frozen=True)
@@ -36,20 +38,19 @@ def candidates(recipient: str) -> list[tuple[str, str | None]]:
 
 
 class Router:
-    """Resolves recipients to users with two queries per batch, whatever its size."""
+    """Resolves recipients to users with one query per batch, whatever its size."""
 
     def lookup(self, addresses: set[str]) -> dict[str, int]:
+        """The active user of each address that has one: a user's own address, or an alias."""
         if not addresses:
             return {}
         found: dict[str, int] = {}
         for chunk in chunked(sorted(addresses), 500):
-            for user in User.select(User.id, User.email).where(
-                    User.email.in_(chunk), User.is_active == True):  # noqa: E712
-                found[user.email] = user.id
-            query = (EmailAlias.select(EmailAlias.address, EmailAlias.user)
-                     .join(User).where(EmailAlias.address.in_(chunk), User.is_active == True))  # noqa: E712
-            for alias in query:
-                found.setdefault(alias.address, alias.user_id)
+            # Built once per chunk size, not per batch: this runs for every batch of mail.
+            sql = _lookup_sql(len(chunk), db.param)
+            rows = db.execute_sql(sql, [*chunk, True, *chunk, True]).fetchall()
+            for address, user_id, is_alias in sorted(rows, key=lambda row: row[2]):
+                found.setdefault(address, user_id)  # a user's own address wins over an alias
         return found
 
     def route_many(self, recipient_lists: list[list[str]]) -> list[list[Route]]:
@@ -71,3 +72,16 @@ class Router:
                     break
         return list(routes.values())
 
+
+
+@functools.lru_cache(maxsize=64)
+def _lookup_sql(count: int, param: str) -> str:
+    """(address, user id, is an alias) of the active users among ``count`` addresses."""
+    user, alias = User._meta, EmailAlias._meta
+    wanted = "(" + ", ".join(param for _ in range(count)) + ")"
+    return (f'SELECT u."email", u."id", 0 FROM "{user.table_name}" AS u '
+            f'WHERE u."email" IN {wanted} AND u."is_active" = {param} '
+            f'UNION ALL '
+            f'SELECT a."address", a."user_id", 1 FROM "{alias.table_name}" AS a '
+            f'JOIN "{user.table_name}" AS u ON a."user_id" = u."id" '
+            f'WHERE a."address" IN {wanted} AND u."is_active" = {param}')

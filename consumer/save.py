@@ -7,7 +7,7 @@ which is harmless (the same bytes will be stored under the same name again). The
 
 Two ways to save, same result: ``save_many`` inserts a whole batch with a few statements
 (the fast path), ``save_for_users`` one message at a time inside a savepoint (the fallback
-when the batch meets a race, and for callers with a single message).
+when a batch fails, and for callers with a single message).
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ import peewee
 from consumer.parse import Limits, ParsedEmail, parse_email
 from consumer.route import Route
 from mailferry import metrics
-from mailferry.db import bulk_insert
+from mailferry.db import insert_rows
 from mailferry.errors import TransientError
-from mailferry.models import EmailAttachment, EmailMessage, db, utcnow
+from mailferry.models import EmailAttachment, EmailMessage, db, json_text, utcnow
 from mailferry.storage import Blob, BlobStore
 
 log = logging.getLogger(__name__)
@@ -109,58 +109,36 @@ def store_files_many(store: BlobStore, items: list[tuple[bytes, ParsedEmail]],
 def save_many(requests: list[SaveRequest]) -> list[SaveResult]:
     """Insert a batch in a few statements; call inside a transaction.
 
-    Duplicates (already stored, or twice in this batch) are found with one query first.
-    A unique-key race with another consumer raises IntegrityError: the caller rolls back to
-    its savepoint and saves the batch message by message instead.
+    The unique key (user, message_id) tells what is new: one statement inserts the batch's
+    messages, skips those already stored (before, or by another consumer meanwhile) and
+    returns the ids of the rows it inserted. A message twice in the batch is skipped here.
     """
-    message_ids = sorted({r.parsed.message_id for r in requests})
-    user_ids = sorted({route.user_id for r in requests for route in r.routes})
-    seen = _existing_keys(user_ids, message_ids)
     results = [SaveResult([], 0) for _ in requests]
-    rows, owners = [], []
+    rows, owners, in_batch = [], [], set()
     now = utcnow()
     for index, request in enumerate(requests):
         for route in request.routes:
             key = (route.user_id, request.parsed.message_id)
-            if key in seen:
+            if key in in_batch:
                 results[index].duplicates += 1
                 continue
-            seen.add(key)
-            rows.append(_message_row(request, route, now))
+            in_batch.add(key)
+            rows.append(_message_values(request, route, now))
             owners.append((index, key))
-    if not rows:
-        return results
-    bulk_insert(EmailMessage, rows)
-    new_ids = _message_ids(sorted({uid for _, (uid, _) in owners}),
-                           sorted({mid for _, (_, mid) in owners}))
+    inserted = insert_rows(EmailMessage, MESSAGE_COLUMNS, rows, skip_duplicates=True,
+                           returning=("id", "user", "message_id"))
+    new_ids = {(user_id, message_id): id_ for id_, user_id, message_id in inserted}
     attachments = []
     for index, key in owners:
-        message_id = new_ids[key]
+        message_id = new_ids.get(key)
+        if message_id is None:  # stored before
+            results[index].duplicates += 1
+            continue
         results[index].stored.append(message_id)
-        attachments.extend(_attachment_rows(message_id, key[0], requests[index].parsed,
-                                            requests[index].files))
-    bulk_insert(EmailAttachment, attachments)
+        request = requests[index]
+        attachments.extend(_attachment_values(message_id, key[0], request.parsed, request.files))
+    insert_rows(EmailAttachment, ATTACHMENT_COLUMNS, attachments)
     return results
-
-
-def _existing_keys(user_ids: list[int], message_ids: list[str]) -> set[tuple[int, str]]:
-    if not user_ids:
-        return set()
-    found = set()
-    for chunk in peewee.chunked(message_ids, 500):
-        query = (EmailMessage.select(EmailMessage.user, EmailMessage.message_id)
-                 .where(EmailMessage.user.in_(user_ids), EmailMessage.message_id.in_(chunk)))
-        found.update((row.user_id, row.message_id) for row in query)
-    return found
-
-
-def _message_ids(user_ids: list[int], message_ids: list[str]) -> dict[tuple[int, str], int]:
-    found = {}
-    for chunk in peewee.chunked(message_ids, 500):
-        query = (EmailMessage.select(EmailMessage.id, EmailMessage.user, EmailMessage.message_id)
-                 .where(EmailMessage.user.in_(user_ids), EmailMessage.message_id.in_(chunk)))
-        found.update({(row.user_id, row.message_id): row.id for row in query})
-    return found
 
 
 def save_for_users(parsed: ParsedEmail, files: StoredFiles, routes: list[Route], *,
@@ -171,61 +149,75 @@ def save_for_users(parsed: ParsedEmail, files: StoredFiles, routes: list[Route],
     for route in routes:
         try:
             with db.atomic():  # a savepoint: a duplicate for one user spares the others
-                message = EmailMessage.create(**_message_row(request, route, utcnow()))
-                rows = _attachment_rows(message.id, route.user_id, parsed, files)
-                if rows:
-                    EmailAttachment.insert_many(rows).execute()
+                [(message_id,)] = insert_rows(EmailMessage, MESSAGE_COLUMNS,
+                                              [_message_values(request, route, utcnow())],
+                                              returning=("id",))
+                insert_rows(EmailAttachment, ATTACHMENT_COLUMNS,
+                            _attachment_values(message_id, route.user_id, parsed, files))
         except peewee.IntegrityError:
             result.duplicates += 1
             continue
-        result.stored.append(message.id)
+        result.stored.append(message_id)
     return result
 
 
-def _message_row(request: SaveRequest, route: Route, now) -> dict:
+# The columns of a message row and of an attachment row, in the order of the tuples below.
+MESSAGE_COLUMNS = (
+    "user", "message_id", "subject", "sender", "recipients", "cc", "reply_to", "sent_at",
+    "received_at", "text_content", "html_content", "raw_path", "size", "sha256", "source",
+    "envelope", "queue_id", "plus_tag", "in_reply_to", "references", "status", "created_at",
+)
+ATTACHMENT_COLUMNS = (
+    "user", "email_message", "filename", "safe_filename", "content_type", "file_size",
+    "file_path", "sha256", "is_image", "is_inline", "content_id",
+)
+
+
+def _message_values(request: SaveRequest, route: Route, now) -> tuple:
     parsed, envelope = request.parsed, request.envelope
-    return {
-        "user": route.user_id,
-        "message_id": parsed.message_id,
-        "subject": parsed.subject,
-        "sender": parsed.sender,
-        "recipients": parsed.to,
-        "cc": parsed.cc,
-        "reply_to": parsed.reply_to,
-        "sent_at": parsed.date,
-        "received_at": now,
-        "text_content": parsed.text,
-        "html_content": parsed.html,
-        "raw_path": request.files.raw_path,
-        "size": parsed.size,
-        "sha256": parsed.sha256,
-        "source": request.source,
-        "envelope": envelope,
-        "queue_id": (envelope or {}).get("queue_id"),
-        "plus_tag": route.tag,
-        "in_reply_to": parsed.in_reply_to,
-        "references": parsed.references,
-        "status": "stored" if not parsed.warnings else "partial",  # see warnings in the log
-        "created_at": now,
-    }
+    return (
+        route.user_id,
+        parsed.message_id,
+        parsed.subject,
+        parsed.sender,
+        json_text(parsed.to),
+        json_text(parsed.cc),
+        json_text(parsed.reply_to),
+        parsed.date,
+        now,
+        parsed.text,
+        parsed.html,
+        request.files.raw_path,
+        parsed.size,
+        parsed.sha256,
+        request.source,
+        json_text(envelope),
+        (envelope or {}).get("queue_id"),
+        route.tag,
+        parsed.in_reply_to,
+        json_text(parsed.references),
+        "stored" if not parsed.warnings else "partial",  # see warnings in the log
+        now,
+    )
 
 
-def _attachment_rows(message_id: int, user_id: int, parsed: ParsedEmail, files: StoredFiles) -> list[dict]:
+def _attachment_values(message_id: int, user_id: int, parsed: ParsedEmail,
+                       files: StoredFiles) -> list[tuple]:
     rows = []
     for index, (attachment, (path, digest)) in enumerate(zip(parsed.attachments, files.attachment_paths)):
-        rows.append({
-            "user": user_id,
-            "email_message": message_id,
-            "filename": attachment.filename,
-            "safe_filename": safe_filename(attachment.filename, index, attachment.content_type),
-            "content_type": attachment.content_type,
-            "file_size": attachment.size,
-            "file_path": path,
-            "sha256": digest,
-            "is_image": attachment.is_image,
-            "is_inline": attachment.is_inline,
-            "content_id": attachment.content_id,
-        })
+        rows.append((
+            user_id,
+            message_id,
+            attachment.filename,
+            safe_filename(attachment.filename, index, attachment.content_type),
+            attachment.content_type,
+            attachment.size,
+            path,
+            digest,
+            attachment.is_image,
+            attachment.is_inline,
+            attachment.content_id,
+        ))
     return rows
 
 

@@ -24,11 +24,21 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
 
 
+_JSON = json.JSONEncoder(ensure_ascii=False, sort_keys=True).encode
+
+
+def json_text(value) -> str | None:
+    """A JSONField's stored text of ``value`` (for rows inserted without the model)."""
+    if value is None:
+        return None
+    return _JSON(value) if value else ("[]" if isinstance(value, list) else _JSON(value))
+
+
 class JSONField(TextField):
     """JSON kept as text, so the same column works on SQLite and PostgreSQL."""
 
     def db_value(self, value):
-        return None if value is None else json.dumps(value, ensure_ascii=False, sort_keys=True)
+        return json_text(value)
 
     def python_value(self, value):
         return None if value is None else json.loads(value)

@@ -42,7 +42,7 @@ class Blob:
 class BlobStore:
     def __init__(self, root: Path):
         self.root = Path(root)
-        self._folders: set[Path] = set()
+        self._folders: set[str] = set()
 
     def relative_path(self, sha256: str, raw_day: str | None = None) -> str:
         if raw_day:
@@ -64,56 +64,64 @@ class BlobStore:
         fsynced, and renamed. Then every folder that gained an entry is fsynced once, however
         many files it gained.
         """
+        # Plain strings, not Paths, below: this runs for every message and every attachment.
         day = time.strftime("%Y-%m-%d", time.gmtime())
+        root = str(self.root)
         results, pending, queued = [], [], set()
-        touched: set[Path] = set()  # folders whose entries changed
+        touched: set[str] = set()  # folders whose entries changed
         for blob in blobs:
             digest = blob.sha256 or hashlib.sha256(blob.data).hexdigest()
             relative = self.relative_path(digest, day if blob.raw else None)
             results.append((relative, digest))
-            target = self.root / relative
-            if target in queued or target.exists():
+            if relative in queued:
                 continue
-            touched.update(self._ensure_folder(target.parent))
-            queued.add(target)
+            queued.add(relative)
+            target = f"{root}/{relative}"
+            folder = target.rpartition("/")[0]
+            if blob.source is None and os.path.exists(target):
+                continue  # stored before
+            touched.update(self._ensure_folder(folder))
+            # A name that exists already holds the same bytes (the name is their hash): a
+            # link that meets one has nothing left to do, so it needs no exists() first.
             if blob.source is not None and _link(blob.source, target):
-                touched.add(target.parent)
+                touched.add(folder)
                 continue
             data = blob.data if blob.data is not None else Path(blob.source).read_bytes()
-            pending.append((target, data))
+            pending.append((target, folder, data))
         # Write every file first, then fsync them all side by side: the disk then flushes the
         # batch in a few journal commits, where a write-fsync-write-fsync sequence pays a
         # commit per file (about half the time and CPU, docs/BENCHMARKS.md).
         temporaries: list[str] = []
         try:
-            for target, data in pending:
-                temporaries.append(_write_temporary(target.parent, data, sync=False))
+            for _, folder, data in pending:
+                temporaries.append(_write_temporary(folder, data, sync=False))
             _in_parallel(fsync_file, temporaries)
         except BaseException:  # no temporary file outlives a failed batch
             for tmp in temporaries:
                 Path(tmp).unlink(missing_ok=True)
             raise
-        for (target, _), tmp in zip(pending, temporaries):
+        for (target, folder, _), tmp in zip(pending, temporaries):
             os.replace(tmp, target)
-            touched.add(target.parent)
+            touched.add(folder)
         # Deepest first, a level at a time: a new folder's entries are durable before its name
         # is. Within a level the fsyncs are independent and run side by side.
-        for depth in sorted({len(f.parts) for f in touched}, reverse=True):
-            _in_parallel(fsync_dir, [f for f in touched if len(f.parts) == depth])
+        for depth in sorted({f.count("/") for f in touched}, reverse=True):
+            _in_parallel(fsync_dir, [f for f in touched if f.count("/") == depth])
         return results
 
     def read(self, relative: str) -> bytes:
         return (self.root / relative).read_bytes()
 
-    def _ensure_folder(self, folder: Path) -> list[Path]:
+    def _ensure_folder(self, folder: str) -> list[str]:
         """Create ``folder`` if needed; the folders whose entries that changed."""
         if folder in self._folders:
             return []
         changed = []
-        for level in (folder.parent, folder):  # ab/ then ab/cd/, or raw/ then raw/<day>/
-            if not level.is_dir():
-                level.mkdir(parents=True, exist_ok=True)
-                changed.append(level.parent)
+        parent = os.path.dirname(folder)
+        for level in (parent, folder):  # ab/ then ab/cd/, or raw/ then raw/<day>/
+            if not os.path.isdir(level):
+                os.makedirs(level, exist_ok=True)
+                changed.append(os.path.dirname(level))
         self._folders.add(folder)
         return changed
 
@@ -135,7 +143,7 @@ def _in_parallel(work, items: list) -> list:
     return list(_fsync_pool().map(work, items))
 
 
-def _link(source: Path, target: Path) -> bool:
+def _link(source: Path, target: str) -> bool:
     try:
         os.link(source, target)
         return True
@@ -145,7 +153,7 @@ def _link(source: Path, target: Path) -> bool:
         return False  # another filesystem, or links not allowed: copy instead
 
 
-def _write_temporary(folder: Path, data: bytes, sync: bool = True) -> str:
+def _write_temporary(folder: Path | str, data: bytes, sync: bool = True) -> str:
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -179,7 +187,7 @@ def fsync_file(path: str) -> None:
         os.close(fd)
 
 
-def fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path | str) -> None:
     fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)

@@ -1,4 +1,4 @@
-"""mailferry.db: the versioned schema and the bulk insert, on SQLite and PostgreSQL."""
+"""mailferry.db: the versioned schema and the bulk inserts, on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import peewee
 import pytest
 
 from mailferry import db as dbmod
-from mailferry.models import InboundReceipt, SchemaVersion, User
+from mailferry.models import InboundReceipt, SchemaVersion, User, utcnow
 
 
 def test_schema_is_versioned_and_opening_twice_changes_nothing(settings):
@@ -59,3 +59,22 @@ def test_user_email_is_unique(settings):
     with pytest.raises(peewee.IntegrityError):
         with dbmod.db.atomic():
             User.create(email="a@x.org")
+
+
+def test_insert_rows_returns_the_new_rows_and_can_skip_duplicates(settings):
+    columns = ("queue_id", "outcome", "stored_count", "created_at")
+    now = utcnow()
+    # 300 rows of 4 values: more than one statement's worth of parameters.
+    rows = [(f"Q{n}", "stored", n, now) for n in range(300)]
+    with dbmod.db.atomic():
+        back = dbmod.insert_rows(InboundReceipt, columns, rows, returning=("queue_id", "stored_count"))
+    assert sorted(back) == sorted((f"Q{n}", n) for n in range(300))
+    assert InboundReceipt.get(InboundReceipt.queue_id == "Q7").created_at == now
+    with dbmod.db.atomic():
+        back = dbmod.insert_rows(InboundReceipt, columns, [("Q1", "stored", 0, now), ("NEW", "unrouted", 0, now)],
+                                 returning=("queue_id",), skip_duplicates=True)
+    assert back == [("NEW",)]
+    with pytest.raises(peewee.IntegrityError):
+        with dbmod.db.atomic():
+            dbmod.insert_rows(InboundReceipt, columns, [("Q2", "stored", 0, now)])
+    assert InboundReceipt.select().count() == 301

@@ -50,3 +50,11 @@ def test_route_many_resolves_a_batch(settings):
     b = add_user("b@x.org")
     result = Router().route_many([["a@x.org"], ["b+t@x.org"], ["c@x.org"]])
     assert [[r.user_id for r in routes] for routes in result] == [[a.id], [b.id], []]
+
+
+def test_a_users_own_address_wins_over_an_alias_of_the_same_address(settings):
+    bob = add_user("bob@example.org")
+    owner = add_user("help@example.org")
+    add_alias("bob@example.org", "help@example.org")
+    assert [r.user_id for r in Router().route(["help@example.org"])] == [owner.id]
+    assert [r.user_id for r in Router().route(["bob@example.org"])] == [bob.id]

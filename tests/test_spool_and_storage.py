@@ -90,3 +90,16 @@ def test_a_durable_source_file_is_linked_into_storage_not_copied(tmp_path):
     source.unlink()  # the spool file goes after the commit; the stored copy stays
     assert store.read(relative) == b"raw message"
     assert list((tmp_path / "storage").rglob(".tmp-*")) == []
+
+
+def test_a_source_stored_before_is_not_linked_again(tmp_path):
+    store = BlobStore(tmp_path / "storage")
+    digest = hashlib.sha256(b"raw message").hexdigest()
+    first, second = tmp_path / "first.eml", tmp_path / "second.eml"
+    first.write_bytes(b"raw message")
+    second.write_bytes(b"raw message")
+    [(relative, _)] = store.put_many([Blob(None, digest, first, raw=True)])
+    # A redelivery: the same bytes under the same name, whatever file they come from now.
+    assert store.put_many([Blob(None, digest, second, raw=True),
+                           Blob(None, digest, second, raw=True)]) == [(relative, digest)] * 2
+    assert store.path_of(relative).stat().st_ino == first.stat().st_ino
