@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import statistics
 import sys
 from pathlib import Path
@@ -11,7 +12,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from mailferry.cli.mail import Injector  # noqa: E402
+from mailferry.cli.users import add_user  # noqa: E402
+from mailferry.config import Settings  # noqa: E402
+from mailferry.db import close_database, open_database  # noqa: E402
 from tests import mailgen  # noqa: E402
+from tests.pipeline import wait_for  # noqa: E402
 
 
 def message_mix(count: int, to: str = "bob@example.org", seed: int = 7) -> list[bytes]:
@@ -79,3 +85,33 @@ def machine() -> str:
 
 
 __all__ = ["message_mix", "percentile", "peak_rss_mb", "machine", "statistics", "ROOT"]
+
+
+# -- a backlog for consumers to drain --------------------------------------------------------
+
+
+def inject_backlog(settings: Settings, messages: list[bytes], rcpt: str = "bob@example.org") -> None:
+    """A fresh database under ``settings.var_dir`` with one user, and ``messages`` injected
+    for it exactly as the Haraka plugin hands mail over (spool file + published job)."""
+    settings.var_dir.mkdir(parents=True)
+    open_database(settings.resolved_database_url)
+    add_user(rcpt)
+    injector = Injector(settings)
+    for raw in messages:
+        injector.inject(raw, [rcpt])
+    injector.close()
+
+
+def wait_consuming(logs: list[Path]) -> None:
+    """Until every consumer's log says it is consuming (its parser process is up by then)."""
+    wait_for(lambda: all(log.exists() and "consuming" in log.read_text() for log in logs),
+             timeout=60, interval=0.005)
+
+
+def stop_consumers(processes: list) -> None:
+    """SIGTERM every consumer, wait for each, and close this process's database."""
+    for process in processes:
+        process.send_signal(signal.SIGTERM)
+    for process in processes:
+        process.wait(60)
+    close_database()

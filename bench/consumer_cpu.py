@@ -14,19 +14,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, descendants, message_mix
+from common import ROOT, descendants, inject_backlog, message_mix, stop_consumers, wait_consuming
 
-from mailferry.cli.mail import Injector
-from mailferry.cli.users import add_user
 from mailferry.config import Settings
-from mailferry.db import close_database, open_database
 from mailferry.models import InboundReceipt
 from tests.harness.rabbitmq import RabbitMQServer
 from tests.pipeline import consumer_process, settings_env, wait_for
@@ -85,19 +81,12 @@ def main() -> int:
             base = tmp / "run"
             settings = Settings(var_dir=base, amqp_url=rabbit.amqp_url, consumer_metrics_port=0,
                                 prefetch=128)
-            base.mkdir(parents=True)
-            open_database(settings.resolved_database_url)
-            add_user("bob@example.org")
-            injector = Injector(settings)
-            for raw in messages:
-                injector.inject(raw, ["bob@example.org"])
-            injector.close()
+            inject_backlog(settings, messages)
             logs = [base / f"consumer{i}.log" for i in range(args.consumers)]
             processes = [wrapped(args.wrap, settings, logs[0]) if args.wrap and i == 0
                          else consumer_process(settings, log) for i, log in enumerate(logs)]
             try:
-                wait_for(lambda: all(log.exists() and "consuming" in log.read_text() for log in logs),
-                         timeout=60, interval=0.005)
+                wait_consuming(logs)
                 before = snapshot([p.pid for p in processes], rabbit.beam_pid())
                 started = time.perf_counter()
                 wait_for(lambda: InboundReceipt.select().count() >= len(messages), timeout=900,
@@ -105,11 +94,7 @@ def main() -> int:
                 elapsed = time.perf_counter() - started
                 after = snapshot([p.pid for p in processes], rabbit.beam_pid())
             finally:
-                for process in processes:
-                    process.send_signal(signal.SIGTERM)
-                for process in processes:
-                    process.wait(60)
-                close_database()
+                stop_consumers(processes)
         finally:
             rabbit.stop()
     n = len(messages)

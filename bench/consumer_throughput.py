@@ -12,19 +12,16 @@ RSS of a consumer under 200 MB.
 from __future__ import annotations
 
 import argparse
-import signal
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, machine, message_mix, peak_rss_mb
+from common import (inject_backlog, machine, message_mix, peak_rss_mb, stop_consumers,
+                    wait_consuming)
 
 from consumer.parse import parse_email
-from mailferry.cli.mail import Injector
-from mailferry.cli.users import add_user
 from mailferry.config import Settings
-from mailferry.db import close_database, open_database
 from mailferry.models import InboundReceipt
 from tests.harness.rabbitmq import RabbitMQServer
 from tests.pipeline import consumer_process, wait_for
@@ -44,28 +41,17 @@ def drain(base: Path, amqp_url: str, messages: list[bytes], consumers: int) -> t
     """Inject everything, then time ``consumers`` processes draining it. (rate, peak RSS MB)"""
     settings = Settings(var_dir=base, amqp_url=amqp_url, consumer_metrics_port=0, prefetch=128,
                         parse_process=PARSE_PROCESS)
-    base.mkdir(parents=True)
-    open_database(settings.resolved_database_url)
-    add_user("bob@example.org")
-    injector = Injector(settings)
-    for raw in messages:
-        injector.inject(raw, ["bob@example.org"])
-    injector.close()
+    inject_backlog(settings, messages)
     logs = [base / f"consumer{i}.log" for i in range(consumers)]
     processes = [consumer_process(settings, log) for log in logs]
     try:
-        wait_for(lambda: all("consuming" in log.read_text() for log in logs if log.exists())
-                 and all(log.exists() for log in logs), timeout=60, interval=0.005)
+        wait_consuming(logs)
         started = time.perf_counter()
         wait_for(lambda: InboundReceipt.select().count() >= len(messages), timeout=900, interval=0.05)
         elapsed = time.perf_counter() - started
         rss = max(peak_rss_mb(p.pid) for p in processes)
     finally:
-        for process in processes:
-            process.send_signal(signal.SIGTERM)
-        for process in processes:
-            process.wait(60)
-        close_database()
+        stop_consumers(processes)
     return len(messages) / elapsed, rss
 
 
