@@ -7,9 +7,8 @@ matches a user's address or an alias, case-insensitively; ``local+tag@domain`` m
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import functools
+from dataclasses import dataclass
 
 from peewee import chunked
 
@@ -71,7 +70,6 @@ class Router:
                     routes.setdefault(user_id, Route(user_id, recipient.strip().lower(), tag))
                     break
         return list(routes.values())
-
 
 
 @functools.lru_cache(maxsize=64)

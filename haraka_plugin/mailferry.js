@@ -259,7 +259,7 @@ exports.spool_io = function () {
 exports.spool_folder = function (dir_path) {
   let folder = this.folders.get(dir_path)
   if (!folder) {
-    folder = new FolderSync(dir_path, () => this.spool_io().sync_folder(dir_path))
+    folder = new FolderSync(() => this.spool_io().sync_folder(dir_path))
     this.folders.set(dir_path, folder)
   }
   return folder
@@ -305,8 +305,7 @@ function read_message(message_stream) {
 // folder that *started after it* has finished; so a message arriving while an fsync runs
 // waits for the next one, and every message waiting then shares that next one.
 class FolderSync {
-  constructor(dir_path, sync_once) {
-    this.path = dir_path
+  constructor(sync_once) {
     this.sync_once = sync_once // () -> promise of one fsync of the folder
     this.running = null // the fsync in progress
     this.queued = null // the fsync that starts when `running` ends, shared by all who wait

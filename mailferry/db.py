@@ -112,15 +112,14 @@ def close_database() -> None:
 
 
 def bulk_insert(model: type[peewee.Model], rows: list[dict]) -> None:
-    """Insert ``rows`` (dicts of field name → Python value) with one prepared statement.
+    """Insert ``rows`` (dicts of field name → Python value) in a few statements.
 
     peewee's ``insert_many`` builds a fresh SQL string of every value each time, which costs
     more than the insert itself at consumer rates; this converts values with the model's own
-    fields and lets the driver's ``executemany`` do the rest. Call inside a transaction.
+    fields and hands them to ``insert_rows``. Call inside a transaction.
     """
     if not rows:
         return
-    database = model._meta.database
     given = set(rows[0])
     # Fields the rows leave out get their defaults, as Model.create would give them.
     defaults = [f for f in model._meta.sorted_fields
@@ -129,12 +128,8 @@ def bulk_insert(model: type[peewee.Model], rows: list[dict]) -> None:
         rows = [dict(row, **{f.name: f.default() if callable(f.default) else f.default
                              for f in defaults}) for row in rows]
     fields = [model._meta.fields[name] for name in rows[0]]
-    columns = ", ".join(f'"{f.column_name}"' for f in fields)
-    params = ", ".join(database.param for _ in fields)
-    sql = f'INSERT INTO "{model._meta.table_name}" ({columns}) VALUES ({params})'
-    values = [tuple(f.db_value(row[f.name]) for f in fields) for row in rows]
-    with peewee.__exception_wrapper__:  # driver errors become peewee's (IntegrityError, …)
-        database.cursor().executemany(sql, values)
+    insert_rows(model, tuple(f.name for f in fields),
+                [tuple(f.db_value(row[f.name]) for f in fields) for row in rows])
 
 
 # Rows per INSERT statement: 999 parameters is the smallest limit any SQLite build has.

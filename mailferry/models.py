@@ -29,9 +29,7 @@ _JSON = json.JSONEncoder(ensure_ascii=False, sort_keys=True).encode
 
 def json_text(value) -> str | None:
     """A JSONField's stored text of ``value`` (for rows inserted without the model)."""
-    if value is None:
-        return None
-    return _JSON(value) if value else ("[]" if isinstance(value, list) else _JSON(value))
+    return None if value is None else _JSON(value)
 
 
 class JSONField(TextField):
