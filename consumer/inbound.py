@@ -141,7 +141,10 @@ class InboundHandler:
     def commit(self, batch: "_Batch") -> list[Outcome]:
         """Stage two (disk): blobs, one transaction, spool cleanup."""
         if batch.parsing is not None:
-            self._take_parsed(batch, self.pool.collect(batch.parsing))
+            waited = time.perf_counter()
+            parsed = self.pool.collect(batch.parsing)
+            metrics.worker_wait_seconds.labels(self.queue, "parse").inc(time.perf_counter() - waited)
+            self._take_parsed(batch, parsed)
         prepared, outcomes = batch.prepared, batch.outcomes
         # The spool file is already durable (Haraka fsynced it): link it, don't copy it.
         stored = store_batch(self.store, [(p.raw, p.parsed) for p in prepared],

@@ -36,9 +36,9 @@ dead_lettered = Counter(
     "mailferry_dead_lettered", "Messages published to mailferry.dead, by the queue they left",
     ["queue"])
 worker_wait_seconds = Counter(
-    "mailferry_worker_wait_seconds", "Time a queue's worker threads spent waiting, by what they "
-    "waited for: broker (no message delivered yet), commit (the previous batch still "
-    "committing), prepare (the committer waiting for a parsed batch)", ["queue", "waiting_for"])
+    "mailferry_worker_wait_seconds", "Time a queue's worker thread spent waiting, by what it "
+    "waited for: broker (no message delivered yet), parse (the parser process still parsing the "
+    "batch to commit)", ["queue", "waiting_for"])
 requeued = Counter(
     "mailferry_requeued", "Messages requeued after a transient failure", ["queue"])
 scheduler_ticks = Counter(

@@ -22,7 +22,7 @@ import queue as queue_mod
 import signal
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 RECONNECT_BACKOFF_MAX = 30.0  # seconds
 TRANSIENT_ATTEMPTS = 5  # deliveries of one message failing transiently before it is dead
 DRAIN_TIMEOUT = 30.0  # seconds a worker may take to finish its batch at shutdown
+PIPELINE_DEPTH = 2  # batches a pipelined handler has prepared ahead of the one it commits
+_STOP = object()  # what _next_batch returns at shutdown
 
 
 @dataclass
@@ -71,8 +73,8 @@ class Outcome:
 class Handler(Protocol):
     """A queue's worker. It may also offer ``prepare(batch) -> state`` and
     ``commit(state) -> outcomes`` (with ``handle`` = commit(prepare(batch))): the runner then
-    runs them as a two-stage pipeline, preparing (parsing) one batch while the previous one
-    commits, so the CPU work and the disk waits of the two overlap."""
+    prepares the next batches (starting their parse in another process) before it commits
+    the oldest, so that parsing and the disk waits of committing overlap."""
 
     queue: str
     prefetch: int
@@ -89,8 +91,6 @@ class _Lane:
     channel: object = None
     consumer_tag: str | None = None
     thread: threading.Thread | None = None
-    committer: threading.Thread | None = None
-    stage: "queue_mod.Queue" = field(default_factory=lambda: queue_mod.Queue(maxsize=1))
     in_flight: int = 0  # batches taken and not yet settled
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -100,8 +100,8 @@ class _Lane:
 
     @property
     def batch_size(self) -> int:
-        # Pipelined, one batch commits while the next is prepared, and two more wait in the
-        # inbox so the preparing thread never idles for the ack → delivery round trip.
+        # Pipelined, one batch commits while PIPELINE_DEPTH (2) are being parsed, and one more
+        # waits in the inbox so the parser never idles for the ack → delivery round trip.
         return max(1, self.handler.prefetch // 4) if self.pipelined else self.handler.prefetch
 
     def track(self, delta: int) -> None:
@@ -211,9 +211,8 @@ class Runner:
         for lane in self.lanes:
             lane.inbox.put(None)  # type: ignore[arg-type]
         for lane in self.lanes:
-            for thread in (lane.thread, lane.committer):
-                if thread:
-                    thread.join(timeout=5)
+            if lane.thread:
+                lane.thread.join(timeout=5)
             close = getattr(lane.handler, "close", None)
             if close is not None:
                 close()
@@ -235,47 +234,61 @@ class Runner:
     # -- worker side -----------------------------------------------------------------------
 
     def _work(self, lane: _Lane) -> None:
-        if lane.pipelined:
-            lane.committer = threading.Thread(target=self._commit_loop, args=(lane,), daemon=True,
-                                              name=f"committer-{lane.handler.queue}")
-            lane.committer.start()
-        while True:
-            batch = self._next_batch(lane)
-            if batch is None:
-                if lane.pipelined:
-                    lane.stage.put(None)
-                return
-            if not lane.pipelined:
-                self._settle_threadsafe(lane, batch, self._handle(lane, batch))
-                continue
-            try:
-                state = lane.handler.prepare(batch)
-            except Exception:  # judged message by message, the slow and careful way
-                state = _Settled(self._handle(lane, batch))
-            waited = time.perf_counter()
-            lane.stage.put((batch, state))
-            metrics.worker_wait_seconds.labels(lane.handler.queue, "commit").inc(time.perf_counter() - waited)
+        """A lane's one worker thread.
 
-    def _commit_loop(self, lane: _Lane) -> None:
+        A pipelined handler keeps ``PIPELINE_DEPTH`` batches prepared (their parsing started
+        elsewhere, in the parser process) ahead of the one it commits, all on this thread: the
+        parser always has the next batch while this thread commits, and no batch changes
+        threads on its way (each hand-off between threads costs both of them CPU).
+        """
+        ahead = PIPELINE_DEPTH if lane.pipelined else 0
+        prepared: deque[tuple[list[Delivery], object]] = deque()
+        stopping = False
         while True:
-            waited = time.perf_counter()
-            item = lane.stage.get()
-            metrics.worker_wait_seconds.labels(lane.handler.queue, "prepare").inc(time.perf_counter() - waited)
-            if item is None:
-                return
-            batch, state = item
+            while not stopping and len(prepared) <= ahead:
+                # Wait for the broker only when there is nothing else to do.
+                batch = self._next_batch(lane, wait=not prepared)
+                if batch is None:
+                    break
+                if batch is _STOP:
+                    stopping = True
+                    break
+                if not lane.pipelined:
+                    self._settle_threadsafe(lane, batch, self._handle(lane, batch))
+                    continue
+                prepared.append((batch, self._prepare(lane, batch)))
+            if not prepared:
+                if stopping:
+                    return
+                continue
+            batch, state = prepared.popleft()
             if isinstance(state, _Settled):
                 outcomes = state.outcomes
             else:
                 outcomes = self._handle(lane, batch, run=lambda _batch: lane.handler.commit(state))
             self._settle_threadsafe(lane, batch, outcomes)
 
-    def _next_batch(self, lane: _Lane) -> list[Delivery] | None:
-        waited = time.perf_counter()
-        first = lane.inbox.get()
-        metrics.worker_wait_seconds.labels(lane.handler.queue, "broker").inc(time.perf_counter() - waited)
-        if first is None:
+    def _prepare(self, lane: _Lane, batch: list[Delivery]) -> object:
+        try:
+            return lane.handler.prepare(batch)
+        except Exception:  # judged message by message, the slow and careful way
+            return _Settled(self._handle(lane, batch))
+
+    def _next_batch(self, lane: _Lane, wait: bool) -> list[Delivery] | object | None:
+        """Up to a batch of deliveries; None if ``wait`` is false and none is there, _STOP at
+        shutdown."""
+        try:
+            if wait:
+                waited = time.perf_counter()
+                first = lane.inbox.get()
+                metrics.worker_wait_seconds.labels(lane.handler.queue, "broker").inc(
+                    time.perf_counter() - waited)
+            else:
+                first = lane.inbox.get_nowait()
+        except queue_mod.Empty:
             return None
+        if first is None:
+            return _STOP
         lane.track(+1)
         batch = [first]
         while len(batch) < lane.batch_size:

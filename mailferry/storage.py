@@ -20,12 +20,8 @@ import hashlib
 import os
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-
-FSYNC_THREADS = 8  # file writes and folder fsyncs in flight at once
-
 
 @dataclass(frozen=True)
 class Blob:
@@ -88,14 +84,26 @@ class BlobStore:
                 continue
             data = blob.data if blob.data is not None else Path(blob.source).read_bytes()
             pending.append((target, folder, data))
-        # Write every file first, then fsync them all side by side: the disk then flushes the
-        # batch in a few journal commits, where a write-fsync-write-fsync sequence pays a
-        # commit per file (about half the time and CPU, docs/BENCHMARKS.md).
+        # Write every file first and start its writeback at once, then fsync them in turn:
+        # the disk flushes the batch together, and the fsyncs after the first find their
+        # data written and their journal commit done. (An fsync right after each write paid
+        # a journal commit per file; fsyncs side by side in a thread pool cost the process
+        # more CPU in thread hand-offs than the fsyncs themselves: docs/BENCHMARKS.md.)
         temporaries: list[str] = []
         try:
-            for _, folder, data in pending:
-                temporaries.append(_write_temporary(folder, data, sync=False))
-            _in_parallel(fsync_file, temporaries)
+            files = []
+            try:
+                for _, folder, data in pending:
+                    fd, tmp = _open_temporary(folder)
+                    temporaries.append(tmp)
+                    files.append(fd)
+                    _write_all(fd, data)
+                    _start_writeback(fd)
+                for fd in files:
+                    os.fsync(fd)
+            finally:
+                for fd in files:
+                    os.close(fd)
         except BaseException:  # no temporary file outlives a failed batch
             for tmp in temporaries:
                 Path(tmp).unlink(missing_ok=True)
@@ -103,10 +111,9 @@ class BlobStore:
         for (target, folder, _), tmp in zip(pending, temporaries):
             os.replace(tmp, target)
             touched.add(folder)
-        # Deepest first, a level at a time: a new folder's entries are durable before its name
-        # is. Within a level the fsyncs are independent and run side by side.
-        for depth in sorted({f.count("/") for f in touched}, reverse=True):
-            _in_parallel(fsync_dir, [f for f in touched if f.count("/") == depth])
+        # Deepest first: a new folder's entries are durable before its name is.
+        for folder in sorted(touched, key=lambda f: f.count("/"), reverse=True):
+            fsync_dir(folder)
         return results
 
     def read(self, relative: str) -> bytes:
@@ -126,23 +133,6 @@ class BlobStore:
         return changed
 
 
-_pool: ThreadPoolExecutor | None = None
-
-
-def _fsync_pool() -> ThreadPoolExecutor:
-    global _pool
-    if _pool is None:
-        _pool = ThreadPoolExecutor(max_workers=FSYNC_THREADS, thread_name_prefix="fsync")
-    return _pool
-
-
-def _in_parallel(work, items: list) -> list:
-    """``work`` of each item, on the fsync threads when there is more than one."""
-    if len(items) <= 1:
-        return [work(item) for item in items]
-    return list(_fsync_pool().map(work, items))
-
-
 def _link(source: Path, target: str) -> bool:
     try:
         os.link(source, target)
@@ -153,17 +143,41 @@ def _link(source: Path, target: str) -> bool:
         return False  # another filesystem, or links not allowed: copy instead
 
 
-def _write_temporary(folder: Path | str, data: bytes, sync: bool = True) -> str:
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+def _open_temporary(folder: str) -> tuple[int, str]:
+    """A new, empty file with a unique hidden name in ``folder``: (fd, path)."""
+    return tempfile.mkstemp(dir=folder, prefix=".tmp-")
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _start_writeback(fd: int) -> None:
+    """Ask the kernel to start writing the file's data now (it returns without waiting), so
+    that a run of files reaches the disk together; the fsync that follows still decides."""
+    if _sync_file_range is not None:
+        try:
+            _sync_file_range(fd, 0, 0, os.SYNC_FILE_RANGE_WRITE)
+        except OSError:
+            pass  # not supported here: the fsync alone does it
+
+
+_sync_file_range = getattr(os, "sync_file_range", None)
+
+
+def _write_temporary(folder: Path | str, data: bytes) -> str:
+    """A durable temporary file holding ``data`` in ``folder``; its path."""
+    fd, tmp = _open_temporary(str(folder))
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            if sync:
-                os.fsync(fh.fileno())
+        _write_all(fd, data)
+        os.fsync(fd)
     except BaseException:
+        os.close(fd)
         Path(tmp).unlink(missing_ok=True)
         raise
+    os.close(fd)
     return tmp
 
 
@@ -176,15 +190,6 @@ def write_durably(target: Path, data: bytes) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(target.parent)
-
-
-def fsync_file(path: str) -> None:
-    """Flush a file written (and closed) before: its data and size reach the disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def fsync_dir(folder: Path | str) -> None:
