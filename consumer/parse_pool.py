@@ -1,4 +1,4 @@
-"""Parsing in a helper process, for long runs of messages (an IMAP first sync).
+"""Parsing in a helper process: the inbound worker's batches, and long IMAP runs.
 
 Parsing is CPU-bound Python: in one process it holds the GIL, so fetching, writing files and
 committing can only fill its pauses. A helper process parses batch n while the worker's own
@@ -6,29 +6,37 @@ process stores and commits batch n−1, and two cores work. The helper runs the 
 ``parse_email``; each outcome (the value, or the reason it was refused) comes back whole, and
 the caller logs the warnings and observes the metric (``consumer.save.observe_parse``).
 
+Owner and helper share one pipe and no threads of the owner's: ``submit`` pickles a request
+onto the pipe and returns a ``Ticket``; ``collect`` reads replies off the pipe — they come in
+the order of the requests — until its ticket's has come. (concurrent.futures would add a
+feeder thread and a result thread to the owner, each woken for every batch: on two cores
+those hand-offs cost as much CPU as the rest of a batch's bookkeeping.) In the helper a
+reader thread takes requests off the pipe as they arrive, so a large request never waits
+for the owner to read a large reply: the two would wait for each other.
+
 The helper is started with ``forkserver`` (never ``fork``: the consumer has threads) when
 first needed and kept until ``close()``. A helper that died (killed, out of memory) is a
-TransientError; the next ``submit`` starts a new one. Like every multiprocessing child it
-imports the parent's main script unless that is a package's ``__main__`` (``python -m
-consumer``) — a script that uses it must keep its work under ``if __name__ == "__main__"``.
+TransientError; the next ``submit`` starts a new one. A helper whose owner died reads the
+end of its pipe and leaves. Like every multiprocessing child it imports the parent's main
+script unless that is a package's ``__main__`` (``python -m consumer``) — a script that uses
+it must keep its work under ``if __name__ == "__main__"``.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
+import queue
 import signal
 import threading
 import time
-from concurrent.futures import Future, ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from collections import deque
 from dataclasses import dataclass
 
 from consumer.parse import Limits, ParsedEmail, parse_email
 from mailferry.errors import EmailParseError, TransientError
-from mailferry.pids import pid_alive
 
-OWNER_POLL_SECONDS = 1.0  # how soon a helper notices that its owner is gone
+CLOSE_TIMEOUT = 5.0  # seconds a helper may take to leave before it is killed
 
 
 @dataclass
@@ -73,75 +81,171 @@ def parse_files(paths: list[str], limits: Limits) -> list[Parsed]:
     return out
 
 
+WORK = {"raws": parse_many, "files": parse_files}
+
+
 def worth_a_helper() -> bool:
     """A helper only pays off with a second core to run on."""
     return (os.cpu_count() or 1) > 1
 
 
-def _start_helper(owner: int) -> None:
-    """Runs first in the helper."""
+# -- the helper's side -------------------------------------------------------------------------
+
+
+def _serve(conn) -> None:
+    """The helper's main: answer requests in order until the owner closes the pipe."""
     # Ctrl-C in `mailferry fetch` reaches the whole process group; the owner handles it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    threading.Thread(target=_exit_with, args=(owner,), daemon=True, name="owner-watch").start()
+    requests: queue.SimpleQueue = queue.SimpleQueue()
+    threading.Thread(target=_read_requests, args=(conn, requests), daemon=True,
+                     name="requests").start()
+    while (request := requests.get()) is not None:
+        work, items, limits = request
+        try:
+            reply = (True, WORK[work](items, limits))
+        except Exception as exc:  # a bug, not a verdict on a message: the owner decides
+            reply = (False, f"{type(exc).__name__}: {exc}")
+        try:
+            conn.send(reply)
+        except OSError:  # the owner is gone
+            break
+    os._exit(0)  # nothing to flush; don't wait for the reader thread
 
 
-def _exit_with(owner: int) -> None:
-    # A helper whose owner was killed (SIGKILL, OOM) would wait for work forever: it holds
-    # both ends of its own job pipe, so it never sees end-of-file — and it keeps the fork
-    # server alive with it. So it watches its owner and leaves with it.
-    while pid_alive(owner):
-        time.sleep(OWNER_POLL_SECONDS)
-    os._exit(0)
+def _read_requests(conn, requests: queue.SimpleQueue) -> None:
+    try:
+        while True:
+            requests.put(conn.recv())
+    except (EOFError, OSError):  # the owner closed the pipe, or died
+        requests.put(None)
+
+
+# -- the owner's side --------------------------------------------------------------------------
+
+
+class Ticket:
+    """A request sent to the helper; ``collect`` turns it into its reply."""
+
+    __slots__ = ("done", "ok", "value")
+
+    def __init__(self) -> None:
+        self.done = False
+        self.ok = False
+        self.value: object = None
+
+    def settle(self, ok: bool, value: object) -> None:
+        self.ok, self.value, self.done = ok, value, True
 
 
 class ParsePool:
-    """One helper process, started by ``start()`` or the first ``submit``."""
+    """One helper process, started by ``start()`` or the first ``submit``.
+
+    ``submit`` and ``collect`` may be called from different threads (an IMAP run submits on
+    its fetching thread and collects on its writing thread); replies are matched to tickets
+    in the order the requests were sent.
+    """
 
     def __init__(self) -> None:
-        self._executor: ProcessPoolExecutor | None = None
-        self._warm: Future | None = None
+        self._process: multiprocessing.process.BaseProcess | None = None
+        self._conn = None
+        self._pending: deque[Ticket] = deque()  # sent, reply not read yet; pipe order
+        self._send_lock = threading.Lock()
+        self._recv_lock = threading.Lock()
+        self._warm: Ticket | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
 
     def start(self, wait: bool = False) -> None:
         """Start the helper (it takes a while to import flanker); ``wait``: until it is up."""
-        if self._executor is None:
+        if self._process is None:
             if "forkserver" in multiprocessing.get_all_start_methods():
                 context = multiprocessing.get_context("forkserver")
                 # The fork server imports the parser once; each helper forked from it starts warm.
                 context.set_forkserver_preload([__name__])
             else:
                 context = multiprocessing.get_context("spawn")
-            self._executor = ProcessPoolExecutor(1, mp_context=context, initializer=_start_helper,
-                                                 initargs=(os.getpid(),))
-            self._warm = self._executor.submit(parse_many, [], Limits())
+            ours, theirs = context.Pipe()
+            process = context.Process(target=_serve, args=(theirs,), daemon=True,
+                                      name="mailferry-parser")
+            process.start()
+            theirs.close()  # the helper holds the only other end: it sees our exit as EOF
+            self._process, self._conn = process, ours
+            self._warm = self._submit("raws", [], Limits())  # answered once it is up
         if wait:
             self.collect(self._warm)
 
     def ready(self) -> bool:
         """True once the helper is up: until then a batch is better parsed here."""
-        return self._warm is not None and self._warm.done() and self._warm.exception() is None
+        warm = self._warm
+        if warm is None:
+            return False
+        if not warm.done and self._recv_lock.acquire(blocking=False):
+            try:
+                while not warm.done and self._conn is not None and self._conn.poll(0):
+                    self._receive_one()
+            except TransientError:
+                return False
+            finally:
+                self._recv_lock.release()
+        return warm.done and warm.ok
 
-    def submit(self, raws: list[bytes], limits: Limits) -> Future:
-        return self._submit(parse_many, raws, limits)
+    def submit(self, raws: list[bytes], limits: Limits) -> Ticket:
+        return self._submit("raws", raws, limits)
 
-    def submit_files(self, paths: list[str], limits: Limits) -> Future:
-        return self._submit(parse_files, paths, limits)
+    def submit_files(self, paths: list[str], limits: Limits) -> Ticket:
+        return self._submit("files", paths, limits)
 
-    def _submit(self, work, items: list, limits: Limits) -> Future:
-        self.start()
+    def _submit(self, work: str, items: list, limits: Limits) -> Ticket:
+        if self._process is None:
+            self.start()
+        ticket = Ticket()
+        with self._send_lock:
+            conn = self._conn
+            self._pending.append(ticket)  # under the lock: the order of the pipe
+            try:
+                conn.send((work, items, limits))
+            except (OSError, ValueError) as exc:  # ValueError: closed meanwhile
+                self._broken(exc)
+        return ticket
+
+    def collect(self, ticket: Ticket) -> list[Parsed]:
+        with self._recv_lock:
+            while not ticket.done:
+                self._receive_one()
+        if isinstance(ticket.value, TransientError):
+            raise ticket.value
+        if not ticket.ok:
+            raise RuntimeError(f"the parser process failed: {ticket.value}")
+        return ticket.value  # type: ignore[return-value]
+
+    def _receive_one(self) -> None:
+        """Read one reply and settle the oldest ticket with it (holding the receive lock)."""
         try:
-            return self._executor.submit(work, items, limits)
-        except BrokenProcessPool as exc:
-            self.close()
-            raise TransientError(f"the parser process died: {exc}") from exc
+            ok, value = self._conn.recv()
+        except (EOFError, OSError, AttributeError) as exc:  # AttributeError: no pipe any more
+            self._broken(exc)
+        self._pending.popleft().settle(ok, value)
 
-    def collect(self, future: Future) -> list[Parsed]:
-        try:
-            return future.result()
-        except BrokenProcessPool as exc:
-            self.close()
-            raise TransientError(f"the parser process died: {exc}") from exc
+    def _broken(self, exc: BaseException) -> None:
+        """The helper died: fail what it held, forget it (the next submit starts another)."""
+        error = TransientError(f"the parser process died: {exc!r}")
+        self._stop(error)
+        raise error
 
     def close(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=True, cancel_futures=True)
-            self._executor = self._warm = None
+        self._stop(TransientError("the parser process was closed"))
+
+    def _stop(self, error: TransientError) -> None:
+        process, conn = self._process, self._conn
+        self._process = self._conn = self._warm = None
+        while self._pending:
+            self._pending.popleft().settle(False, error)
+        if conn is not None:
+            conn.close()  # the helper reads EOF and leaves
+        if process is not None:
+            process.join(CLOSE_TIMEOUT)
+            if process.is_alive():
+                process.kill()
+                process.join(CLOSE_TIMEOUT)

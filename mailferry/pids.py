@@ -1,5 +1,4 @@
-"""Whether a process is alive — for the parser process watching its owner, and for the test
-harness watching the servers it started."""
+"""Whether a process is alive — for the test harness watching the servers it started."""
 
 from __future__ import annotations
 

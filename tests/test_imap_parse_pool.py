@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -21,7 +22,7 @@ from tests.pipeline import ROOT
 
 
 def helper_pid(pool: ParsePool) -> int:
-    return next(iter(pool._executor._processes))
+    return pool.pid
 
 
 @pytest.fixture
@@ -64,7 +65,7 @@ def test_a_helper_whose_owner_was_killed_leaves_with_its_fork_server(tmp_path):
             pool.start()
             while not pool.ready():
                 time.sleep(0.05)
-            print(next(iter(pool._executor._processes)), fs._forkserver._forkserver_pid, flush=True)
+            print(pool.pid, fs._forkserver._forkserver_pid, flush=True)
             time.sleep(600)
     """)
     (tmp_path / "owner.py").write_text(script)
@@ -83,3 +84,26 @@ def test_a_helper_whose_owner_was_killed_leaves_with_its_fork_server(tmp_path):
         if owner.poll() is None:
             owner.kill()
         terminate_pids([p for p in (helper, server) if p], grace=2)
+
+
+def test_large_requests_and_replies_never_wait_for_each_other(pool):
+    # Two requests of megabytes each sent before any reply is read, by the thread that will
+    # read the replies: the helper must take the second request while its first (larger than
+    # the pipe's buffer) reply is still unread, or both sides would wait forever.
+    big = [mailgen.with_attachment(n, f"big-{n}.bin", os.urandom(3_000_000)) for n in range(2)]
+    collected: dict[str, list] = {}
+
+    def exchange():
+        first = pool.submit([big[0]], Limits())
+        second = pool.submit([big[1]], Limits())
+        collected["second"] = pool.collect(second)  # replies are matched to their tickets,
+        collected["first"] = pool.collect(first)    # whatever order they are collected in
+
+    worker = threading.Thread(target=exchange, daemon=True)
+    worker.start()
+    worker.join(60)
+    assert not worker.is_alive(), "owner and helper are waiting for each other"
+    for name, n in (("first", 0), ("second", 1)):
+        [parsed] = collected[name]
+        assert parsed.email.attachments[0].filename == f"big-{n}.bin"
+        assert len(parsed.email.attachments[0].data) == 3_000_000
