@@ -110,3 +110,49 @@ def _unacked(settings) -> int:
         return ok.method.message_count
     finally:
         connection.close()
+
+
+class Pipelined:
+    """A prepare/commit handler that logs the order of its calls."""
+
+    queue = broker.INBOUND
+
+    def __init__(self, prefetch: int):
+        self.prefetch = prefetch
+        self.calls: list[tuple[str, list[bytes]]] = []
+
+    def prepare(self, deliveries):
+        self.calls.append(("prepare", [d.body for d in deliveries]))
+        return deliveries
+
+    def commit(self, deliveries):
+        self.calls.append(("commit", [d.body for d in deliveries]))
+        return [Outcome.ack() for _ in deliveries]
+
+    def handle(self, deliveries):
+        return self.commit(self.prepare(deliveries))
+
+
+def test_a_pipelined_worker_prepares_two_batches_ahead_and_commits_in_order(tmp_path):
+    from mailferry.config import Settings
+    from mailferry.runner import Delivery, Runner
+
+    handler = Pipelined(prefetch=8)  # batches of 2
+    runner = Runner(Settings(var_dir=tmp_path), [handler])
+    lane = runner.lanes[0]
+    bodies = [f"m{n}".encode() for n in range(10)]
+    for n, body in enumerate(bodies):
+        lane.inbox.put(Delivery(n + 1, body, pika.BasicProperties(), False, "inbound", 0))
+    lane.inbox.put(None)  # shutdown: what is prepared is still committed
+    worker = threading.Thread(target=runner._work, args=(lane,), daemon=True)
+    worker.start()
+    worker.join(10)
+    assert not worker.is_alive()
+    batches = [bodies[i:i + 2] for i in range(0, 10, 2)]
+    assert handler.calls == [
+        ("prepare", batches[0]), ("prepare", batches[1]), ("prepare", batches[2]),
+        ("commit", batches[0]), ("prepare", batches[3]),
+        ("commit", batches[1]), ("prepare", batches[4]),
+        ("commit", batches[2]), ("commit", batches[3]), ("commit", batches[4]),
+    ]
+    assert lane.in_flight == 0  # every batch taken was settled (here: no connection to ack on)

@@ -103,3 +103,69 @@ def test_a_source_stored_before_is_not_linked_again(tmp_path):
     assert store.put_many([Blob(None, digest, second, raw=True),
                            Blob(None, digest, second, raw=True)]) == [(relative, digest)] * 2
     assert store.path_of(relative).stat().st_ino == first.stat().st_ino
+
+
+def _record_disk_steps(monkeypatch, fail_fsync_of: int | None = None) -> list[tuple]:
+    """Log fsyncs (of files, by their content), renames and folder fsyncs, in order."""
+    import os
+
+    import mailferry.storage as storage
+
+    steps: list[tuple] = []
+    real_fsync, real_replace, real_fsync_dir = os.fsync, os.replace, storage.fsync_dir
+
+    def fsync(fd):
+        try:
+            content = os.pread(fd, 64, 0)
+        except IsADirectoryError:  # a folder's fsync: fsync_dir logs it
+            return real_fsync(fd)
+        if fail_fsync_of is not None and len([s for s in steps if s[0] == "fsync"]) == fail_fsync_of:
+            raise OSError(5, "Input/output error")
+        real_fsync(fd)
+        steps.append(("fsync", content))
+
+    def replace(src, dst):
+        real_replace(src, dst)
+        steps.append(("rename", os.path.basename(dst)))
+
+    def fsync_dir(folder):
+        real_fsync_dir(folder)
+        steps.append(("fsync_dir", str(folder)))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(storage, "fsync_dir", fsync_dir)
+    return steps
+
+
+def test_a_batch_is_durable_before_its_names_and_its_folders_after_them(tmp_path, monkeypatch):
+    store = BlobStore(tmp_path / "storage")
+    source = tmp_path / "spool.eml"
+    source.write_bytes(b"raw message")
+    raw_digest = hashlib.sha256(b"raw message").hexdigest()
+    steps = _record_disk_steps(monkeypatch)
+    results = store.put_many([Blob(None, raw_digest, source, raw=True), Blob(b"first file"),
+                              Blob(b"second file")])
+    files = [hashlib.sha256(data).hexdigest() for data in (b"first file", b"second file")]
+    assert [r[1] for r in results] == [raw_digest] + files
+    # Both files' contents are on disk before either gets its final name …
+    assert steps[:2] == [("fsync", b"first file"), ("fsync", b"second file")]
+    assert steps[2:4] == [("rename", files[0]), ("rename", files[1])]
+    # … and then every folder that changed is fsynced, the deepest first.
+    folders = [s[1] for s in steps[4:]]
+    assert all(kind == "fsync_dir" for kind, _ in steps[4:])
+    root = str(tmp_path / "storage")
+    expected = {root, f"{root}/raw", store.path_of(results[0][0]).parent.as_posix()}
+    for digest in files:
+        expected |= {f"{root}/{digest[:2]}", f"{root}/{digest[:2]}/{digest[2:4]}"}
+    assert set(folders) == expected
+    depths = [f.count("/") for f in folders]
+    assert depths == sorted(depths, reverse=True)
+
+
+def test_a_failed_fsync_leaves_no_temporary_and_no_final_name(tmp_path, monkeypatch):
+    store = BlobStore(tmp_path / "storage")
+    _record_disk_steps(monkeypatch, fail_fsync_of=1)  # the second file's fsync fails
+    with pytest.raises(OSError):
+        store.put_many([Blob(b"first file"), Blob(b"second file")])
+    assert [p for p in (tmp_path / "storage").rglob("*") if p.is_file()] == []
