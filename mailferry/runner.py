@@ -234,18 +234,23 @@ class Runner:
     # -- worker side -----------------------------------------------------------------------
 
     def _work(self, lane: _Lane) -> None:
-        """A lane's one worker thread.
+        """A lane's one worker thread."""
+        if lane.pipelined:
+            self._work_pipelined(lane)
+            return
+        while (batch := self._next_batch(lane, wait=True)) is not _STOP:
+            self._settle_threadsafe(lane, batch, self._handle(lane, batch))
 
-        A pipelined handler keeps ``PIPELINE_DEPTH`` batches prepared (their parsing started
-        elsewhere, in the parser process) ahead of the one it commits, all on this thread: the
-        parser always has the next batch while this thread commits, and no batch changes
-        threads on its way (each hand-off between threads costs both of them CPU).
-        """
-        ahead = PIPELINE_DEPTH if lane.pipelined else 0
+    def _work_pipelined(self, lane: _Lane) -> None:
+        """Keep ``PIPELINE_DEPTH`` batches prepared (their parsing started elsewhere, in the
+        parser process) ahead of the one this thread commits: the parser always has the next
+        batch while this thread commits, and no batch changes threads on its way (each
+        hand-off between threads costs both of them CPU). At shutdown, what was prepared is
+        still committed."""
         prepared: deque[tuple[list[Delivery], object]] = deque()
         stopping = False
-        while True:
-            while not stopping and len(prepared) <= ahead:
+        while prepared or not stopping:
+            while not stopping and len(prepared) <= PIPELINE_DEPTH:
                 # Wait for the broker only when there is nothing else to do.
                 batch = self._next_batch(lane, wait=not prepared)
                 if batch is None:
@@ -253,13 +258,8 @@ class Runner:
                 if batch is _STOP:
                     stopping = True
                     break
-                if not lane.pipelined:
-                    self._settle_threadsafe(lane, batch, self._handle(lane, batch))
-                    continue
                 prepared.append((batch, self._prepare(lane, batch)))
             if not prepared:
-                if stopping:
-                    return
                 continue
             batch, state = prepared.popleft()
             if isinstance(state, _Settled):

@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+
 @dataclass(frozen=True)
 class Blob:
     """Bytes to store. ``source``: a durable file holding exactly these bytes (a spool file
@@ -154,6 +155,9 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
+_sync_file_range = getattr(os, "sync_file_range", None)  # Linux only
+
+
 def _start_writeback(fd: int) -> None:
     """Ask the kernel to start writing the file's data now (it returns without waiting), so
     that a run of files reaches the disk together; the fsync that follows still decides."""
@@ -162,9 +166,6 @@ def _start_writeback(fd: int) -> None:
             _sync_file_range(fd, 0, 0, os.SYNC_FILE_RANGE_WRITE)
         except OSError:
             pass  # not supported here: the fsync alone does it
-
-
-_sync_file_range = getattr(os, "sync_file_range", None)
 
 
 def _write_temporary(folder: Path | str, data: bytes) -> str:
