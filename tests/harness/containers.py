@@ -53,6 +53,10 @@ class RabbitMQContainerService:
 
         self._container = RabbitMqContainer(image)
         self._container.with_exposed_ports(15672)
+        # Classic queues v2, as the native server (rabbitmq.py) and RabbitMQ 4 in
+        # docker-compose.yml: the 3.10 image still creates v1 unless told.
+        self._container.with_env("RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS",
+                                 "-rabbit classic_queue_default_version 2")
         self.username = self._container.username
         self.password = self._container.password
 
