@@ -71,6 +71,8 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--count", type=int, default=3000)
     parser.add_argument("--consumers", type=int, default=1)
+    parser.add_argument("--prefetch", type=int, default=Settings().prefetch,
+                        help="MAILFERRY_PREFETCH (default: its default)")
     parser.add_argument("--wrap", help="run consumer 0 as `python WRAP` instead of `-m consumer`")
     args = parser.parse_args()
     messages = message_mix(args.count)
@@ -80,7 +82,7 @@ def main() -> int:
         try:
             base = tmp / "run"
             settings = Settings(var_dir=base, amqp_url=rabbit.amqp_url, consumer_metrics_port=0,
-                                prefetch=128)
+                                prefetch=args.prefetch)
             inject_backlog(settings, messages)
             logs = [base / f"consumer{i}.log" for i in range(args.consumers)]
             processes = [wrapped(args.wrap, settings, logs[0]) if args.wrap and i == 0

@@ -28,6 +28,7 @@ from tests.pipeline import consumer_process, wait_for
 
 
 PARSE_PROCESS = "auto"
+PREFETCH = Settings().prefetch
 
 
 def parse_ceiling(messages: list[bytes]) -> float:
@@ -39,7 +40,7 @@ def parse_ceiling(messages: list[bytes]) -> float:
 
 def drain(base: Path, amqp_url: str, messages: list[bytes], consumers: int) -> tuple[float, float]:
     """Inject everything, then time ``consumers`` processes draining it. (rate, peak RSS MB)"""
-    settings = Settings(var_dir=base, amqp_url=amqp_url, consumer_metrics_port=0, prefetch=128,
+    settings = Settings(var_dir=base, amqp_url=amqp_url, consumer_metrics_port=0, prefetch=PREFETCH,
                         parse_process=PARSE_PROCESS)
     inject_backlog(settings, messages)
     logs = [base / f"consumer{i}.log" for i in range(consumers)]
@@ -62,9 +63,11 @@ def main() -> int:
                         help="rounds of (ceiling, one, two); medians are reported")
     parser.add_argument("--parse-process", choices=("auto", "on", "off"), default="auto",
                         help="MAILFERRY_PARSE_PROCESS of the consumers")
+    parser.add_argument("--prefetch", type=int, default=Settings().prefetch,
+                        help="MAILFERRY_PREFETCH (default: its default)")
     args = parser.parse_args()
-    global PARSE_PROCESS
-    PARSE_PROCESS = args.parse_process
+    global PARSE_PROCESS, PREFETCH
+    PARSE_PROCESS, PREFETCH = args.parse_process, args.prefetch
     messages = message_mix(args.count)
     megabytes = sum(map(len, messages)) / 1e6
     with tempfile.TemporaryDirectory(prefix="mf-bench-") as tmp:

@@ -32,6 +32,9 @@ from mailferry.storage import BlobStore
 
 log = logging.getLogger(__name__)
 SOURCE = "smtp"
+# A batch closes at a quarter of the prefetch or once it stands for this much mail (the
+# contracts' sizes), whichever comes first: what a consumer holds parsed stays bounded.
+BATCH_BYTES = 16 * 1024 * 1024
 RECEIPT_COLUMNS = ("queue_id", "outcome", "stored_count", "created_at")
 
 
@@ -56,6 +59,7 @@ class _Batch:
 
 class InboundHandler:
     queue = broker.INBOUND
+    batch_bytes = BATCH_BYTES
 
     def __init__(self, settings: Settings, spool: Spool | None = None, store: BlobStore | None = None):
         self.settings = settings
@@ -81,6 +85,15 @@ class InboundHandler:
         if self.pool is not None:
             self.pool.close()
 
+    def weigh(self, delivery: Delivery) -> int:
+        """The size of the mail ``delivery`` stands for, for the runner's batches; the job
+        read from it is kept for ``prepare``."""
+        try:
+            delivery.decoded = InboundJob.from_body(delivery.body)
+        except PermanentError:
+            return 0  # prepare dead-letters it, with the reason
+        return delivery.decoded.size
+
     def handle(self, deliveries: list[Delivery]) -> list[Outcome]:
         return self.commit(self.prepare(deliveries))
 
@@ -91,7 +104,8 @@ class InboundHandler:
         redelivered: set[str] = set()
         for i, delivery in enumerate(deliveries):
             try:
-                jobs[i] = InboundJob.from_body(delivery.body)
+                jobs[i] = (delivery.decoded if isinstance(delivery.decoded, InboundJob)
+                           else InboundJob.from_body(delivery.body))
             except PermanentError as exc:
                 batch.outcomes[i] = Outcome.dead(f"malformed inbound job: {exc}")
                 metrics.emails.labels(SOURCE, "failed").inc()

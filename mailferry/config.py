@@ -44,8 +44,9 @@ class Settings:
         "Fernet key for IMAP passwords at rest; empty means <var_dir>/secret.key, made once"))
     queue_type: str = field(default="classic", metadata=_meta(
         "RabbitMQ queue type", choices=QUEUE_TYPES))
-    prefetch: int = field(default=128, metadata=_meta(
-        "messages a consumer holds unacked; a batch per commit is a quarter of it",
+    prefetch: int = field(default=512, metadata=_meta(
+        "messages a consumer holds unacked; a batch per commit is a quarter of it"
+        ", and at most 16 MB of mail",
         minimum=1, maximum=10_000))
     parse_process: str = field(default="auto", metadata=_meta(
         "parse inbound mail in a helper process: on, off, or auto (on with two or more cores)",

@@ -50,6 +50,7 @@ class Delivery:
     redelivered: bool
     routing_key: str
     generation: int
+    decoded: object = None  # the handler's reading of ``body``, kept by ``weigh``
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,9 @@ class Handler(Protocol):
     """A queue's worker. It may also offer ``prepare(batch) -> state`` and
     ``commit(state) -> outcomes`` (with ``handle`` = commit(prepare(batch))): the runner then
     prepares the next batches (starting their parse in another process) before it commits
-    the oldest, so that parsing and the disk waits of committing overlap."""
+    the oldest, so that parsing and the disk waits of committing overlap. With
+    ``weigh(delivery) -> bytes`` and ``batch_bytes``, a batch also closes once the mail it
+    stands for reaches ``batch_bytes``: its memory is bounded by size, not only by count."""
 
     queue: str
     prefetch: int
@@ -291,7 +294,10 @@ class Runner:
             return _STOP
         lane.track(+1)
         batch = [first]
-        while len(batch) < lane.batch_size:
+        weigh = getattr(lane.handler, "weigh", None)
+        budget = getattr(lane.handler, "batch_bytes", 0) if weigh else 0
+        weight = weigh(first) if budget else 0
+        while len(batch) < lane.batch_size and (not budget or weight < budget):
             try:
                 item = lane.inbox.get_nowait()
             except queue_mod.Empty:
@@ -300,6 +306,8 @@ class Runner:
                 lane.inbox.put(None)  # type: ignore[arg-type]
                 break
             batch.append(item)
+            if budget:
+                weight += weigh(item)
         return batch
 
     def _handle(self, lane: _Lane, batch: list[Delivery], run=None) -> list[Outcome]:

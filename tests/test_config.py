@@ -71,4 +71,5 @@ def test_invalid_configuration_stops_the_cli_with_one_line(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "mailferry: configuration error: MAILFERRY_PREFETCH=-1: must be between 1 and 10000 "
-        "(messages a consumer holds unacked; a batch per commit is a quarter of it)"]
+        "(messages a consumer holds unacked; a batch per commit is a quarter of it"
+        ", and at most 16 MB of mail)"]

@@ -156,3 +156,34 @@ def test_a_pipelined_worker_prepares_two_batches_ahead_and_commits_in_order(tmp_
         ("commit", batches[2]), ("commit", batches[3]), ("commit", batches[4]),
     ]
     assert lane.in_flight == 0  # every batch taken was settled (here: no connection to ack on)
+
+
+class Weighing(Pipelined):
+    """A pipelined handler whose deliveries weigh what their body says (b"12" weighs 12)."""
+
+    batch_bytes = 10
+
+    def weigh(self, delivery):
+        return int(delivery.body)
+
+
+def test_a_batch_closes_once_the_mail_it_stands_for_reaches_the_handlers_byte_budget(tmp_path):
+    from mailferry.config import Settings
+    from mailferry.runner import Delivery, Runner
+
+    handler = Weighing(prefetch=40)  # batches of up to 10 by count
+    runner = Runner(Settings(var_dir=tmp_path), [handler])
+    lane = runner.lanes[0]
+    weights = [3, 3, 3, 3, 12, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]
+    for n, weight in enumerate(weights):
+        lane.inbox.put(Delivery(n + 1, str(weight).encode(), pika.BasicProperties(), False,
+                                "inbound", 0))
+    lane.inbox.put(None)
+    worker = threading.Thread(target=runner._work, args=(lane,), daemon=True)
+    worker.start()
+    worker.join(10)
+    assert not worker.is_alive()
+    committed = [[int(b) for b in bodies] for call, bodies in handler.calls if call == "commit"]
+    # 3+3+3 is under the budget of 10, the fourth 3 reaches it; a message over the budget is
+    # a batch of its own; light messages still stop at the count (a quarter of the prefetch).
+    assert committed == [[3, 3, 3, 3], [12], [1] * 10, [1] * 2]
