@@ -85,11 +85,9 @@ class BlobStore:
                 continue
             data = blob.data if blob.data is not None else Path(blob.source).read_bytes()
             pending.append((target, folder, data))
-        # Write every file first and start its writeback at once, then fsync them in turn:
-        # the disk flushes the batch together, and the fsyncs after the first find their
-        # data written and their journal commit done. (An fsync right after each write paid
-        # a journal commit per file; fsyncs side by side in a thread pool cost the process
-        # more CPU in thread hand-offs than the fsyncs themselves: docs/BENCHMARKS.md.)
+        # Write every file first, then fsync them in turn, in this thread. (fsyncs side by
+        # side in a thread pool cost the process more CPU in thread hand-offs than the
+        # fsyncs themselves: docs/BENCHMARKS.md.)
         temporaries: list[str] = []
         try:
             files = []
@@ -99,7 +97,6 @@ class BlobStore:
                     temporaries.append(tmp)
                     files.append(fd)
                     _write_all(fd, data)
-                    _start_writeback(fd)
                 for fd in files:
                     os.fsync(fd)
             finally:
@@ -153,19 +150,6 @@ def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
-
-
-_sync_file_range = getattr(os, "sync_file_range", None)  # Linux only
-
-
-def _start_writeback(fd: int) -> None:
-    """Ask the kernel to start writing the file's data now (it returns without waiting), so
-    that a run of files reaches the disk together; the fsync that follows still decides."""
-    if _sync_file_range is not None:
-        try:
-            _sync_file_range(fd, 0, 0, os.SYNC_FILE_RANGE_WRITE)
-        except OSError:
-            pass  # not supported here: the fsync alone does it
 
 
 def _write_temporary(folder: Path | str, data: bytes) -> str:
