@@ -1,27 +1,36 @@
 """Benchmark: inject→stored throughput of the consumer, against the parse-only ceiling.
 
-One run: (1) the parse-only rate of 5,000 messages in one process — the ceiling, since parsing
-is the consumer's irreducible work; (2) the rate at which one consumer process drains the
-5,000 injected messages into SQLite (from the moment it is consuming until the last receipt);
-(3) the same with two consumer processes. Goals: one ≥ 0.85 × ceiling, two ≥ 1.5 × one, peak
-RSS of a consumer under 200 MB.
+One round: (1) the parse-only rate of 5,000 messages in one process — the ceiling, since
+parsing is the consumer's irreducible work; (2) the rate at which one consumer process drains
+the 5,000 injected messages into SQLite (from the moment it is consuming until the last
+receipt); (3) the same with two consumer processes. Goals: one ≥ 0.85 × ceiling, two ≥ 1.5 ×
+one, peak RSS of a consumer under 200 MB. Ratios are taken within a round, and their medians
+over the rounds are reported.
 
-    .venv/bin/python bench/consumer_throughput.py [--count 5000]
+Every drain's backlog is injected before the first round, each into a virtual host of its
+own, so that the three measurements of a round run back to back: this machine's speed drifts
+by a third within a minute (docs/BENCHMARKS.md), and a round with a pause for injecting
+between its measurements compared one speed of the machine with another.
+
+    .venv/bin/python bench/consumer_throughput.py [--count 5000] [--rounds 7]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-from common import (inject_backlog, machine, message_mix, peak_rss_mb, stop_consumers,
-                    wait_consuming)
+from common import (descendants, inject_backlog, machine, message_mix, peak_rss_mb,
+                    stop_consumers, wait_consuming)
+from consumer_cpu import cpu_seconds, machine_cpu
 
 from consumer.parse import parse_email
 from mailferry.config import Settings
+from mailferry.db import close_database, open_database
 from mailferry.models import InboundReceipt
 from tests.harness.rabbitmq import RabbitMQServer
 from tests.pipeline import consumer_process, wait_for
@@ -38,28 +47,56 @@ def parse_ceiling(messages: list[bytes]) -> float:
     return len(messages) / (time.perf_counter() - started)
 
 
-def drain(base: Path, amqp_url: str, messages: list[bytes], consumers: int) -> tuple[float, float]:
-    """Inject everything, then time ``consumers`` processes draining it. (rate, peak RSS MB)"""
-    settings = Settings(var_dir=base, amqp_url=amqp_url, consumer_metrics_port=0, prefetch=PREFETCH,
-                        parse_process=PARSE_PROCESS)
+def backlog(rabbit: RabbitMQServer, base: Path, messages: list[bytes]) -> Settings:
+    """A drain's own database, spool and virtual host, with ``messages`` injected."""
+    vhost = base.name
+    rabbit.rabbitmqctl("add_vhost", vhost)
+    rabbit.rabbitmqctl("set_permissions", "-p", vhost, rabbit.username, ".*", ".*", ".*")
+    settings = Settings(var_dir=base, amqp_url=rabbit.amqp_url_for(vhost), consumer_metrics_port=0,
+                        prefetch=PREFETCH, parse_process=PARSE_PROCESS)
     inject_backlog(settings, messages)
-    logs = [base / f"consumer{i}.log" for i in range(consumers)]
+    close_database()
+    return settings
+
+
+def drain(settings: Settings, count: int, consumers: int, rabbit: RabbitMQServer) -> tuple[float, float, str]:
+    """Time ``consumers`` processes draining the backlog of ``settings``.
+
+    (rate, peak RSS MB, where the CPU went: ms per message of the parser processes, of the
+    consumers' own and of RabbitMQ, and how idle the machine was)
+    """
+    open_database(settings.resolved_database_url)
+    logs = [settings.var_dir / f"consumer{i}.log" for i in range(consumers)]
     processes = [consumer_process(settings, log) for log in logs]
     try:
         wait_consuming(logs)
+        before = cpu_snapshot(processes, rabbit)
         started = time.perf_counter()
-        wait_for(lambda: InboundReceipt.select().count() >= len(messages), timeout=900, interval=0.05)
+        wait_for(lambda: InboundReceipt.select().count() >= count, timeout=900, interval=0.05)
         elapsed = time.perf_counter() - started
+        after = cpu_snapshot(processes, rabbit)
         rss = max(peak_rss_mb(p.pid) for p in processes)
     finally:
         stop_consumers(processes)
-    return len(messages) / elapsed, rss
+    used = {k: (after[k] - before.get(k, 0.0)) * 1000 / count for k in after}
+    idle = 100 * (after["idle"] - before["idle"]) / (elapsed * (os.cpu_count() or 1))
+    return count / elapsed, rss, (f"CPU ms/msg: parsers {used['parsers']:.2f}, consumers "
+                                  f"{used['consumers']:.2f}, RabbitMQ {used['rabbitmq']:.2f}; "
+                                  f"idle {idle:.0f} %")
+
+
+def cpu_snapshot(processes, rabbit: RabbitMQServer) -> dict[str, float]:
+    parsers = [child for p in processes for child in descendants(p.pid)]
+    return {"parsers": sum(map(cpu_seconds, parsers)),
+            "consumers": sum(cpu_seconds(p.pid) for p in processes),
+            "rabbitmq": cpu_seconds(rabbit.beam_pid()),
+            "idle": machine_cpu()["(machine idle)"]}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--count", type=int, default=5000)
-    parser.add_argument("--rounds", type=int, default=3,
+    parser.add_argument("--rounds", type=int, default=7,
                         help="rounds of (ceiling, one, two); medians are reported")
     parser.add_argument("--parse-process", choices=("auto", "on", "off"), default="auto",
                         help="MAILFERRY_PARSE_PROCESS of the consumers")
@@ -77,15 +114,18 @@ def main() -> int:
         try:
             # Rounds interleave the three measurements, so a busy moment of the machine
             # weighs on all of them alike; medians are reported.
-            for n in range(args.rounds):
+            print(f"  injecting {2 * args.rounds} backlogs of {args.count} messages", flush=True)
+            backlogs = [(backlog(rabbit, tmp / f"one-{n}", messages),
+                         backlog(rabbit, tmp / f"two-{n}", messages)) for n in range(args.rounds)]
+            for n, (for_one, for_two) in enumerate(backlogs):
                 ceilings.append(parse_ceiling(messages))
-                one, rss_one = drain(tmp / f"one-{n}", rabbit.amqp_url, messages, 1)
-                two, rss_two = drain(tmp / f"two-{n}", rabbit.amqp_url, messages, 2)
+                one, rss_one, cpu_one = drain(for_one, len(messages), 1, rabbit)
+                two, rss_two, cpu_two = drain(for_two, len(messages), 2, rabbit)
                 ones.append(one)
                 twos.append(two)
                 rss += [rss_one, rss_two]
-                print(f"  round {n + 1}: ceiling {ceilings[-1]:.0f}, one {one:.0f}, two {two:.0f} msg/s",
-                      flush=True)
+                print(f"  round {n + 1}: ceiling {ceilings[-1]:.0f}, one {one:.0f}, two {two:.0f} msg/s"
+                      f"\n    one: {cpu_one}\n    two: {cpu_two}", flush=True)
         finally:
             rabbit.stop()
     ceiling, one, two = (statistics.median(v) for v in (ceilings, ones, twos))
