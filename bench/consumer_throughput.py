@@ -1,9 +1,10 @@
 """Benchmark: inject→stored throughput of the consumer, against the parse-only ceiling.
 
 One round: (1) the parse-only rate of 5,000 messages in one process — the ceiling, since
-parsing is the consumer's irreducible work; (2) the rate at which one consumer process drains
-the 5,000 injected messages into SQLite (from the moment it is consuming until the last
-receipt); (3) the same with two consumer processes. Goals: one ≥ 0.85 × ceiling, two ≥ 1.5 ×
+parsing is the consumer's irreducible work; half of them are parsed just before (2) and half
+just after it; (2) the rate at which one consumer process drains the 5,000 injected messages
+into SQLite (from the moment it is consuming until the last receipt); (3) the same with two
+consumer processes. Goals: one ≥ 0.85 × ceiling, two ≥ 1.5 ×
 one, peak RSS of a consumer under 200 MB. Ratios are taken within a round, and their medians
 over the rounds are reported.
 
@@ -40,11 +41,12 @@ PARSE_PROCESS = "auto"
 PREFETCH = Settings().prefetch
 
 
-def parse_ceiling(messages: list[bytes]) -> float:
+def parse_seconds(messages: list[bytes]) -> float:
+    """How long parsing ``messages`` one after another in this process takes."""
     started = time.perf_counter()
     for raw in messages:
         parse_email(raw)
-    return len(messages) / (time.perf_counter() - started)
+    return time.perf_counter() - started
 
 
 def backlog(rabbit: RabbitMQServer, base: Path, messages: list[bytes]) -> Settings:
@@ -117,9 +119,15 @@ def main() -> int:
             print(f"  injecting {2 * args.rounds} backlogs of {args.count} messages", flush=True)
             backlogs = [(backlog(rabbit, tmp / f"one-{n}", messages),
                          backlog(rabbit, tmp / f"two-{n}", messages)) for n in range(args.rounds)]
+            half = len(messages) // 2
             for n, (for_one, for_two) in enumerate(backlogs):
-                ceilings.append(parse_ceiling(messages))
+                # The ceiling parses the first half of the messages just before the one
+                # consumer's drain and the second half just after it: it brackets the drain
+                # it is compared with, rather than taking the machine's speed of one moment.
+                parsing = parse_seconds(messages[:half])
                 one, rss_one, cpu_one = drain(for_one, len(messages), 1, rabbit)
+                parsing += parse_seconds(messages[half:])
+                ceilings.append(len(messages) / parsing)
                 two, rss_two, cpu_two = drain(for_two, len(messages), 2, rabbit)
                 ones.append(one)
                 twos.append(two)
