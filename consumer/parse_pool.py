@@ -8,7 +8,8 @@ the caller logs the warnings and observes the metric (``consumer.save.observe_pa
 
 Owner and helper share one pipe and no threads of the owner's: ``submit`` pickles a request
 onto the pipe and returns a ``Ticket``; ``collect`` reads replies off the pipe — they come in
-the order of the requests — until its ticket's has come. (concurrent.futures would add a
+the order of the requests, each request's in replies of ``REPLY_CHUNK`` messages — until its
+ticket's last has come. (concurrent.futures would add a
 feeder thread and a result thread to the owner, each woken for every batch: on two cores
 those hand-offs cost as much CPU as the rest of a batch's bookkeeping.) In the helper a
 reader thread takes requests off the pipe as they arrive, so a large request never waits
@@ -37,6 +38,10 @@ from consumer.parse import Limits, ParsedEmail, parse_email
 from mailferry.errors import EmailParseError, TransientError
 
 CLOSE_TIMEOUT = 5.0  # seconds a helper may take to leave before it is killed
+# The helper answers a request in replies of at most this many messages: holding a whole
+# batch of 128 parsed messages before sending any made its parsing ~7 % slower per message
+# (a larger live heap for the garbage collector and the caches) than batches of 32.
+REPLY_CHUNK = 32
 
 
 @dataclass
@@ -100,16 +105,26 @@ def _serve(conn) -> None:
     threading.Thread(target=_read_requests, args=(conn, requests), daemon=True,
                      name="requests").start()
     while (request := requests.get()) is not None:
-        work, items, limits = request
         try:
-            reply = (True, WORK[work](items, limits))
-        except Exception as exc:  # a bug, not a verdict on a message: the owner decides
-            reply = (False, f"{type(exc).__name__}: {exc}")
-        try:
-            conn.send(reply)
+            _answer(conn, *request)
         except OSError:  # the owner is gone
             break
     os._exit(0)  # nothing to flush; don't wait for the reader thread
+
+
+def _answer(conn, work: str, items: list, limits: Limits) -> None:
+    """Send the outcomes of ``items`` in replies of ``REPLY_CHUNK``: (ok, value, last)."""
+    start = 0
+    while True:
+        chunk = items[start:start + REPLY_CHUNK]
+        start += REPLY_CHUNK
+        try:
+            reply = (True, WORK[work](chunk, limits), start >= len(items))
+        except Exception as exc:  # a bug, not a verdict on a message: the owner decides
+            reply = (False, f"{type(exc).__name__}: {exc}", True)
+        conn.send(reply)
+        if reply[2]:
+            return
 
 
 def _read_requests(conn, requests: queue.SimpleQueue) -> None:
@@ -130,8 +145,15 @@ class Ticket:
 
     def __init__(self) -> None:
         self.done = False
-        self.ok = False
-        self.value: object = None
+        self.ok = True
+        self.value: object = []
+
+    def take(self, ok: bool, value: object) -> None:
+        """One reply: outcomes to add, or the failure that settles the request."""
+        if not ok:
+            self.ok, self.value = False, value
+        elif self.ok:
+            self.value.extend(value)  # type: ignore[union-attr]
 
     def settle(self, ok: bool, value: object) -> None:
         self.ok, self.value, self.done = ok, value, True
@@ -221,12 +243,17 @@ class ParsePool:
         return ticket.value  # type: ignore[return-value]
 
     def _receive_one(self) -> None:
-        """Read one reply and settle the oldest ticket with it (holding the receive lock)."""
+        """Read one reply into the oldest ticket, and settle it with its last reply (holding
+        the receive lock)."""
         try:
-            ok, value = self._conn.recv()
+            ok, value, last = self._conn.recv()
         except (EOFError, OSError, AttributeError) as exc:  # AttributeError: no pipe any more
             self._broken(exc)
-        self._pending.popleft().settle(ok, value)
+        ticket = self._pending[0]
+        ticket.take(ok, value)
+        if last:
+            self._pending.popleft()
+            ticket.done = True
 
     def _broken(self, exc: BaseException) -> None:
         """The helper died: fail what it held, forget it (the next submit starts another)."""

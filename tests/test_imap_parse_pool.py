@@ -45,6 +45,19 @@ def test_the_helper_parses_as_this_process_does(pool):
         assert theirs.seconds > 0
 
 
+def test_requests_longer_than_a_reply_come_back_whole_in_order_and_to_their_own_tickets(pool):
+    from consumer.parse_pool import REPLY_CHUNK
+
+    big = [mailgen.plain(n) for n in range(2 * REPLY_CHUNK + 5)]  # three replies
+    small = [mailgen.plain(1000 + n) for n in range(3)]
+    first, second = pool.submit(big, Limits()), pool.submit(small, Limits())
+    # Collecting the second reads the first's replies on the way and keeps them for it.
+    assert [p.email.message_id for p in pool.collect(second)] == [
+        f"<test-{1000 + n}@example.net>" for n in range(3)]
+    assert [p.email.message_id for p in pool.collect(first)] == [
+        f"<test-{n}@example.net>" for n in range(len(big))]
+
+
 def test_a_helper_that_died_is_a_transient_error_and_the_next_submit_starts_another(pool):
     first = helper_pid(pool)
     os.kill(first, signal.SIGKILL)
