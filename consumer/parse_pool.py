@@ -9,9 +9,9 @@ the caller logs the warnings and observes the metric (``consumer.save.observe_pa
 Owner and helper share one pipe and no threads of the owner's: ``submit`` pickles a request
 onto the pipe and returns a ``Ticket``; ``collect`` reads replies off the pipe — they come in
 the order of the requests, each request's in replies of ``REPLY_CHUNK`` messages — until its
-ticket's last has come. (concurrent.futures would add a
-feeder thread and a result thread to the owner, each woken for every batch: on two cores
-those hand-offs cost as much CPU as the rest of a batch's bookkeeping.) In the helper a
+ticket's last has come. (concurrent.futures would add a feeder thread and a result thread
+to the owner, each woken for every batch: on two cores those hand-offs cost as much CPU as
+the rest of a batch's bookkeeping.) In the helper a
 reader thread takes requests off the pipe as they arrive, so a large request never waits
 for the owner to read a large reply: the two would wait for each other.
 
@@ -39,8 +39,8 @@ from mailferry.errors import EmailParseError, TransientError
 
 CLOSE_TIMEOUT = 5.0  # seconds a helper may take to leave before it is killed
 # The helper answers a request in replies of at most this many messages: holding a whole
-# batch of 128 parsed messages before sending any made its parsing ~7 % slower per message
-# (a larger live heap for the garbage collector and the caches) than batches of 32.
+# batch of 128 parsed messages before sending any made its parsing 5–8 % slower per message
+# than batches of 32 (a larger live heap for the garbage collector and the caches).
 REPLY_CHUNK = 32
 
 
