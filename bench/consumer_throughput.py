@@ -4,9 +4,9 @@ One round: (1) the parse-only rate of 5,000 messages in one process — the ceil
 parsing is the consumer's irreducible work; half of them are parsed just before (2) and half
 just after it; (2) the rate at which one consumer process drains the 5,000 injected messages
 into SQLite (from the moment it is consuming until the last receipt); (3) the same with two
-consumer processes. Goals: one ≥ 0.85 × ceiling, two ≥ 1.5 ×
-one, peak RSS of a consumer under 200 MB. Ratios are taken within a round, and their medians
-over the rounds are reported.
+consumer processes. Goals: one ≥ 0.85 × ceiling, two ≥ 1.5 × one, peak RSS of a consumer
+under 200 MB. Ratios are taken within a round, and their medians over the rounds are
+reported.
 
 Every drain's backlog is injected before the first round, each into a virtual host of its
 own, so that the three measurements of a round run back to back: this machine's speed drifts
@@ -96,16 +96,16 @@ def cpu_snapshot(processes, rabbit: RabbitMQServer) -> dict[str, float]:
 
 
 def main() -> int:
+    global PARSE_PROCESS, PREFETCH
     parser = argparse.ArgumentParser()
     parser.add_argument("--count", type=int, default=5000)
     parser.add_argument("--rounds", type=int, default=7,
                         help="rounds of (ceiling, one, two); medians are reported")
     parser.add_argument("--parse-process", choices=("auto", "on", "off"), default="auto",
                         help="MAILFERRY_PARSE_PROCESS of the consumers")
-    parser.add_argument("--prefetch", type=int, default=Settings().prefetch,
+    parser.add_argument("--prefetch", type=int, default=PREFETCH,
                         help="MAILFERRY_PREFETCH (default: its default)")
     args = parser.parse_args()
-    global PARSE_PROCESS, PREFETCH
     PARSE_PROCESS, PREFETCH = args.parse_process, args.prefetch
     messages = message_mix(args.count)
     megabytes = sum(map(len, messages)) / 1e6
@@ -114,12 +114,12 @@ def main() -> int:
         rabbit = RabbitMQServer(tmp / "rabbitmq").start()
         ceilings, ones, twos, rss = [], [], [], []
         try:
-            # Rounds interleave the three measurements, so a busy moment of the machine
-            # weighs on all of them alike; medians are reported.
             print(f"  injecting {2 * args.rounds} backlogs of {args.count} messages", flush=True)
             backlogs = [(backlog(rabbit, tmp / f"one-{n}", messages),
                          backlog(rabbit, tmp / f"two-{n}", messages)) for n in range(args.rounds)]
             half = len(messages) // 2
+            # Rounds interleave the three measurements, so a busy moment of the machine
+            # weighs on all of them alike; medians are reported.
             for n, (for_one, for_two) in enumerate(backlogs):
                 # The ceiling parses the first half of the messages just before the one
                 # consumer's drain and the second half just after it: it brackets the drain

@@ -11,9 +11,9 @@ onto the pipe and returns a ``Ticket``; ``collect`` reads replies off the pipe â
 the order of the requests, each request's in replies of ``REPLY_CHUNK`` messages â€” until its
 ticket's last has come. (concurrent.futures would add a feeder thread and a result thread
 to the owner, each woken for every batch: on two cores those hand-offs cost as much CPU as
-the rest of a batch's bookkeeping.) In the helper a
-reader thread takes requests off the pipe as they arrive, so a large request never waits
-for the owner to read a large reply: the two would wait for each other.
+the rest of a batch's bookkeeping.) In the helper a reader thread takes requests off the
+pipe as they arrive, so a large request never waits for the owner to read a large reply: the
+two would wait for each other.
 
 The helper is started with ``forkserver`` (never ``fork``: the consumer has threads) when
 first needed and kept until ``close()``. A helper that died (killed, out of memory) is a
@@ -148,12 +148,13 @@ class Ticket:
         self.ok = True
         self.value: object = []
 
-    def take(self, ok: bool, value: object) -> None:
-        """One reply: outcomes to add, or the failure that settles the request."""
+    def take(self, ok: bool, value: object, last: bool) -> None:
+        """One reply: outcomes to add, or the failure of the request; ``last`` settles it."""
         if not ok:
             self.ok, self.value = False, value
         elif self.ok:
             self.value.extend(value)  # type: ignore[union-attr]
+        self.done = last
 
     def settle(self, ok: bool, value: object) -> None:
         self.ok, self.value, self.done = ok, value, True
@@ -249,11 +250,9 @@ class ParsePool:
             ok, value, last = self._conn.recv()
         except (EOFError, OSError, AttributeError) as exc:  # AttributeError: no pipe any more
             self._broken(exc)
-        ticket = self._pending[0]
-        ticket.take(ok, value)
+        self._pending[0].take(ok, value, last)
         if last:
             self._pending.popleft()
-            ticket.done = True
 
     def _broken(self, exc: BaseException) -> None:
         """The helper died: fail what it held, forget it (the next submit starts another)."""
