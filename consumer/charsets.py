@@ -33,28 +33,37 @@ FALLBACKS = {
 
 
 def codec_for(charset: str | None) -> str:
-    """The Python codec to decode text labelled ``charset`` with."""
+    """The Python codec to decode text labelled ``charset`` with.
+
+    A charset name from a header is data: ``codecs.lookup`` also finds codecs that are not
+    text encodings (``zlib``, ``base64``, ``rot13``, ``hex``, ``uu``), and decoding with one
+    raises LookupError or worse. Anything that is not a text encoding is read as UTF-8.
+    """
     label = (charset or "utf-8").strip().strip('"').lower()
     label = FALLBACKS.get(label, label)
     try:
-        return codecs.lookup(label).name
-    except LookupError:
+        info = codecs.lookup(label)
+    except (LookupError, ValueError, TypeError):  # ValueError: a NUL in the name
         return "utf-8"
+    return info.name if getattr(info, "_is_text_encoding", True) else "utf-8"
 
 
 def decode_text(data: bytes, charset: str | None) -> tuple[str, bool]:
-    """Decode ``data``; the flag says whether it needed a lossy fallback."""
+    """Decode ``data``; the flag says whether it needed a lossy fallback. Never raises."""
     codec = codec_for(charset)
     try:
         return data.decode(codec), False
-    except (UnicodeDecodeError, LookupError):
+    except (UnicodeError, LookupError, ValueError):  # utf-7 and friends raise more than one kind
         pass
     if codec != "utf-8":
         try:
             return data.decode("utf-8"), True
         except UnicodeDecodeError:
             pass
-    return data.decode(codec, errors="replace"), True
+    try:
+        return data.decode(codec, errors="replace"), True
+    except (UnicodeError, LookupError, ValueError):
+        return data.decode("utf-8", errors="replace"), True
 
 
 def decode_header_value(value: str | None) -> str:

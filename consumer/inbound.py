@@ -27,7 +27,7 @@ from mailferry.errors import PermanentError, TransientError
 from mailferry.db import bulk_insert, insert_rows, write_transaction
 from mailferry.models import InboundReceipt, UnroutedMessage, db, utcnow
 from mailferry.runner import Delivery, Outcome
-from mailferry.spool import Spool
+from mailferry.spool import Spool, read_regular
 from mailferry.storage import BlobStore
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ class InboundHandler:
                 jobs[i] = (delivery.decoded if isinstance(delivery.decoded, InboundJob)
                            else InboundJob.from_body(delivery.body))
             except PermanentError as exc:
-                batch.outcomes[i] = Outcome.dead(f"malformed inbound job: {exc}")
+                batch.outcomes[i] = Outcome.dead(f"malformed job: {exc}")
                 metrics.emails.labels(SOURCE, "failed").inc()
                 continue
             if delivery.redelivered:
@@ -143,7 +143,11 @@ class InboundHandler:
                 batch.outcomes[item.index] = self._missing(item.job)
                 continue
             if result.unreadable:
-                raise TransientError(f"cannot read {item.job.spool_path}: {result.error}")
+                # One file that cannot be read (a folder, a FIFO, no permission) is that
+                # message's outcome, never its batch's.
+                batch.outcomes[item.index] = self._quarantine(
+                    item.job, item.path, f"spool file cannot be read: {result.error}")
+                continue
             if result.email is None:
                 batch.outcomes[item.index] = self._quarantine(item.job, item.path, result.error)
                 continue
@@ -197,11 +201,11 @@ class InboundHandler:
         if self.pool is not None:
             return _Prepared(index, job, path, None, None)  # the parser process reads it
         try:
-            raw = path.read_bytes()
+            raw = read_regular(path)
         except FileNotFoundError:
             return self._missing(job)
         except OSError as exc:
-            raise TransientError(f"cannot read {job.spool_path}: {exc.strerror}") from exc
+            return self._quarantine(job, path, f"spool file cannot be read: unreadable: {exc.strerror}")
         return _Prepared(index, job, path, raw, None)
 
     def _missing(self, job: InboundJob) -> Outcome:
@@ -213,7 +217,11 @@ class InboundHandler:
 
     def _quarantine(self, job: InboundJob, path, reason: str) -> Outcome:
         log.warning("queue_id=%s quarantined: %s", job.queue_id, reason)
-        self.spool.quarantine(path, reason)
+        try:
+            self.spool.quarantine(path, reason)
+        except OSError as exc:  # the message's outcome stays the same; say where it is
+            log.error("queue_id=%s cannot be moved to spool/failed: %s", job.queue_id, exc)
+            reason = f"{reason} (left in {job.spool_path}: cannot move it: {exc.strerror})"
         metrics.emails.labels(SOURCE, "quarantined").inc()
         return Outcome.dead(f"quarantined in spool/failed/{path.name}: {reason}")
 
@@ -228,10 +236,12 @@ class InboundHandler:
                     with db.atomic():  # savepoint around the fast path
                         counts = self._save_bulk(prepared)
                         outcomes = {item.index: Outcome.ack() for item in prepared}
-                except peewee.IntegrityError:
+                except (peewee.IntegrityError, peewee.DataError, ValueError):
                     # A queue id twice (in this batch, or committed by another consumer
                     # meanwhile; a message stored meanwhile is only a duplicate): redo this
-                    # batch message by message, each in its own savepoint.
+                    # batch message by message, each in its own savepoint. A value the
+                    # database refuses (DataError; psycopg2's ValueError for a NUL) is
+                    # found there too, and only its message is quarantined.
                     counts = []
                     for item in prepared:
                         outcome, item_counts = self._save_one(item)
@@ -296,8 +306,11 @@ class InboundHandler:
             return Outcome.ack(), [("duplicate", 1)]
         except peewee.OperationalError:
             raise
-        except peewee.PeeweeException as exc:
-            return Outcome.dead(f"cannot save: {exc}"), [("failed", 1)]
+        except (peewee.PeeweeException, ValueError) as exc:
+            # The database refused this message (DataError, a NUL psycopg2 will not send):
+            # its outcome alone; the message waits in spool/failed for a person.
+            reason = f"the database refused it: {type(exc).__name__}: {exc}"[:500]
+            return self._quarantine(job, item.path, reason), []  # counted there
         return Outcome.ack(), counts
 
     def _remove_spool_file(self, job: InboundJob) -> None:

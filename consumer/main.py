@@ -28,7 +28,11 @@ def main(settings: Settings | None = None) -> int:
     health.add_readiness_check("database", database_problem)
     health.add_readiness_check(
         "broker", lambda: None if runner.ready.is_set() else "not consuming from RabbitMQ")
+    health.add_readiness_check("workers", lambda: runner.crashed)
     health.serve(settings, settings.consumer_metrics_port, role="consumer")
     runner.install_signal_handlers()
     runner.run()
+    if runner.crashed:
+        log.critical("consumer exits: %s", runner.crashed)
+        return 1
     return 0

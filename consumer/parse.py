@@ -22,8 +22,9 @@ from consumer.quiet_flanker import mime, flanker_errors, transfer_decode
 from mailferry.config import Settings
 from mailferry.errors import EmailParseError
 
-MESSAGE_ID_RE = re.compile(r"<([^<>\s]+)>")
+MESSAGE_ID_RE = re.compile(r"<([^<>\s\x00-\x1f\x7f]+)>")
 MAX_MESSAGE_ID_LEN = 500
+_BARE_ADDRESS = re.compile(r"[^\s<>()\[\]\\,;:\"@]+@[^\s<>()\[\]\\,;:\"@]+")
 _HEADER_END = re.compile(rb"\r?\n\r?\n")
 # Charsets chardet guesses for short raw UTF-8 strings (see _repair_mojibake).
 _MOJIBAKE_GUESSES = ("mac_roman", "mac_latin2", "cp1252", "cp1250", "cp1257", "latin-1")
@@ -81,7 +82,25 @@ class ParsedEmail:
 
 
 def parse_email(raw: bytes, limits: Limits = Limits()) -> ParsedEmail:
-    """Parse ``raw``; raise EmailParseError with a readable reason if it cannot be used."""
+    """Parse ``raw``; raise EmailParseError with a readable reason if it cannot be used.
+
+    The one boundary around the parse of one message: whatever flanker, the standard
+    library or the charset layer raise on hostile bytes (RecursionError from nested
+    comments, LookupError, ValueError, UnicodeError, flanker's DecodingError) becomes this
+    message's EmailParseError, with the exception named, so it is quarantined with a reason
+    and never fails its batch, its queue or its process.
+    """
+    try:
+        return _parse(raw, limits)
+    except EmailParseError:
+        raise
+    except RecursionError as exc:
+        raise EmailParseError(f"cannot parse: RecursionError (structure nests too deeply): {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - hostile input may raise anything
+        raise EmailParseError(f"cannot parse: {type(exc).__name__}: {exc}"[:500]) from exc
+
+
+def _parse(raw: bytes, limits: Limits) -> ParsedEmail:
     if len(raw) > limits.max_message_bytes:
         raise EmailParseError(
             f"message is {len(raw)} bytes, over the limit of {limits.max_message_bytes}")
@@ -141,7 +160,7 @@ def message_id_of(header: str | None, sha256: str) -> str:
     if found and len(found.group(0)) <= MAX_MESSAGE_ID_LEN:
         return found.group(0)
     bare = _str(header).strip()
-    if bare and " " not in bare and len(bare) + 2 <= MAX_MESSAGE_ID_LEN:
+    if bare and bare.isprintable() and " " not in bare and len(bare) + 2 <= MAX_MESSAGE_ID_LEN:
         return f"<{bare}>"  # some senders omit the brackets
     return f"<{sha256}@mailferry>"
 
@@ -245,8 +264,14 @@ def _content_id(part) -> str | None:
 
 def _addresses(values: list) -> list[str]:
     decoded = [decode_header_value(_str(v)) for v in values]
+    try:
+        pairs = getaddresses(decoded)
+    except RecursionError:
+        # email.utils recurses once per nested comment: a few hundred "(" exhaust the stack.
+        # The addresses are still there to be found; the envelope routes the mail anyway.
+        pairs = [("", found) for value in decoded for found in _BARE_ADDRESS.findall(value)]
     out = []
-    for name, addr in getaddresses(decoded):
+    for name, addr in pairs:
         addr = addr.strip()
         if addr and "@" in addr:
             out.append(addr)

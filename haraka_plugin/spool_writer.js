@@ -42,11 +42,11 @@ function write_file(folder, id, data) {
 
 function open_exclusive(folder, tmp) {
   try {
-    return fs.openSync(tmp, 'wx', 0o640)
+    return fs.openSync(tmp, 'wx', 0o600)
   } catch (err) {
     if (err.code !== 'ENOENT') throw err
-    fs.mkdirSync(folder, { recursive: true })
-    return fs.openSync(tmp, 'wx', 0o640)
+    fs.mkdirSync(folder, { recursive: true, mode: 0o700 })
+    return fs.openSync(tmp, 'wx', 0o600)
   }
 }
 

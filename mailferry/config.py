@@ -172,14 +172,33 @@ def _convert(f: dataclasses.Field, value: Any) -> Any:
     return text
 
 
-def _redact(url: str) -> str:
-    """Hide a password in a URL before it reaches a log line."""
-    if "://" in url and "@" in url:
-        scheme, rest = url.split("://", 1)
-        creds, host = rest.rsplit("@", 1)
-        user = creds.split(":", 1)[0]
-        return f"{scheme}://{user}:***@{host}"
-    return url
+# Query parameters that carry a secret in the URLs people write (psycopg2 and RabbitMQ take
+# ``?password=``; tokens and keys travel the same way).
+_SECRET_PARAMS = ("password", "passwd", "pass", "pwd", "secret", "token", "key", "auth")
+
+
+def redact_url(url: str) -> str:
+    """``url`` fit to print: the password in its userinfo and every secret-looking query
+    parameter replaced by ``***``. Anything that is not a URL is returned as it is."""
+    if "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    base, query_mark, query = rest.partition("?")
+    if "@" in base:
+        creds, host = base.rsplit("@", 1)
+        user, has_password, _ = creds.partition(":")
+        base = f"{user}:***@{host}" if has_password else f"{user}@{host}"
+    if query_mark:
+        parts = []
+        for item in query.split("&"):
+            name, eq, _ = item.partition("=")
+            secret = any(word in name.lower() for word in _SECRET_PARAMS)
+            parts.append(f"{name}=***" if eq and secret else item)
+        query = "&".join(parts)
+    return f"{scheme}://{base}{query_mark}{query}"
+
+
+_redact = redact_url  # the name this module's own messages use
 
 
 def describe() -> list[tuple[str, str, str]]:

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
+import re
 from dataclasses import asdict, dataclass, field
 
 from mailferry.errors import ContractError
 
 VERSION = 1
+# A queue id names the spool file (``incoming/<queue_id>.eml``): Haraka's transaction uuids
+# (``UUID`` or ``UUID.n``) and the injector's fit; nothing that could name a path does.
+QUEUE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+MAX_SIZE = 2 ** 53  # the largest integer JSON carries exactly
 
 
 def _load(body: bytes) -> dict:
@@ -29,6 +35,28 @@ def _require(data: dict, name: str, kind: type | tuple[type, ...]):
         expected = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
         raise ContractError(f"field {name!r} missing or not {expected}")
     return value
+
+
+def _optional_str(data: dict, name: str) -> str:
+    value = data.get(name)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise ContractError(f"field {name!r} is not a string")
+    return value
+
+
+def _size(data: dict) -> int:
+    value = data.get("size", 0)
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ContractError(f"field 'size' is not a number: {value!r}"[:200])
+    if isinstance(value, float) and (not math.isfinite(value) or value != int(value)):
+        raise ContractError(f"field 'size' is not a whole number: {value!r}")
+    if not 0 <= value <= MAX_SIZE:
+        raise ContractError(f"field 'size' is out of range: {value!r}")
+    return int(value)
 
 
 def dumps(payload: dict) -> bytes:
@@ -54,17 +82,22 @@ class InboundJob:
         if not rcpt_to or not all(isinstance(r, str) and r for r in rcpt_to):
             raise ContractError("field 'rcpt_to' must be a non-empty list of addresses")
         queue_id = _require(data, "queue_id", str)
-        if not queue_id or len(queue_id) > 64:
-            raise ContractError("field 'queue_id' must be 1 to 64 characters")
+        if not QUEUE_ID_RE.fullmatch(queue_id):
+            raise ContractError("field 'queue_id' must be 1 to 64 letters, digits, '.', '_' or '-'")
+        spool_path = _require(data, "spool_path", str)
+        if spool_path != spool_path_for(queue_id):
+            # Exactly its own file: not a folder, not failed/, not another message's file.
+            raise ContractError(f"field 'spool_path' must be {spool_path_for(queue_id)!r}, "
+                                f"not {spool_path[:200]!r}")
         return cls(
-            spool_path=_require(data, "spool_path", str),
+            spool_path=spool_path,
             queue_id=queue_id,
             mail_from=_require(data, "mail_from", str),
             rcpt_to=rcpt_to,
-            size=int(data.get("size") or 0),
-            received_at=str(data.get("received_at") or ""),
-            remote_ip=str(data.get("remote_ip") or ""),
-            helo=str(data.get("helo") or ""),
+            size=_size(data),
+            received_at=_optional_str(data, "received_at"),
+            remote_ip=_optional_str(data, "remote_ip"),
+            helo=_optional_str(data, "helo"),
         )
 
     def envelope(self) -> dict:
@@ -74,6 +107,11 @@ class InboundJob:
 
     def to_body(self) -> bytes:
         return dumps(asdict(self))
+
+
+def spool_path_for(queue_id: str) -> str:
+    """The one spool path an inbound job may name: its own file in ``incoming/``."""
+    return f"incoming/{queue_id}.eml"
 
 
 @dataclass(frozen=True)

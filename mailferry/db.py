@@ -20,7 +20,7 @@ from playhouse.db_url import connect as url_connect
 
 from mailferry import models
 from mailferry.errors import ConfigError, TransientError
-from mailferry.models import db
+from mailferry.models import clean_text, db
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +149,7 @@ def insert_rows(model: type[peewee.Model], columns: tuple[str, ...], rows: list[
     """
     if not rows:
         return []
+    rows = _cleaned(model, columns, rows)
     database = model._meta.database
     table = model._meta.table_name
     names = tuple(model._meta.fields[c].column_name for c in columns)
@@ -164,6 +165,37 @@ def insert_rows(model: type[peewee.Model], columns: tuple[str, ...], rows: list[
             if back:
                 out.extend(cursor.fetchall())
     return out
+
+
+def _cleaned(model, columns: tuple[str, ...], rows: list[tuple]) -> list[tuple]:
+    """``rows`` with every text value fit for its column (``models.clean_text``): mail is
+    hostile, and one NUL or one overlong value must not refuse a whole batch's INSERT."""
+    bounds = _text_bounds(model, columns)
+    if not bounds:
+        return rows
+    out = []
+    for row in rows:
+        fixed = None
+        for index, limit in bounds:
+            value = row[index]
+            if isinstance(value, str) and ("\x00" in value or (limit is not None and len(value) > limit)):
+                fixed = fixed or list(row)
+                fixed[index] = clean_text(value, limit)
+        out.append(tuple(fixed) if fixed else row)
+    return out
+
+
+@functools.lru_cache(maxsize=128)
+def _text_bounds(model, columns: tuple[str, ...]) -> tuple[tuple[int, int | None], ...]:
+    """(index, max length or None) of the text columns among ``columns``."""
+    found = []
+    for index, name in enumerate(columns):
+        field = model._meta.fields[name]
+        if isinstance(field, peewee.CharField):
+            found.append((index, field.max_length))
+        elif isinstance(field, peewee.TextField):
+            found.append((index, None))
+    return tuple(found)
 
 
 @functools.lru_cache(maxsize=512)

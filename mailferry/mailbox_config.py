@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,9 +107,33 @@ def load_fernet(settings: Settings) -> Fernet:
     try:
         return Fernet(key.encode("ascii") if isinstance(key, str) else key)
     except (ValueError, TypeError, UnicodeEncodeError):
-        raise ConfigError("MAILFERRY_SECRET_KEY: not a Fernet key (32 url-safe base64-encoded "
+        where = "MAILFERRY_SECRET_KEY" if settings.secret_key else f"{Path(settings.var_dir) / 'secret.key'}"
+        raise ConfigError(f"{where}: not a Fernet key (32 url-safe base64-encoded "
                           "bytes; make one with `python -c 'from cryptography.fernet import "
                           "Fernet; print(Fernet.generate_key().decode())'`)") from None
+
+
+def check_secret_key(settings: Settings) -> None:
+    """At start: the key that decrypts stored passwords is usable and private, or a
+    ConfigError that says what to do. A missing file is fine (it is made when first needed)."""
+    if settings.secret_key:
+        load_fernet(settings)
+        return
+    path = Path(settings.var_dir) / "secret.key"
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(info.st_mode):
+        raise ConfigError(f"{path}: not a regular file; it must hold the Fernet key")
+    if info.st_mode & 0o077:
+        raise ConfigError(f"{path}: mode {stat.S_IMODE(info.st_mode):04o} lets other users read "
+                          f"the key that decrypts IMAP passwords; run `chmod 600 {path}`")
+    if not path.read_text(errors="replace").strip():
+        raise ConfigError(f"{path}: empty. Restore it from the backup kept with the database "
+                          "(stored IMAP passwords cannot be read without it), or remove it to "
+                          "make a new key and set the passwords again")
+    load_fernet(settings)
 
 
 def _key_file(var_dir: Path) -> str:

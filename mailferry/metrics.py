@@ -43,6 +43,10 @@ requeued = Counter(
     "mailferry_requeued", "Messages requeued after a transient failure", ["queue"])
 scheduler_ticks = Counter(
     "mailferry_scheduler_ticks", "Scheduler ticks run, by outcome", ["outcome"])
+scheduler_tick_failures = Counter(
+    "mailferry_scheduler_tick_failures",
+    "Scheduler tick steps that raised an error nobody foresaw (the next tick still runs)",
+    ["step"])
 scheduler_lease_held = Gauge(
     "mailferry_scheduler_lease_held", "1 while this scheduler holds the lease")
 fetch_jobs_published = Counter(
@@ -82,6 +86,8 @@ def _initialise_series() -> None:
         task_timeouts.labels(reason)
     for outcome in ("ok", "partial", "lease_lost"):
         scheduler_ticks.labels(outcome)
+    for step in ("stale", "fetch", "sweep", "retention", "tick"):
+        scheduler_tick_failures.labels(step)
 
 
 _initialise_series()

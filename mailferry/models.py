@@ -8,12 +8,14 @@ at most one live fetch per (source, user) exists, whatever the number of process
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import uuid
 
+import peewee
 from peewee import (
-    BigIntegerField, BooleanField, CharField, DatabaseProxy, DateTimeField, ForeignKeyField,
-    IntegerField, Model, TextField,
+    BigIntegerField, BooleanField, DatabaseProxy, DateTimeField, ForeignKeyField,
+    IntegerField, Model,
 )
 
 db = DatabaseProxy()
@@ -22,6 +24,35 @@ db = DatabaseProxy()
 def utcnow() -> dt.datetime:
     """Naive UTC: stored the same way by SQLite and PostgreSQL."""
     return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+
+
+def clean_text(value, max_length: int | None = None):
+    """``value`` as the database will take it: no NUL (PostgreSQL refuses NUL in text, and
+    mail carries them), and at most ``max_length`` characters. A longer value keeps its
+    start and ends in a hash of the whole, so two long values that share a start stay apart
+    in a unique key. Anything that is not a str is returned as it is."""
+    if not isinstance(value, str):
+        return value
+    if "\x00" in value:
+        value = value.replace("\x00", "")
+    if max_length is not None and len(value) > max_length:
+        digest = hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+        value = f"{value[:max_length - 17]}~{digest}"
+    return value
+
+
+class CharField(peewee.CharField):
+    """A bounded text column that never refuses a value from mail (see ``clean_text``)."""
+
+    def db_value(self, value):
+        return super().db_value(clean_text(value, self.max_length))
+
+
+class TextField(peewee.TextField):
+    """A text column that never refuses a value from mail: NULs are dropped."""
+
+    def db_value(self, value):
+        return super().db_value(clean_text(value))
 
 
 _JSON = json.JSONEncoder(ensure_ascii=False, sort_keys=True).encode

@@ -131,6 +131,9 @@ class Runner:
         self._stop = threading.Event()
         self._failures: OrderedDict[str, int] = OrderedDict()
         self.ready = threading.Event()  # set while consuming: for tests and /readyz
+        # Set when a worker thread died of something no handler caught: the process stops
+        # and exits non-zero so its supervisor restarts it, and /readyz says why meanwhile.
+        self.crashed: str | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -237,7 +240,17 @@ class Runner:
     # -- worker side -----------------------------------------------------------------------
 
     def _work(self, lane: _Lane) -> None:
-        """A lane's one worker thread."""
+        """A lane's one worker thread; if it dies, the whole process stops (see ``crashed``)."""
+        try:
+            self._work_loop(lane)
+        except BaseException as exc:  # noqa: BLE001 - a silent dead thread consumes nothing
+            self.crashed = f"worker for {lane.handler.queue} died: {exc!r}"
+            log.critical("%s; stopping the process so that it is restarted", self.crashed,
+                         exc_info=True)
+            self.ready.clear()
+            self._stop.set()
+
+    def _work_loop(self, lane: _Lane) -> None:
         if lane.pipelined:
             self._work_pipelined(lane)
             return
@@ -296,6 +309,7 @@ class Runner:
         batch = [first]
         weigh = getattr(lane.handler, "weigh", None)
         budget = getattr(lane.handler, "batch_bytes", 0) if weigh else 0
+        weigh = _safe_weigh(weigh) if budget else None
         weight = weigh(first) if budget else 0
         while len(batch) < lane.batch_size and (not budget or weight < budget):
             try:
@@ -389,6 +403,17 @@ class Runner:
         self._publish_channel.basic_publish(broker.EXCHANGE, broker.ROUTING_KEYS[broker.DEAD],
                                             delivery.body, properties, mandatory=True)
         metrics.dead_lettered.labels(queue=queue).inc()
+
+
+def _safe_weigh(weigh):
+    """A handler's ``weigh`` that never raises: a job it cannot read weighs nothing, and the
+    handler's own check dead-letters it with the reason."""
+    def safe(delivery: Delivery) -> int:
+        try:
+            return max(0, int(weigh(delivery)))
+        except Exception:  # noqa: BLE001
+            return 0
+    return safe
 
 
 def _drain(inbox: queue_mod.Queue) -> None:

@@ -1,11 +1,12 @@
 """The spool shared with Haraka: ``incoming/`` holds mail not yet stored, ``failed/`` holds
 quarantined mail beside a ``.reason`` file. Paths in queue messages are relative to the
-spool root and are refused when they resolve outside it.
+spool root; the only one a job may name is its own file, ``incoming/<queue id>.eml``.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import os
 import stat
 import uuid
@@ -22,12 +23,27 @@ def _plain_name(name: str) -> bool:
     return bool(name) and "/" not in name and name not in (".", "..")
 
 
-def _plain_file(path: Path) -> bool:
-    """A file, not a symbolic link (which could point anywhere)."""
+def read_regular(path: Path) -> bytes:
+    """The bytes of ``path``, which must be a regular file and not a symbolic link.
+
+    Opened without following links and without blocking: a FIFO named ``x.eml`` would block
+    a plain ``open()`` forever, a folder or a device is refused, a link could point anywhere.
+    Raises FileNotFoundError when it is gone and OSError (``NotRegularFile`` among them) when
+    it cannot be read: both are that one message's outcome.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
-        return stat.S_ISREG(os.lstat(path).st_mode)
-    except OSError:
-        return False
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise NotRegularFile(errno.EINVAL, "not a regular file", str(path))
+        with os.fdopen(fd, "rb", closefd=False) as fh:
+            return fh.read()
+    finally:
+        os.close(fd)
+
+
+class NotRegularFile(OSError):
+    """A spool name that is a folder, a FIFO, a device or a socket."""
 
 
 class Spool:
@@ -42,19 +58,17 @@ class Spool:
         return self
 
     def resolve(self, relative: str) -> Path:
-        """The absolute path of ``relative``; ContractError if it escapes the spool root."""
-        if not relative or "\x00" in relative:
-            raise ContractError("spool_path is empty or contains a NUL byte")
-        folder, _, name = relative.partition("/")
-        if (folder == INCOMING and _plain_name(name) and not self.incoming.is_symlink()
-                and _plain_file(self.incoming / name)):
-            # What Haraka and the injector publish: a file right in incoming/. Two lstats
-            # instead of one per path component: this runs for every message.
-            return self.incoming / name
-        candidate = (self.root / relative).resolve()
-        if candidate != self.root and self.root not in candidate.parents:
-            raise ContractError(f"spool_path {relative!r} resolves outside the spool root")
-        return candidate
+        """The absolute path of ``relative``, a file right in ``incoming/``; ContractError for
+        anything else (another folder, ``incoming`` itself, ``..``, a link, a NUL)."""
+        folder, _, name = (relative or "").partition("/")
+        if folder != INCOMING or not _plain_name(name) or "\x00" in name:
+            raise ContractError(f"spool_path {relative!r} is not a file in {INCOMING}/")
+        if self.incoming.is_symlink():
+            raise ContractError(f"spool folder {INCOMING}/ is a symbolic link: refused")
+        path = self.incoming / name
+        if path.is_symlink():
+            raise ContractError(f"spool_path {relative!r} is a symbolic link: refused")
+        return path
 
     def write_incoming(self, raw: bytes, queue_id: str | None = None) -> tuple[str, str]:
         """Spool ``raw`` as Haraka's plugin does; return (queue_id, relative path)."""

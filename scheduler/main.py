@@ -90,6 +90,10 @@ class Scheduler:
                 log.error("startup cleanup failed (will retry next tick): %s", exc)
         try:
             result = run_tick(self.settings, self.publisher, lease=self.lease)
+        except Exception:  # noqa: BLE001 - run_tick contains its steps; this is the last guard
+            metrics.scheduler_tick_failures.labels("tick").inc()
+            log.exception("tick failed; the next one runs as usual")
+            result = TickResult(failed_steps=["tick"])
         finally:
             # An idle BlockingConnection cannot answer heartbeats between ticks; a fresh
             # connection per tick costs one handshake a minute.

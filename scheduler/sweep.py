@@ -17,8 +17,10 @@ that finds the queue drained, so a backlog is never doubled. Each sweep that fin
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import logging
 import os
+import stat
 import time
 from dataclasses import dataclass
 from email.parser import BytesHeaderParser
@@ -30,10 +32,10 @@ import peewee
 
 from mailferry import broker, metrics
 from mailferry.config import Settings
-from mailferry.contracts import InboundJob
+from mailferry.contracts import QUEUE_ID_RE, InboundJob
 from mailferry.errors import MailferryError, TransientError
 from mailferry.models import InboundReceipt, TaskSource, TaskStatus
-from mailferry.spool import INCOMING, Spool
+from mailferry.spool import INCOMING, NotRegularFile, Spool
 from mailferry.tasks import complete_task, create_task, fail_task, start_task
 
 log = logging.getLogger(__name__)
@@ -41,7 +43,6 @@ log = logging.getLogger(__name__)
 HEADER_READ_MAX = 256 * 1024  # bytes read to find a spooled message's headers
 ENVELOPE_HEADERS = ("delivered-to", "x-original-to", "envelope-to")
 MESSAGE_HEADERS = ("to", "cc", "bcc")
-MAX_QUEUE_ID = 64  # the inbound contract's limit
 
 
 @dataclass
@@ -56,33 +57,52 @@ class SweepSummary:
 
 
 def orphaned_files(spool: Spool, age: int, now: float | None = None) -> list[Path]:
+    """Regular files in incoming/ older than ``age``; anything else there is logged and left."""
     cutoff = (now or time.time()) - age
     found = []
     for path in spool.incoming.glob("*.eml"):
         try:
-            if path.stat().st_mtime < cutoff:
-                found.append(path)
+            info = os.lstat(path)
         except FileNotFoundError:
             continue  # stored and removed while we looked
+        if not stat.S_ISREG(info.st_mode):
+            # A FIFO would block a read forever, a folder cannot be read, a link leads
+            # anywhere: none of them is mail that Haraka spooled.
+            log.warning("spool sweep: %s is not a regular file (mode %o); left alone",
+                        path.name, info.st_mode)
+            continue
+        if info.st_mtime < cutoff:
+            found.append(path)
     return sorted(found)
 
 
 def envelope_from_file(path: Path, queue_id: str, max_addresses: int) -> InboundJob | None:
     """An inbound job for a spooled file, its envelope rebuilt from headers; None if no recipient."""
-    with path.open("rb") as fh:
-        head = fh.read(HEADER_READ_MAX)
-        size = os.fstat(fh.fileno()).st_size
+    head, size, mtime = _head_of(path)
     end = min((i for i in (head.find(b"\r\n\r\n"), head.find(b"\n\n")) if i >= 0), default=len(head))
     headers = BytesHeaderParser(policy=compat32).parsebytes(head[:end] + b"\r\n\r\n")
     rcpt_to = _addresses(headers, ENVELOPE_HEADERS) or _addresses(headers, MESSAGE_HEADERS)
     if not rcpt_to:
         return None
     senders = _addresses(headers, ("return-path",)) or _addresses(headers, ("from",))
-    received = dt.datetime.fromtimestamp(path.stat().st_mtime, dt.timezone.utc)
+    received = dt.datetime.fromtimestamp(mtime, dt.timezone.utc)
     return InboundJob(
         spool_path=f"{INCOMING}/{path.name}", queue_id=queue_id,
         mail_from=senders[0] if senders else "", rcpt_to=rcpt_to[:max_addresses], size=size,
         received_at=received.isoformat(timespec="milliseconds").replace("+00:00", "Z"))
+
+
+def _head_of(path: Path) -> tuple[bytes, int, float]:
+    """The first HEADER_READ_MAX bytes of a regular file, its size and mtime; never blocks
+    and never follows a link (a FIFO or a link put there meanwhile is refused)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise NotRegularFile(errno.EINVAL, "not a regular file", str(path))
+        return os.read(fd, HEADER_READ_MAX), info.st_size, info.st_mtime
+    finally:
+        os.close(fd)
 
 
 def _addresses(headers, names: tuple[str, ...]) -> list[str]:
@@ -150,13 +170,17 @@ def _sweep(settings: Settings, spool: Spool, files: list[Path], publisher, summa
             continue
         try:
             job = envelope_from_file(path, queue_id, settings.max_addresses)
+            why = ("no recipient in its headers" if job is None else
+                   None if QUEUE_ID_RE.fullmatch(queue_id) else "its name is not a queue id")
         except FileNotFoundError:
             continue  # stored and removed meanwhile
-        if job is None or len(queue_id) > MAX_QUEUE_ID:
-            why = "no recipient in its headers" if job is None else "name too long for a queue id"
-            spool.quarantine(path, f"orphaned spool file, cannot be republished: {why}")
-            summary.quarantined += 1
-            log.warning("spool sweep: %s quarantined: %s", path.name, why)
+        except NotRegularFile:
+            log.warning("spool sweep: %s is no longer a regular file; left alone", path.name)
+            continue
+        except Exception as exc:  # noqa: BLE001 - a hostile or unreadable file is its own outcome
+            why = f"cannot read its headers: {type(exc).__name__}: {exc}"[:300]
+        if why:
+            _quarantine(spool, path, f"orphaned spool file, cannot be republished: {why}", summary)
             continue
         if waiting:
             summary.deferred += 1
@@ -166,3 +190,13 @@ def _sweep(settings: Settings, spool: Spool, files: list[Path], publisher, summa
         summary.republished += 1
         metrics.spool_republished.inc()
         log.info("spool sweep: republished %s to %s", path.name, ", ".join(job.rcpt_to))
+
+
+def _quarantine(spool: Spool, path: Path, reason: str, summary: SweepSummary) -> None:
+    try:
+        spool.quarantine(path, reason)
+    except OSError as exc:
+        log.error("spool sweep: cannot quarantine %s (%s): %s", path.name, reason, exc)
+        return
+    summary.quarantined += 1
+    log.warning("spool sweep: %s quarantined: %s", path.name, reason)

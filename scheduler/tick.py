@@ -1,7 +1,7 @@
 """One scheduler tick: stale-task cleanup, IMAP fetch jobs, spool sweep, retention.
 
-The steps are independent: one that fails (broker down, database locked) is logged and
-counted, and the others still run. The lease is renewed before each step and the tick stops
+The steps are independent: one that fails (broker down, database locked, or an error nobody
+foresaw) is logged and counted, and the others still run; no error leaves the tick. The lease is renewed before each step and the tick stops
 if it was lost, so two schedulers never act at once for longer than one step.
 """
 
@@ -62,6 +62,10 @@ def run_tick(settings: Settings, publisher, *, lease=None, retention: bool = Tru
         except MailferryError as exc:
             result.failed_steps.append(name)
             log.error("tick step %s failed: %s", name, exc)
+        except Exception:  # noqa: BLE001 - one bad item (a hostile file) must not stop the loop
+            result.failed_steps.append(name)
+            metrics.scheduler_tick_failures.labels(name).inc()
+            log.exception("tick step %s failed unexpectedly; the next tick runs as usual", name)
     result.seconds = time.perf_counter() - started
     metrics.scheduler_tick_seconds.observe(result.seconds)
     metrics.scheduler_ticks.labels(result.outcome).inc()

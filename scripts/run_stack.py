@@ -3,7 +3,8 @@
 RabbitMQ (management UI on), Haraka with the mailferry plugin, the consumer and the scheduler,
 on the embedded defaults (SQLite and folders under var/). RabbitMQ and Haraka are started with
 the same native launchers the tests use (tests/harness), with fixed ports and data kept in
-var/ across runs. Ctrl-C stops everything.
+var/ across runs. A consumer or scheduler that exits is restarted, with backoff. Ctrl-C stops
+everything.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mailferry.config import load_settings  # noqa: E402
+from mailferry.config import load_settings, redact_url  # noqa: E402
 from tests.harness.haraka import HarakaServer  # noqa: E402
 from tests.harness.ports import port_open  # noqa: E402
 from tests.harness.rabbitmq import RabbitMQServer  # noqa: E402
@@ -42,8 +43,9 @@ def start_rabbitmq(var: Path) -> RabbitMQServer | None:
 def main() -> int:
     os.chdir(ROOT)
     settings = load_settings()
+    os.umask(0o077)  # var/, the database, the spool and the logs are this user's alone
     var = settings.var_dir.resolve()
-    var.mkdir(parents=True, exist_ok=True)
+    var.mkdir(parents=True, exist_ok=True, mode=0o700)
     print("starting RabbitMQ …", flush=True)
     rabbit = start_rabbitmq(var)
     amqp_url = settings.amqp_url if rabbit is None else rabbit.amqp_url
@@ -55,9 +57,8 @@ def main() -> int:
         # The consumer declares the queues; Haraka's plugin only checks the exchange.
         subprocess.run([sys.executable, "-c", "from mailferry.app import bootstrap; "
                         "bootstrap(topology=True, quiet=True)"], env=env, check=True)
-        for name, module in (("consumer", "consumer"), ("scheduler", "scheduler")):
-            if (ROOT / module / "__main__.py").exists():
-                processes.append((name, subprocess.Popen([sys.executable, "-m", module], env=env)))
+        for name in ("consumer", "scheduler"):
+            processes.append(Supervised(name, [sys.executable, "-m", name], env))
         print("starting Haraka …", flush=True)
         haraka = HarakaServer(var / "haraka", amqp_url, settings.resolved_spool_dir, port=SMTP_PORT)
         haraka.log_path = var / "haraka.log"
@@ -66,28 +67,67 @@ def main() -> int:
         stop = []
         signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
         while not stop:
-            for name, process in processes:
-                if process.poll() is not None:
-                    print(f"{name} exited with {process.returncode}; stopping", flush=True)
-                    stop.append(1)
+            for process in processes:
+                process.keep_running()
             time.sleep(0.5)
     except KeyboardInterrupt:
         pass
     finally:
         print("\nstopping …", flush=True)
-        for _, process in processes:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for _, process in processes:
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.wait()
         if haraka is not None:
             haraka.stop()
         if rabbit is not None:
             rabbit.stop()
     return 0
+
+
+class Supervised:
+    """A process of the stack that is restarted when it exits, after a growing pause (1 s,
+    doubling to RESTART_BACKOFF_MAX, back to 1 s once it ran a minute): one crash must not
+    stop the stack, and a crash loop must not spin."""
+
+    RESTART_BACKOFF_MAX = 60.0
+    STABLE_AFTER = 60.0
+
+    def __init__(self, name: str, argv: list[str], env: dict):
+        self.name, self.argv, self.env = name, argv, env
+        self.backoff = 1.0
+        self.restart_at: float | None = None
+        self.start()
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(self.argv, env=self.env)
+        self.started = time.monotonic()
+        self.restart_at = None
+
+    def keep_running(self) -> None:
+        if self.process.poll() is None:
+            return
+        now = time.monotonic()
+        if self.restart_at is None:
+            if now - self.started > self.STABLE_AFTER:
+                self.backoff = 1.0
+            self.restart_at = now + self.backoff
+            print(f"{self.name} exited with {self.process.returncode}; restarting in "
+                  f"{self.backoff:.0f} s", flush=True)
+            self.backoff = min(self.backoff * 2, self.RESTART_BACKOFF_MAX)
+        elif now >= self.restart_at:
+            print(f"{self.name}: restarting", flush=True)
+            self.start()
+
+    def terminate(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+
+    def wait(self) -> None:
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
 
 
 def print_banner(settings, amqp_url: str) -> None:
@@ -96,11 +136,11 @@ def print_banner(settings, amqp_url: str) -> None:
         "",
         "Mailferry is running:",
         f"  SMTP (Haraka + plugin)   127.0.0.1:{SMTP_PORT}",
-        f"  RabbitMQ                 {amqp_url}",
+        f"  RabbitMQ                 {redact_url(amqp_url)}",
         f"  Management UI            http://127.0.0.1:{MANAGEMENT_PORT}  (guest / guest)",
         f"  Consumer metrics         http://{host}:{settings.consumer_metrics_port}/metrics",
         f"  Scheduler metrics        http://{host}:{settings.scheduler_metrics_port}/metrics",
-        f"  Database                 {settings.resolved_database_url}",
+        f"  Database                 {redact_url(settings.resolved_database_url)}",
         f"  Spool / storage          {settings.resolved_spool_dir} / {settings.resolved_storage_dir}",
         "",
         "Try it:",

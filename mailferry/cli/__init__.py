@@ -7,6 +7,7 @@ import argparse
 import importlib
 import sys
 
+from mailferry.display import EscapingWriter
 from mailferry.errors import MailferryError
 
 COMMAND_MODULES = [
@@ -31,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Every line a command prints may carry mail text: escape terminal controls and bidi
+    # overrides once, here, for every command (mailferry.display).
+    stdout, sys.stdout = sys.stdout, EscapingWriter(sys.stdout)
     try:
         return args.func(args) or 0
     except MailferryError as exc:
@@ -38,3 +42,5 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except BrokenPipeError:
         return 0
+    finally:
+        sys.stdout = stdout

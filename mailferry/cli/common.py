@@ -7,6 +7,7 @@ import sys
 
 from mailferry.app import bootstrap
 from mailferry.config import Settings
+from mailferry.display import escape
 
 
 def open_app(*, topology: bool = False) -> Settings:
@@ -23,7 +24,8 @@ def print_json(value) -> None:
 
 
 def print_table(headers: list[str], rows: list[list]) -> None:
-    cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in r] for r in rows]
+    # A cell is one line: a newline in a subject must not start a row of its own.
+    cells = [[str(h) for h in headers]] + [["" if c is None else escape(str(c)) for c in r] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     for n, row in enumerate(cells):
         print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())

@@ -6,7 +6,7 @@ import dataclasses
 
 from mailferry.app import settings_or_exit
 from mailferry.cli.common import print_json, print_table
-from mailferry.config import Settings, _redact, env_name
+from mailferry.config import Settings, env_name, redact_url
 
 
 def register(sub) -> None:
@@ -23,7 +23,7 @@ def show_config(args) -> int:
         if f.name == "secret_key":
             value = "(set)" if value else "(from var/secret.key)"
         elif isinstance(value, str) and "://" in value:
-            value = _redact(value)
+            value = redact_url(value)
         rows.append({"variable": env_name(f.name), "value": str(value), "help": f.metadata["help"]})
     if args.json:
         print_json(rows)

@@ -1,0 +1,252 @@
+"""Hostile input against the real services: over SMTP through Haraka, raw jobs published to
+RabbitMQ, files the sweep finds, on SQLite and PostgreSQL. Each hostile item is stored or
+quarantined with its reason; the good mail beside it is stored on the first attempt;
+``spool/incoming`` ends empty; the consumer and the scheduler keep running."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+
+import pika
+import pytest
+
+from mailferry import broker, metrics
+from mailferry.broker import Publisher
+from mailferry.cli.mail import Injector
+from mailferry.cli.users import add_user
+from mailferry.models import EmailMessage, InboundReceipt, UnroutedMessage
+from mailferry.runner import Outcome, Runner
+from mailferry.spool import Spool
+from scheduler.sweep import sweep_spool
+from scheduler.tick import run_tick
+from tests import mailgen
+from tests.pipeline import consumer_thread, dead_letters, wait_for
+from tests.test_scheduler_sweep import spool_file
+from tests.test_smtp_pipeline import Smtp, haraka_for, haraka_installed, queue_id  # noqa: F401
+
+HOSTILE_HEADERS = {
+    "parentheses": b"To: " + b"(" * 600 + b"bob@example.org\r\n",
+    "zlib-charset": b"To: bob@example.org\r\nSubject: =?zlib?q?=FF?=\r\n",
+    "nul-subject": b"To: bob@example.org\r\nSubject: =?utf-8?b?AA==?=nul\r\n",
+    "rot13-subject": b"To: bob@example.org\r\nSubject: =?rot13?q?uryyb?=\r\n",
+    "huge-message-id": b"To: bob@example.org\r\nIn-Reply-To: <" + b"r" * 900 + b"@x>\r\n",
+}
+
+
+def hostile(name: str, n: int) -> bytes:
+    return (HOSTILE_HEADERS[name] + b"From: sender@example.net\r\n"
+            + f"Message-ID: <hostile-{n}@example.net>\r\n\r\nbody {name}\r\n".encode())
+
+
+def incoming(settings) -> list[str]:
+    folder = settings.resolved_spool_dir / "incoming"
+    return sorted(p.name for p in folder.iterdir())
+
+
+def requeued() -> float:
+    return metrics.requeued.labels(queue=broker.INBOUND)._value.get()
+
+
+def test_hostile_headers_over_smtp_are_stored_and_the_good_mail_beside_them_too(
+        broker_settings, haraka_installed, tmp_path):
+    settings = broker_settings
+    bob = add_user("bob@example.org")
+    long_tag = "bob+" + "t" * 300 + "@example.org"  # plus_tag is varchar(255)
+    before = requeued()
+    with consumer_thread(settings) as runner, haraka_for(settings, tmp_path) as haraka:
+        haraka.wait_connected()
+        sent = []
+        with Smtp(haraka) as smtp:
+            for n, name in enumerate(HOSTILE_HEADERS):
+                code, reply = smtp.send(hostile(name, n), ["bob@example.org"])
+                assert code == 250, (name, reply)
+                sent.append(queue_id(reply))
+                code, reply = smtp.send(mailgen.plain(100 + n), ["bob@example.org"])
+                assert code == 250, reply
+                sent.append(queue_id(reply))
+        # Haraka refuses a path over 256 octets; a job can still carry one (the injector).
+        injector = Injector(settings)
+        sent.append(injector.inject(mailgen.plain(99, to="bob@example.org"), [long_tag]))
+        injector.close()
+        wait_for(lambda: InboundReceipt.select().where(InboundReceipt.queue_id.in_(sent)).count()
+                 == len(sent), timeout=60, message="every message handled")
+        assert runner.ready.is_set() and runner.crashed is None
+    rows = {m.message_id: m for m in EmailMessage.select().where(EmailMessage.user == bob)}
+    for n, name in enumerate(HOSTILE_HEADERS):
+        assert f"<hostile-{n}@example.net>" in rows, name  # stored, not quarantined
+        assert f"<test-{100 + n}@example.net>" in rows
+    assert rows["<hostile-2@example.net>"].subject == "nul"  # the NUL stripped on both databases
+    assert rows["<hostile-0@example.net>"].recipients == ["bob@example.org"]
+    tagged = rows["<test-99@example.net>"]
+    assert len(tagged.plus_tag) <= 255 and tagged.plus_tag.startswith("t" * 200)
+    assert rows["<hostile-4@example.net>"].in_reply_to == "<" + "r" * 900 + "@x>"  # a text column
+    assert dead_letters(settings.amqp_url) == []
+    assert requeued() == before  # nothing needed a second attempt
+    assert incoming(settings) == []
+
+
+def _job(queue_id: str, **overrides) -> bytes:
+    body = {"v": 1, "spool_path": f"incoming/{queue_id}.eml", "queue_id": queue_id,
+            "mail_from": "", "rcpt_to": ["bob@example.org"], "size": 10}
+    body.update(overrides)
+    return json.dumps(body).encode()
+
+
+def test_malformed_jobs_are_dead_lettered_at_once_and_the_batch_is_stored_first_time(broker_settings):
+    settings = broker_settings
+    add_user("bob@example.org")
+    spool = Spool(settings.resolved_spool_dir).ensure()
+    injector = Injector(settings)
+    good = [injector.inject(mailgen.plain(n)) for n in range(3)]
+    # Another message's file, waiting for its own job: a job naming it must not take it.
+    victim, victim_path = spool.write_incoming(mailgen.plain(50), "VICTIM")
+    (spool.failed / "OLD.eml").write_bytes(mailgen.plain(51))
+    jobs = {
+        _job("S1", size="x"): "field 'size' is not a number",
+        _job("S2", size={}): "field 'size' is not a number",
+        _job("S3").replace(b'"size": 10', b'"size": 1e400'): "not a whole number",
+        _job("S4", size=-1): "out of range",
+        _job("P1", spool_path="incoming"): "must be 'incoming/P1.eml'",
+        _job("P2", spool_path="failed/OLD.eml"): "must be 'incoming/P2.eml'",
+        _job("P3", spool_path=victim_path): "must be 'incoming/P3.eml'",
+        _job("../x"): "field 'queue_id'",
+        _job("H1", helo=["x"]): "field 'helo' is not a string",
+    }
+    publisher = Publisher(settings, declare=True)
+    for body in jobs:
+        publisher.publish(broker.ROUTING_KEYS[broker.INBOUND], body)
+    good += [injector.inject(mailgen.plain(n)) for n in range(3, 6)]
+    injector.close()
+    publisher.close()
+    before = requeued()
+    with consumer_thread(settings) as runner:
+        wait_for(lambda: InboundReceipt.select().where(InboundReceipt.queue_id.in_(good)).count()
+                 == len(good), message="the good mail stored")
+        letters = wait_for(lambda: _accumulate(settings.amqp_url, len(jobs)), timeout=20,
+                           message="dead letters")
+        assert runner.ready.is_set() and runner.crashed is None
+    reasons = {body: headers[broker.H_REASON] for headers, body in letters}
+    for body, expected in jobs.items():
+        assert reasons[body].startswith("malformed job: "), reasons[body]
+        assert expected in reasons[body], (body, reasons[body])
+    assert requeued() == before  # dead-lettered at once, the rest stored on the first attempt
+    assert (spool.root / victim_path).exists()  # untouched, for its own job
+    assert (spool.failed / "OLD.eml").exists()
+    assert spool.incoming.is_dir()
+    assert incoming(settings) == ["VICTIM.eml"]
+
+
+_seen: list = []
+
+
+def _accumulate(url: str, wanted: int):
+    _seen.extend(dead_letters(url))
+    return list(_seen) if len(_seen) >= wanted else None
+
+
+def test_a_spool_file_that_cannot_be_read_is_its_own_message_outcome(broker_settings):
+    settings = broker_settings
+    add_user("bob@example.org")
+    spool = Spool(settings.resolved_spool_dir).ensure()
+    os.mkfifo(spool.incoming / "FIFO1.eml")
+    (spool.incoming / "DIR1.eml").mkdir()
+    (spool.incoming / "LINK1.eml").symlink_to("/etc/passwd")
+    publisher = Publisher(settings, declare=True)
+    for qid in ("FIFO1", "DIR1", "LINK1"):
+        publisher.publish(broker.ROUTING_KEYS[broker.INBOUND], _job(qid))
+    publisher.close()
+    injector = Injector(settings)
+    good = [injector.inject(mailgen.plain(n)) for n in range(4)]
+    injector.close()
+    before = requeued()
+    _seen.clear()
+    with consumer_thread(settings) as runner:
+        wait_for(lambda: InboundReceipt.select().where(InboundReceipt.queue_id.in_(good)).count()
+                 == len(good), message="the good mail stored")
+        letters = wait_for(lambda: _accumulate(settings.amqp_url, 3), timeout=20, message="dead letters")
+        assert runner.crashed is None
+    reasons = {json.loads(body)["queue_id"]: headers[broker.H_REASON] for headers, body in letters}
+    assert "not a regular file" in reasons["FIFO1"] and "quarantined" in reasons["FIFO1"]
+    assert "not a regular file" in reasons["DIR1"]
+    assert "symbolic link" in reasons["LINK1"]
+    assert requeued() == before
+    assert (spool.failed / "FIFO1.eml.reason").exists()
+    assert EmailMessage.select().count() == len(good)
+
+
+def test_the_sweep_skips_what_is_not_a_file_and_quarantines_what_it_cannot_parse(broker_settings):
+    settings = broker_settings.replace(spool_sweep_age=60)
+    spool = Spool(settings.resolved_spool_dir).ensure()
+    os.mkfifo(spool.incoming / "FIFO2.eml")
+    (spool.incoming / "DIR2.eml").mkdir()
+    spool_file(spool, b"To: " + b"(" * 600 + b"bob@example.org\r\n\r\nhi\r\n", "PAREN-1", age=120)
+    spool_file(spool, b"To: =?zlib?q?=FF?= <bob@example.org>\r\n\r\nhi\r\n", "ZLIB-1", age=120)
+    spool_file(spool, mailgen.plain(1), "GOOD-1", age=120)
+    publisher = Publisher(settings, declare=True)
+    done = threading.Event()
+    result = {}
+
+    def sweep():
+        result["summary"] = sweep_spool(settings, publisher)
+        done.set()
+
+    threading.Thread(target=sweep, daemon=True).start()
+    assert done.wait(20), "the sweep blocked (a FIFO opened for reading?)"
+    publisher.close()
+    summary = result["summary"]
+    assert summary.status == "COMPLETED"
+    assert summary.republished + summary.quarantined == 3
+    assert (spool.incoming / "FIFO2.eml").exists() and (spool.incoming / "DIR2.eml").is_dir()
+
+
+def test_a_tick_step_that_raises_anything_is_counted_and_the_tick_goes_on(
+        sqlite_broker_settings, monkeypatch):
+    settings = sqlite_broker_settings
+    import scheduler.tick as tick
+
+    def explode(*_args, **_kwargs):
+        raise RecursionError("maximum recursion depth exceeded")
+
+    monkeypatch.setattr(tick, "sweep_spool", explode)
+    counter = metrics.scheduler_tick_failures.labels("sweep")
+    before = counter._value.get()
+    publisher = Publisher(settings, declare=True)
+    try:
+        result = run_tick(settings, publisher)
+    finally:
+        publisher.close()
+    assert result.failed_steps == ["sweep"]
+    assert result.retention is not None  # the steps after it still ran
+    assert counter._value.get() == before + 1
+
+
+class _Crashing:
+    """A handler whose worker thread dies of something outside every handler's contract."""
+
+    queue = broker.INBOUND
+    prefetch = 4
+
+    def handle(self, deliveries):
+        raise SystemExit("worker thread killed")  # not an Exception: escapes _handle
+
+
+def test_a_consumer_whose_worker_dies_stops_and_says_why(sqlite_broker_settings):
+    settings = sqlite_broker_settings
+    publisher = Publisher(settings, declare=True)
+    publisher.publish(broker.ROUTING_KEYS[broker.INBOUND], _job("CRASH1"))
+    publisher.close()
+    runner = Runner(settings, [_Crashing()])
+    thread = threading.Thread(target=runner.run, daemon=True)
+    thread.start()
+    thread.join(timeout=60)
+    assert not thread.is_alive(), "run() must return when a worker died"
+    assert runner.crashed and "worker for mailferry.inbound died" in runner.crashed
+    assert not runner.ready.is_set()
+    # The job was not acked: it waits for the restarted consumer.
+    connection = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
+    try:
+        assert connection.channel().queue_declare(broker.INBOUND, passive=True).method.message_count == 1
+    finally:
+        connection.close()
