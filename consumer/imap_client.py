@@ -9,6 +9,7 @@ and a read timeout. ``ImapSession`` offers only what a sync needs, in Mailferry'
 from __future__ import annotations
 
 import logging
+import imaplib
 import socket
 import ssl
 from contextlib import contextmanager
@@ -159,6 +160,28 @@ class ImapSession:
             else:
                 raise EmailConfigError(
                     f"{self.where}: move_to needs a server with MOVE or UIDPLUS; this one has neither")
+
+    def limit_literals(self, max_bytes: int) -> None:
+        """Refuse any literal the server announces larger than ``max_bytes`` before reading
+        it: imaplib reads a ``{n}`` literal whole into memory, whatever n a server claims."""
+        imap = self.client._imap  # imaplib.IMAP4: the one place literals are read
+        read = imap.read
+
+        def bounded_read(size: int) -> bytes:
+            if size > max_bytes:
+                raise imaplib.IMAP4.abort(
+                    f"server announced a literal of {size} bytes, over the limit of {max_bytes}")
+            return read(size)
+
+        imap.read = bounded_read
+
+    def abort(self) -> None:
+        """Close the socket under whatever is reading it (from another thread): the
+        fetch's deadline. The reader sees an error at once, instead of at its next timeout."""
+        try:
+            self.client.socket().shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # already closed
 
     def close(self) -> None:
         """Log out; a connection that is already broken is just dropped."""

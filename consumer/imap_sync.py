@@ -15,6 +15,7 @@ The server is left exactly as it was (EXAMINE + BODY.PEEK[]) unless the user ask
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -34,7 +35,7 @@ from consumer.save import (
 from mailferry import metrics
 from mailferry.config import Settings
 from mailferry.db import write_transaction
-from mailferry.errors import EmailParseError, TransientError
+from mailferry.errors import EmailFetchError, EmailParseError, TransientError
 from mailferry.mailbox_config import ImapConfig
 from mailferry.models import MailboxState, User, db, utcnow
 from mailferry.spool import Spool
@@ -45,6 +46,9 @@ SOURCE = "imap"
 # A run of this many batches or more is parsed in a helper process (consumer.parse_pool):
 # it then costs the helper's start once; a few new messages are parsed here.
 HELPER_MIN_BATCHES = 4
+# A FETCH literal may be a little larger than RFC822.SIZE said (servers count line ends
+# differently); beyond this the announcement is refused before a byte of it is read.
+LITERAL_SLACK = 64 * 1024
 
 
 @dataclass
@@ -73,6 +77,7 @@ class SyncResult(Counts):
     imap_seconds: float = 0.0  # time spent waiting for the server
     connect_seconds: float = 0.0  # of which: connecting and logging in
     seconds: float = 0.0
+    skipped: list[str] = field(default_factory=list)  # UIDs not fetched, with the reason
 
 
 Progress = Callable[[SyncResult, "Counts | None"], None]
@@ -108,6 +113,7 @@ class _Run:
     result: SyncResult
     progress: Progress
     where: str
+    skip: set[int] = field(default_factory=set)  # UIDs over the size limit: not fetched
 
 
 class MailboxSync:
@@ -139,9 +145,22 @@ class MailboxSync:
         result = SyncResult(folder=folder or config.folder)
         session = _timed(result, lambda: self.connect(config, float(self.settings.imap_timeout)))
         result.connect_seconds = result.imap_seconds
+        session.limit_literals(self.limits.max_message_bytes + LITERAL_SLACK)
+        # The read timeout is per read: a server that sends a byte every few seconds passes
+        # it forever. The deadline closes the socket under the reader, whatever it waits on.
+        deadline = self.settings.imap_fetch_deadline
+        timer = threading.Timer(deadline, session.abort)
+        timer.daemon = True
+        timer.start()
         try:
             self._sync(session, user, config, result, keep_going, progress or (lambda r, d: None))
+        except TransientError as exc:
+            if timer.finished.is_set():
+                raise EmailFetchError(f"fetch stopped at its deadline of {deadline} s "
+                                      f"(committed batches are kept): {exc}") from exc
+            raise
         finally:
+            timer.cancel()
             _timed(result, session.close)
             result.seconds = time.perf_counter() - started
             metrics.imap_fetch_seconds.observe(result.seconds)
@@ -189,7 +208,16 @@ class MailboxSync:
         other core meanwhile. Commits stay in order, in this thread.
         """
         sizes = _timed(run.result, lambda: run.session.sizes(uids))
-        chunks = plan_batches(uids, sizes, self.batch_size, self.batch_bytes)
+        # Over the size limit: never fetched. The checkpoint still moves past it (it stays in
+        # its batch's UIDs), and the task says which UIDs were left on the server and why.
+        limit = self.limits.max_message_bytes
+        run.skip = {uid for uid, size in sizes.items() if size > limit}
+        for uid in sorted(run.skip):
+            reason = f"uid={uid} is {sizes[uid]} bytes, over the limit of {limit}: not fetched"
+            log.warning("%s %s", run.where, reason)
+            run.result.skipped.append(reason)
+        chunks = plan_batches(uids, {u: (0 if u in run.skip else n) for u, n in sizes.items()},
+                              self.batch_size, self.batch_bytes)
         in_helper = self.parse_pool is not None and len(chunks) >= HELPER_MIN_BATCHES
         if in_helper:
             self.parse_pool.start()  # batches are parsed here until it is up
@@ -198,7 +226,8 @@ class MailboxSync:
         depth = 2 if in_helper else 1
         staged: deque[_Batch] = deque()
         # mark_seen/move_to use the session between batches: no fetching ahead then.
-        with _Fetcher(run.session, chunks, ahead=not run.config.changes_server) as fetcher, \
+        fetched = [[uid for uid in chunk if uid not in run.skip] for chunk in chunks]
+        with _Fetcher(run.session, fetched, ahead=not run.config.changes_server) as fetcher, \
                 ThreadPoolExecutor(1, thread_name_prefix="blob-writer") as writer:
             for number, chunk in enumerate(chunks):
                 if number and not keep_going():
@@ -371,11 +400,18 @@ class _Fetcher:
 
     def _submit(self) -> None:
         uids = next(self.batches, None)
-        self.pending = self.pool.submit(self.session.fetch_raw, uids) if uids else None
+        if uids is None:
+            self.pending = None
+        elif not uids:  # a batch of messages all over the size limit: nothing to fetch
+            self.pending = Future()
+            self.pending.set_result({})
+        else:
+            self.pending = self.pool.submit(self.session.fetch_raw, uids)
 
     def next(self) -> dict[int, bytes]:
         if self.pool is None:
-            return self.session.fetch_raw(next(self.batches))
+            uids = next(self.batches)
+            return self.session.fetch_raw(uids) if uids else {}
         current = self.pending
         self._submit()
         return current.result()

@@ -155,9 +155,12 @@ def run_fetch_task(task: EmailTask, folder: str | None, *, sync: MailboxSync,
                             f"Email fetch completed: user={user.email}, source={TaskSource.IMAP}, "
                             f"count={totals.saved} (fetched {totals.fetched}, duplicates "
                             f"{totals.duplicates}, failed {totals.failed}, in {result.seconds:.1f} s)")
+    if result.skipped:
+        tasks.add_execution_log(task_id, "skipped", f"{len(result.skipped)} message(s) left on "
+                                f"the server: " + "; ".join(result.skipped[:20]), "WARNING")
     details = {**(task.details or {}), "folder": folder, "uidvalidity": result.uidvalidity,
                "last_uid": result.last_uid, "duplicates": totals.duplicates,
-               "refetch": result.refetch}
+               "refetch": result.refetch, "skipped": result.skipped[:100]}
     if not tasks.update_status(task_id, TaskStatus.COMPLETED, details=details):
         return tasks.get_task(task_id).status
     return TaskStatus.COMPLETED
@@ -187,4 +190,6 @@ def _fail(task_id: str, reason: str) -> str:
 
 
 def build_handlers(settings: Settings) -> list:
-    return [ImapFetchHandler(settings)]
+    """``imap_lanes`` handlers of the fetch queue, each its own channel and worker thread:
+    one slow server holds up one lane, and the other mailboxes are fetched meanwhile."""
+    return [ImapFetchHandler(settings) for _ in range(settings.imap_lanes)]

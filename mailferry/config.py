@@ -89,6 +89,13 @@ class Settings:
         minimum=64 * 1024))
     imap_timeout: int = field(default=30, metadata=_meta(
         "seconds for IMAP connect and read", minimum=1))
+    imap_fetch_deadline: int = field(default=120, metadata=_meta(
+        "seconds one IMAP fetch may take in all before its socket is closed (a server that "
+        "trickles bytes passes every read timeout); the next attempt goes on from the checkpoint",
+        minimum=5))
+    imap_lanes: int = field(default=2, metadata=_meta(
+        "IMAP fetches one consumer runs at once: a slow server holds up only its own lane",
+        minimum=1, maximum=32))
     # Metrics and health: one port per long-running process.
     metrics_host: str = field(default="127.0.0.1", metadata=_meta("address metrics listen on"))
     consumer_metrics_port: int = field(default=9101, metadata=_meta(

@@ -42,10 +42,12 @@ def clean_text(value, max_length: int | None = None):
 
 
 class CharField(peewee.CharField):
-    """A bounded text column that never refuses a value from mail (see ``clean_text``)."""
+    """A bounded text column that never refuses a value from mail: NULs are dropped here,
+    and a row that is saved is kept within ``max_length`` by ``BaseModel.save``. (Not here:
+    ``db_value`` also converts query operands, and a LIKE pattern must not be shortened.)"""
 
     def db_value(self, value):
-        return super().db_value(clean_text(value, self.max_length))
+        return super().db_value(clean_text(value))
 
 
 class TextField(peewee.TextField):
@@ -77,6 +79,14 @@ class BaseModel(Model):
     class Meta:
         database = db
         legacy_table_names = False
+
+    def save(self, *args, **kwargs):
+        """Every value fits its column (``clean_text``), as in ``db.insert_rows``."""
+        for name, field in self._meta.fields.items():
+            value = self.__data__.get(name)
+            if isinstance(field, peewee.CharField) and isinstance(value, str):
+                self.__data__[name] = clean_text(value, field.max_length)
+        return super().save(*args, **kwargs)
 
 
 class SchemaVersion(BaseModel):

@@ -78,3 +78,24 @@ def test_insert_rows_returns_the_new_rows_and_can_skip_duplicates(settings):
         with dbmod.db.atomic():
             dbmod.insert_rows(InboundReceipt, columns, [("Q2", "stored", 0, now)])
     assert InboundReceipt.select().count() == 301
+
+
+def test_text_from_mail_fits_its_column_on_every_backend(settings):
+    """A NUL (PostgreSQL refuses it) is dropped and an overlong value is shortened with a
+    hash of the whole, through the ORM and through the batch INSERT alike."""
+    from mailferry.db import insert_rows
+    from mailferry.models import UnroutedMessage
+    first, second = "<" + "a" * 600 + "1>", "<" + "a" * 600 + "2>"
+    for n, message_id in enumerate((first, second)):
+        UnroutedMessage.create(queue_id=f"Q\x00{n}", message_id=message_id, mail_from="x\x00y",
+                               raw_path="r", sha256="s", size=1)
+    insert_rows(UnroutedMessage, ("queue_id", "message_id", "mail_from", "rcpt_to", "raw_path",
+                                  "sha256", "size", "created_at"),
+                [("Q" * 100, first, "\x00", "[]", "r", "s", 1, utcnow())])
+    rows = list(UnroutedMessage.select().order_by(UnroutedMessage.id))
+    assert [r.queue_id for r in rows][:2] == ["Q0", "Q1"]
+    assert all(len(r.message_id) == 512 for r in rows)
+    assert rows[0].message_id != rows[1].message_id  # the hash keeps them apart
+    assert rows[0].message_id == rows[2].message_id  # the same value, shortened the same way
+    assert rows[0].mail_from == "xy" and rows[2].mail_from == ""
+    assert len(rows[2].queue_id) == 64

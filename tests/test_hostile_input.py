@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 
 import pika
 import pytest
@@ -250,3 +251,72 @@ def test_a_consumer_whose_worker_dies_stops_and_says_why(sqlite_broker_settings)
         assert connection.channel().queue_declare(broker.INBOUND, passive=True).method.message_count == 1
     finally:
         connection.close()
+
+
+# -- IMAP against a hostile server ---------------------------------------------------------
+
+from consumer.imap_sync import MailboxSync  # noqa: E402
+from mailferry.errors import EmailFetchError  # noqa: E402
+from mailferry.mailbox_config import EmailConfigManager  # noqa: E402
+from mailferry.models import MailboxState, User  # noqa: E402
+from tests.hostile_imap import HostileImapServer  # noqa: E402
+from tests.imap_fixtures import append, generated  # noqa: E402
+from tests.imap_fixtures import imap_user  # noqa: E402,F401
+
+
+def _hostile_mailbox(settings, server: HostileImapServer) -> tuple[User, object]:
+    user = User.create(email="victim@example.org")
+    configs = EmailConfigManager(settings)
+    configs.set_imap_config(user, {"host": server.host, "port": server.port, "username": "u",
+                                   "password": "p", "security": "none", "folder": "INBOX"})
+    return user, configs.get_imap_config(user)
+
+
+def test_a_server_that_trickles_bytes_is_cut_off_at_the_fetch_deadline(sqlite_settings):
+    settings = sqlite_settings.replace(imap_timeout=2, imap_fetch_deadline=5)
+    with HostileImapServer("slow", trickle=0.5) as server:
+        user, config = _hostile_mailbox(settings, server)
+        started = time.monotonic()
+        with pytest.raises(EmailFetchError, match="deadline of 5 s"):
+            MailboxSync(settings, parse_in_helper=False).run(user, config)
+        took = time.monotonic() - started
+    assert server.literal_started.is_set()  # it was cut off mid-literal, every read on time
+    assert took < 9, f"the fetch took {took:.1f} s, past its 5 s deadline"
+
+
+def test_a_literal_announced_over_the_limit_is_refused_before_it_is_read(sqlite_settings):
+    settings = sqlite_settings.replace(max_message_bytes=1_000_000)
+    with HostileImapServer("huge", announce=1_000_000_000) as server:
+        user, config = _hostile_mailbox(settings, server)
+        with pytest.raises(EmailFetchError, match="literal of 1000000000 bytes"):
+            MailboxSync(settings, parse_in_helper=False).run(user, config)
+
+
+def test_a_disconnect_mid_literal_is_a_transient_error_and_nothing_is_stored(sqlite_settings):
+    with HostileImapServer("cut") as server:
+        user, config = _hostile_mailbox(sqlite_settings, server)
+        with pytest.raises(EmailFetchError):
+            MailboxSync(sqlite_settings, parse_in_helper=False).run(user, config)
+    assert EmailMessage.select().count() == 0
+    state = MailboxState.get_or_none(MailboxState.user == user)
+    assert state is None or state.last_uid == 0  # the checkpoint did not move past it
+
+
+def test_a_message_over_the_size_limit_is_skipped_before_fetching_and_the_checkpoint_moves_on(
+        imap_user):
+    big = mailgen.with_attachment(900, "big.bin", os.urandom(300_000))
+    append(imap_user.account, generated(0, 2) + [big] + generated(2, 2))
+    settings = imap_user.settings.replace(max_message_bytes=200_000)
+    result = MailboxSync(settings, parse_in_helper=False).run(imap_user.user, imap_user.config)
+    assert result.fetched == 4 and result.saved == 4
+    assert len(result.skipped) == 1 and "uid=3" in result.skipped[0]
+    assert "over the limit of 200000" in result.skipped[0]
+    assert MailboxState.get(MailboxState.user == imap_user.user).last_uid == 5
+    again = MailboxSync(settings, parse_in_helper=False).run(imap_user.user, imap_user.config)
+    assert again.new == 0  # not fetched again next time
+
+
+def test_the_consumer_runs_more_than_one_imap_lane(sqlite_settings):
+    from consumer.imap_worker import build_handlers
+    lanes = build_handlers(sqlite_settings.replace(imap_lanes=3))
+    assert len(lanes) == 3 and len({id(h.sync) for h in lanes}) == 3  # each its own session
