@@ -27,7 +27,7 @@ from mailferry.errors import PermanentError, TransientError
 from mailferry.db import bulk_insert, insert_rows, write_transaction
 from mailferry.models import InboundReceipt, UnroutedMessage, db, utcnow
 from mailferry.runner import Delivery, Outcome
-from mailferry.spool import Spool, read_regular
+from mailferry.spool import Spool, message_of, read_regular
 from mailferry.storage import BlobStore
 
 log = logging.getLogger(__name__)
@@ -164,7 +164,9 @@ class InboundHandler:
             metrics.worker_wait_seconds.labels(self.queue, "parse").inc(time.perf_counter() - waited)
             self._take_parsed(batch, parsed)
         prepared, outcomes = batch.prepared, batch.outcomes
-        # The spool file is already durable (Haraka fsynced it): link it, don't copy it.
+        # The spool file is already durable (Haraka fsynced it): link it, don't copy it. The
+        # stored raw source keeps the envelope record ahead of the message, as the envelope
+        # column does; BlobStore.read_raw gives the message alone.
         stored = store_batch(self.store, [(p.raw, p.parsed) for p in prepared],
                              [p.path for p in prepared])
         for item, files in zip(prepared, stored):
@@ -201,7 +203,7 @@ class InboundHandler:
         if self.pool is not None:
             return _Prepared(index, job, path, None, None)  # the parser process reads it
         try:
-            raw = read_regular(path)
+            raw = message_of(read_regular(path))  # the envelope record is the job's own
         except FileNotFoundError:
             return self._missing(job)
         except OSError as exc:

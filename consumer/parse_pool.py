@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 from consumer.parse import Limits, ParsedEmail, parse_email
 from mailferry.errors import EmailParseError, TransientError
-from mailferry.spool import read_regular
+from mailferry.spool import message_of, read_regular
 
 CLOSE_TIMEOUT = 5.0  # seconds a helper may take to leave before it is killed
 # The helper answers a request in replies of at most this many messages: holding a whole
@@ -77,7 +77,7 @@ def parse_files(paths: list[str], limits: Limits) -> list[Parsed]:
     out = []
     for path in paths:
         try:
-            raw = read_regular(path)
+            raw = message_of(read_regular(path))
         except OSError as exc:
             out.append(Parsed(None, f"unreadable: {exc.strerror}", 0.0, unreadable=True,
                               missing=isinstance(exc, FileNotFoundError)))

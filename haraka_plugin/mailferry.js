@@ -181,16 +181,13 @@ exports.queue_to_rabbitmq = function (next, connection) {
   const incoming = path.join(this.cfg.spool_dir, 'incoming')
   const final = path.join(incoming, `${id}.eml`)
 
-  this.spool(txn, incoming, id)
+  this.spool(connection, incoming, id)
     // The file's content is on disk; its name becomes durable (folder fsync) while RabbitMQ
     // takes its copy of the job (its own fsync, then the confirm): two waits side by side
     // instead of one after the other. 250 only once both are done. A crash before that
     // leaves the sender without a 250, so it retries; a job whose file did not survive is
     // dead-lettered by the consumer as missing.
-    .then(({ size, named }) => Promise.all([
-      this.publish(this.inbound_body(connection, id, size), id),
-      named,
-    ]))
+    .then(({ job, named }) => Promise.all([this.publish(job, id), named]))
     .then(
       () => {
         this.logdebug(`published ${id} to RabbitMQ`, connection)
@@ -214,23 +211,27 @@ exports.unavailable = function () {
 }
 
 // Write <incoming>/.<id>.tmp, fsync, rename to <id>.eml, fsync the folder: after this the file
-// survives a crash, and a reader never sees a half-written .eml. Resolves, once the file is
-// renamed, to { size, named }: its size in bytes and the promise of the folder fsync (which
+// survives a crash, and a reader never sees a half-written .eml. The file holds the job's
+// envelope record (one line: ENVELOPE_MARK, the job's JSON, CRLF) and then the message, as
+// Postfix keeps the envelope in its queue file: if the job is ever lost, the spool sweep
+// republishes the true envelope (Bcc recipients too). Resolves, once the file is renamed,
+// to { job, named }: the inbound job to publish and the promise of the folder fsync (which
 // rejects with the same kind of error as the other steps).
 //
 // Haraka's one event loop serves every SMTP session (under load it was the bottleneck:
 // bench/smtp_ingest.py, docs/BENCHMARKS.md), so the loop only reads the message into one
 // buffer; the disk work runs in spool writer threads (spool_writer.js), which also create the
 // folder when it is missing, and concurrent messages share folder fsyncs.
-exports.spool = async function (txn, incoming, id) {
+exports.spool = async function (connection, incoming, id) {
   try {
-    const data = await read_message(txn.message_stream)
-    const size = await this.spool_io().write(incoming, id, data)
+    const data = await read_message(connection.transaction.message_stream)
+    const job = this.inbound_body(connection, id, data.length)
+    await this.spool_io().write(incoming, id, Buffer.concat([envelope_record(job), data]))
     const named = this.spool_folder(incoming).sync().catch((err) => {
       throw spool_error(err)
     })
     named.catch(() => {}) // handled by the caller's Promise.all; never an unhandled rejection
-    return { size, named }
+    return { job, named }
   } catch (err) {
     throw spool_error(err)
   }
@@ -333,7 +334,16 @@ class FolderSync {
   }
 }
 
-// The mailferry.inbound contract (v1), see DESIGN.md.
+// The line ahead of the message in a spool file (mailferry/spool.py reads it). JSON.stringify
+// escapes CR and LF, so the record is always one line.
+const ENVELOPE_MARK = 'MAILFERRY-ENVELOPE-1 '
+function envelope_record(job) {
+  return Buffer.from(`${ENVELOPE_MARK}${JSON.stringify(job)}\r\n`, 'utf8')
+}
+exports.envelope_record = envelope_record
+
+// The mailferry.inbound contract (v1), see DESIGN.md. `size` is the message's, without the
+// envelope record.
 exports.inbound_body = function (connection, id, size) {
   const txn = connection.transaction
   return {

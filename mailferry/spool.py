@@ -46,6 +46,38 @@ class NotRegularFile(OSError):
     """A spool name that is a folder, a FIFO, a device or a socket."""
 
 
+# A spool file keeps its SMTP envelope ahead of the message, as Postfix and qmail keep it
+# inside the queue file: one file, one fsync, and a job lost with the broker is republished
+# with its true envelope (Bcc and list recipients included), never one rebuilt from headers.
+# The record is one line: this mark, the job's JSON (the inbound contract, as published),
+# CRLF. No message starts this way (an MTA puts Received: first; a header has a colon).
+ENVELOPE_MARK = b"MAILFERRY-ENVELOPE-1 "
+ENVELOPE_MAX = 2 * 1024 * 1024  # bytes: 1,000 recipients of 320 characters fit
+
+
+def envelope_record(job_body: bytes) -> bytes:
+    """The line that goes ahead of the message in a spool file (``job_body``: compact JSON)."""
+    if b"\n" in job_body or b"\r" in job_body:
+        raise ValueError("an envelope record is one line")
+    return ENVELOPE_MARK + job_body + b"\r\n"
+
+
+def split_envelope(data: bytes) -> tuple[bytes | None, int]:
+    """(the job JSON of ``data``'s envelope record or None, where the message starts)."""
+    if not data.startswith(ENVELOPE_MARK):
+        return None, 0  # a file written without one (by hand, or by an older version)
+    end = data.find(b"\n", len(ENVELOPE_MARK), ENVELOPE_MAX)
+    if end < 0:
+        return None, 0
+    return data[len(ENVELOPE_MARK):end].rstrip(b"\r"), end + 1
+
+
+def message_of(data: bytes) -> bytes:
+    """The message in a spool file's bytes (or a stored raw source linked from one)."""
+    _, start = split_envelope(data)
+    return data[start:] if start else data
+
+
 class Spool:
     def __init__(self, root: Path):
         self.root = Path(root).resolve()
@@ -70,11 +102,13 @@ class Spool:
             raise ContractError(f"spool_path {relative!r} is a symbolic link: refused")
         return path
 
-    def write_incoming(self, raw: bytes, queue_id: str | None = None) -> tuple[str, str]:
-        """Spool ``raw`` as Haraka's plugin does; return (queue_id, relative path)."""
+    def write_incoming(self, raw: bytes, queue_id: str | None = None, *,
+                       envelope: bytes | None = None) -> tuple[str, str]:
+        """Spool ``raw`` as Haraka's plugin does, behind the ``envelope`` record (the job's
+        JSON) when given; return (queue_id, relative path)."""
         queue_id = queue_id or str(uuid.uuid4()).upper()
         target = self.incoming / f"{queue_id}.eml"
-        write_durably(target, raw)
+        write_durably(target, envelope_record(envelope) + raw if envelope is not None else raw)
         return queue_id, f"{INCOMING}/{target.name}"
 
     def quarantine(self, path: Path, reason: str, raw: bytes | None = None, name: str | None = None) -> Path:

@@ -26,8 +26,9 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class Blob:
-    """Bytes to store. ``source``: a durable file holding exactly these bytes (a spool file
-    Haraka fsynced), hard-linked instead of written again; ``data`` may then be None.
+    """Bytes to store. ``source``: a durable file holding these bytes (a spool file Haraka
+    fsynced, where they follow the envelope record), hard-linked instead of written again;
+    ``data`` may then be None.
     ``raw``: a message's raw source, filed by day rather than by hash prefix."""
 
     data: bytes | None
@@ -116,6 +117,12 @@ class BlobStore:
 
     def read(self, relative: str) -> bytes:
         return (self.root / relative).read_bytes()
+
+    def read_raw(self, relative: str) -> bytes:
+        """A message's raw source as the sender's MTA handed it over: a source linked from a
+        spool file starts with its envelope record (``mailferry.spool``), left out here."""
+        from mailferry.spool import message_of  # spool builds on storage's durable writes
+        return message_of(self.read(relative))
 
     def _ensure_folder(self, folder: str) -> list[str]:
         """Create ``folder`` if needed; the folders whose entries that changed."""

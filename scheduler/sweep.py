@@ -2,47 +2,41 @@
 than spool_sweep_age that were never stored are published to ``mailferry.inbound`` again.
 
 A file outlives its job when the job was lost (a broker that lost a queue, a consumer that
-died after committing but before removing the file). A file whose queue id has an
-InboundReceipt is done and only removed. The spool file holds the message without its SMTP
-envelope, so the recipients come from the envelope headers an MTA may have added
-(Delivered-To, X-Original-To, Envelope-To), else from To/Cc/Bcc: a Bcc recipient of a lost
-job cannot be recovered. A file with no recipient at all is quarantined with the reason.
-A republished file's mtime is reset, so a job still waiting in the queue (a consumer that is
-down) is not published again every tick; the consumer treats a repeated queue id as a
-duplicate anyway. And while mailferry.inbound has messages waiting, an old file is most
-likely one of them (a backlog, a consumer that is down): republishing is deferred to a sweep
-that finds the queue drained, so a backlog is never doubled. Each sweep that finds files is recorded as a HARAKA_EMAIL_FETCH task.
+died after committing but before removing the file, a job dead-lettered after its retries).
+A file whose queue id has an InboundReceipt is done and only removed. Any other is published
+again with the job its envelope record holds (``mailferry.spool``): the true SMTP envelope,
+Bcc and list recipients included — never one rebuilt from headers. A file without a record,
+or one that cannot be read, is quarantined with the reason; a name that is not a regular file
+(a FIFO, a folder, a link) is logged and left alone. A republished file's mtime is reset, so
+a job still waiting in the queue (a consumer that is down) is not published again every tick;
+the consumer treats a repeated queue id as a duplicate anyway. And while mailferry.inbound has
+messages waiting, an old file is most likely one of them (a backlog, a consumer that is down):
+republishing is deferred to a sweep that finds the queue drained, so a backlog is never
+doubled. Each sweep that finds files is recorded as a HARAKA_EMAIL_FETCH task.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import errno
 import logging
 import os
 import stat
 import time
 from dataclasses import dataclass
-from email.parser import BytesHeaderParser
-from email.policy import compat32
-from email.utils import getaddresses
 from pathlib import Path
 
 import peewee
 
 from mailferry import broker, metrics
 from mailferry.config import Settings
-from mailferry.contracts import QUEUE_ID_RE, InboundJob
-from mailferry.errors import MailferryError, TransientError
+from mailferry.contracts import InboundJob
+from mailferry.errors import ContractError, MailferryError, TransientError
 from mailferry.models import InboundReceipt, TaskSource, TaskStatus
-from mailferry.spool import INCOMING, NotRegularFile, Spool
+from mailferry.spool import ENVELOPE_MAX, NotRegularFile, Spool, split_envelope
 from mailferry.tasks import complete_task, create_task, fail_task, start_task
 
 log = logging.getLogger(__name__)
 
-HEADER_READ_MAX = 256 * 1024  # bytes read to find a spooled message's headers
-ENVELOPE_HEADERS = ("delivered-to", "x-original-to", "envelope-to")
-MESSAGE_HEADERS = ("to", "cc", "bcc")
 
 
 @dataclass
@@ -76,44 +70,31 @@ def orphaned_files(spool: Spool, age: int, now: float | None = None) -> list[Pat
     return sorted(found)
 
 
-def envelope_from_file(path: Path, queue_id: str, max_addresses: int) -> InboundJob | None:
-    """An inbound job for a spooled file, its envelope rebuilt from headers; None if no recipient."""
-    head, size, mtime = _head_of(path)
-    end = min((i for i in (head.find(b"\r\n\r\n"), head.find(b"\n\n")) if i >= 0), default=len(head))
-    headers = BytesHeaderParser(policy=compat32).parsebytes(head[:end] + b"\r\n\r\n")
-    rcpt_to = _addresses(headers, ENVELOPE_HEADERS) or _addresses(headers, MESSAGE_HEADERS)
-    if not rcpt_to:
+def envelope_from_file(path: Path, queue_id: str) -> InboundJob | None:
+    """The inbound job a spool file carries in its envelope record (its true envelope, as
+    Haraka's plugin published it); None when the file has none. Raises ContractError when the
+    record does not hold a valid job for this very file."""
+    head, _, _ = _head_of(path)
+    body, _ = split_envelope(head)
+    if body is None:
         return None
-    senders = _addresses(headers, ("return-path",)) or _addresses(headers, ("from",))
-    received = dt.datetime.fromtimestamp(mtime, dt.timezone.utc)
-    return InboundJob(
-        spool_path=f"{INCOMING}/{path.name}", queue_id=queue_id,
-        mail_from=senders[0] if senders else "", rcpt_to=rcpt_to[:max_addresses], size=size,
-        received_at=received.isoformat(timespec="milliseconds").replace("+00:00", "Z"))
+    job = InboundJob.from_body(body)
+    if job.queue_id != queue_id:
+        raise ContractError(f"its envelope record names queue id {job.queue_id!r}")
+    return job
 
 
 def _head_of(path: Path) -> tuple[bytes, int, float]:
-    """The first HEADER_READ_MAX bytes of a regular file, its size and mtime; never blocks
+    """The first ENVELOPE_MAX bytes of a regular file, its size and mtime; never blocks
     and never follows a link (a FIFO or a link put there meanwhile is refused)."""
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise NotRegularFile(errno.EINVAL, "not a regular file", str(path))
-        return os.read(fd, HEADER_READ_MAX), info.st_size, info.st_mtime
+        return os.read(fd, ENVELOPE_MAX), info.st_size, info.st_mtime
     finally:
         os.close(fd)
-
-
-def _addresses(headers, names: tuple[str, ...]) -> list[str]:
-    values = [str(v) for name in names for v in (headers.get_all(name) or [])]
-    seen, found = set(), []
-    for _, address in getaddresses(values):
-        address = address.strip()
-        if "@" in address and address.lower() not in seen:
-            seen.add(address.lower())
-            found.append(address)
-    return found
 
 
 def _receipts(queue_ids: list[str]) -> set[str]:
@@ -169,16 +150,17 @@ def _sweep(settings: Settings, spool: Spool, files: list[Path], publisher, summa
             summary.already_stored += 1
             continue
         try:
-            job = envelope_from_file(path, queue_id, settings.max_addresses)
-            why = ("no recipient in its headers" if job is None else
-                   None if QUEUE_ID_RE.fullmatch(queue_id) else "its name is not a queue id")
+            job = envelope_from_file(path, queue_id)
+            why = None if job is not None else (
+                "it has no envelope record (written by hand or by a Mailferry before 0.2); "
+                "re-inject it with `mailferry inject FILE --rcpt …`")
         except FileNotFoundError:
             continue  # stored and removed meanwhile
         except NotRegularFile:
             log.warning("spool sweep: %s is no longer a regular file; left alone", path.name)
             continue
         except Exception as exc:  # noqa: BLE001 - a hostile or unreadable file is its own outcome
-            why = f"cannot read its headers: {type(exc).__name__}: {exc}"[:300]
+            why = f"cannot read its envelope record: {type(exc).__name__}: {exc}"[:300]
         if why:
             _quarantine(spool, path, f"orphaned spool file, cannot be republished: {why}", summary)
             continue

@@ -61,7 +61,7 @@ def test_every_corpus_message_is_stored_or_quarantined_with_a_reason(broker_sett
         stored = by_message_id[parsed.message_id]
         if stored.sha256 != parsed.sha256:
             continue  # the other file with this Message-ID was stored
-        assert hashlib.sha256(store.read(stored.raw_path)).hexdigest() == parsed.sha256
+        assert hashlib.sha256(store.read_raw(stored.raw_path)).hexdigest() == parsed.sha256
         assert stored.text_content == parsed.text and stored.html_content == parsed.html
         atts = list(EmailAttachment.select().where(EmailAttachment.email_message == stored)
                     .order_by(EmailAttachment.id))

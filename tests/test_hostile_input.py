@@ -198,7 +198,8 @@ def test_the_sweep_skips_what_is_not_a_file_and_quarantines_what_it_cannot_parse
     publisher.close()
     summary = result["summary"]
     assert summary.status == "COMPLETED"
-    assert summary.republished + summary.quarantined == 3
+    # Their headers are never read: each carries its envelope record, republished as it is.
+    assert (summary.republished, summary.quarantined) == (3, 0)
     assert (spool.incoming / "FIFO2.eml").exists() and (spool.incoming / "DIR2.eml").is_dir()
 
 
@@ -320,3 +321,38 @@ def test_the_consumer_runs_more_than_one_imap_lane(sqlite_settings):
     from consumer.imap_worker import build_handlers
     lanes = build_handlers(sqlite_settings.replace(imap_lanes=3))
     assert len(lanes) == 3 and len({id(h.sync) for h in lanes}) == 3  # each its own session
+
+
+def test_a_job_lost_with_the_broker_is_republished_with_its_true_envelope_bcc_included(
+        broker_settings, haraka_installed, tmp_path):
+    settings = broker_settings.replace(spool_sweep_age=60)
+    alice, bob = add_user("alice@example.org"), add_user("bob@example.org")
+    raw = mailgen.plain(1, to="alice@example.org")  # bob is a Bcc recipient: in no header
+    broker.setup_topology(settings)  # the queues, as a consumer declares them
+    with haraka_for(settings, tmp_path) as haraka:  # no consumer: the job waits in the queue
+        haraka.wait_connected()
+        with Smtp(haraka) as smtp:
+            code, reply = smtp.send(raw, ["alice@example.org", "bob@example.org"])
+        assert code == 250, reply
+    qid = queue_id(reply)
+    connection = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
+    try:
+        connection.channel().queue_purge(broker.INBOUND)  # the broker lost the job
+    finally:
+        connection.close()
+    path = settings.resolved_spool_dir / "incoming" / f"{qid}.eml"
+    old = time.time() - 300
+    os.utime(path, (old, old))
+    publisher = Publisher(settings, declare=True)
+    try:
+        assert sweep_spool(settings, publisher).republished == 1
+    finally:
+        publisher.close()
+    with consumer_thread(settings):
+        wait_for(lambda: InboundReceipt.get_or_none(InboundReceipt.queue_id == qid),
+                 message="the republished job stored")
+    owners = {m.user_id: m for m in EmailMessage.select()}
+    assert set(owners) == {alice.id, bob.id}  # the Bcc recipient kept his copy
+    assert owners[bob.id].envelope["rcpt_to"] == ["alice@example.org", "bob@example.org"]
+    assert owners[bob.id].envelope["helo"] == "client.example.net"  # what Haraka published
+    assert incoming(settings) == []

@@ -9,6 +9,7 @@ import time
 
 from mailferry import broker, tasks
 from mailferry.broker import Publisher
+from mailferry.contracts import InboundJob
 from mailferry.models import EmailMessage, EmailTask, InboundReceipt, TaskSource, TaskStatus, User
 from mailferry.spool import Spool
 from scheduler.sweep import sweep_spool
@@ -19,26 +20,34 @@ from tests.task_fixtures import drain
 S = TaskStatus
 
 
-def spool_file(spool: Spool, raw: bytes, queue_id: str, age: float) -> os.PathLike:
-    _, relative = spool.write_incoming(raw, queue_id)
+def spool_file(spool: Spool, raw: bytes, queue_id: str, age: float,
+               rcpt_to: tuple[str, ...] | None = ("bob@example.org",),
+               mail_from: str = "sender@example.net") -> os.PathLike:
+    """A spool file as Haraka's plugin writes it (its envelope record, then the message);
+    ``rcpt_to=None``: a file without a record, as written by hand or by an older version."""
+    envelope = None if rcpt_to is None else InboundJob(
+        spool_path=f"incoming/{queue_id}.eml", queue_id=queue_id, mail_from=mail_from,
+        rcpt_to=list(rcpt_to), size=len(raw), received_at="2026-12-01T00:00:00.000Z",
+        remote_ip="192.0.2.1", helo="mx.example.net").to_body()
+    _, relative = spool.write_incoming(raw, queue_id, envelope=envelope)
     path = spool.root / relative
     old = time.time() - age
     os.utime(path, (old, old))
     return path
 
 
-def test_sweep_republishes_orphans_removes_done_files_and_quarantines_unroutable(broker_settings):
+def test_sweep_republishes_orphans_with_their_true_envelope_and_quarantines_the_rest(broker_settings):
     settings = broker_settings.replace(spool_sweep_age=60)
     spool = Spool(settings.resolved_spool_dir).ensure()
+    # Bob and c@ are in the headers; bcc-only@ and list-member@ only in the SMTP envelope.
     orphan = spool_file(spool, mailgen.plain(1, to="Bob <bob@example.org>", cc="c@example.org"),
-                        "ORPHAN-1", age=120)
-    delivered = spool_file(
-        spool, b"Delivered-To: bcc-only@example.org\r\n" + mailgen.plain(2, to="list@example.org"),
-        "ORPHAN-2", age=120)
+                        "ORPHAN-1", age=120,
+                        rcpt_to=("bob@example.org", "c@example.org", "bcc-only@example.org"))
+    listed = spool_file(spool, mailgen.plain(2, to="list@example.org"), "ORPHAN-2", age=120,
+                        rcpt_to=("list-member@example.org",), mail_from="")
     done = spool_file(spool, mailgen.plain(3), "DONE-3", age=120)
     InboundReceipt.create(queue_id="DONE-3", outcome="stored", stored_count=1)
-    nobody = spool_file(spool, b"From: x@example.net\r\nSubject: no rcpt\r\n\r\nhi\r\n", "NOBODY-4",
-                        age=120)
+    legacy = spool_file(spool, mailgen.plain(4), "LEGACY-4", age=120, rcpt_to=None)
     fresh = spool_file(spool, mailgen.plain(5), "FRESH-5", age=5)
     publisher = Publisher(settings, declare=True)
 
@@ -51,14 +60,15 @@ def test_sweep_republishes_orphans_removes_done_files_and_quarantines_unroutable
     assert sorted(jobs) == ["ORPHAN-1", "ORPHAN-2"]
     props, job = jobs["ORPHAN-1"]
     assert job["spool_path"] == "incoming/ORPHAN-1.eml" and props.message_id == "ORPHAN-1"
-    assert job["rcpt_to"] == ["bob@example.org", "c@example.org"]
-    assert job["mail_from"] == "sender@example.net"
-    assert jobs["ORPHAN-2"][1]["rcpt_to"] == ["bcc-only@example.org"]  # the envelope header wins
+    assert job["rcpt_to"] == ["bob@example.org", "c@example.org", "bcc-only@example.org"]
+    assert job["mail_from"] == "sender@example.net" and job["helo"] == "mx.example.net"
+    assert jobs["ORPHAN-2"][1]["rcpt_to"] == ["list-member@example.org"]
+    assert jobs["ORPHAN-2"][1]["mail_from"] == ""  # the null sender, as it came
     assert orphan.exists() and time.time() - orphan.stat().st_mtime < 30  # not again next tick
-    assert not done.exists() and fresh.exists() and delivered.exists()
-    assert not nobody.exists()
-    reason = (spool.failed / "NOBODY-4.eml.reason").read_text()
-    assert "no recipient" in reason and (spool.failed / "NOBODY-4.eml").exists()
+    assert not done.exists() and fresh.exists() and listed.exists()
+    assert not legacy.exists()
+    reason = (spool.failed / "LEGACY-4.eml.reason").read_text()
+    assert "no envelope record" in reason and (spool.failed / "LEGACY-4.eml").exists()
 
     task = EmailTask.get(EmailTask.task_id == summary.task_id)
     assert (task.email_source, task.status, task.user_id) == (TaskSource.HARAKA, S.COMPLETED, None)

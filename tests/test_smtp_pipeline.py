@@ -111,7 +111,7 @@ def test_attachment_sent_over_smtp_is_stored_with_its_bytes(broker_settings, har
     store = BlobStore(settings.resolved_storage_dir)
     assert store.read(attachment.file_path) == payload
     # The raw message as stored is what the client sent, after the Received: header Haraka adds.
-    stored_raw = store.read(message.raw_path)
+    stored_raw = store.read_raw(message.raw_path)
     assert stored_raw.startswith(b"Received: ")
     assert stored_raw.endswith(crlf(raw))
     assert spooled(settings) == []

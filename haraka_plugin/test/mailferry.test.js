@@ -40,9 +40,14 @@ describe('queue hook', () => {
     }
     assertOk(await callQueue(plugin, conn))
 
-    const expected = fs.readFileSync(FIXTURE) // CRLF, un-dot-stuffed, Received header kept
+    // The envelope record (the job as published), then the message: CRLF, un-dot-stuffed,
+    // Received header kept.
+    const [call] = broker.channel.published
+    const record = Buffer.from(`MAILFERRY-ENVELOPE-1 ${JSON.stringify(call.body)}\r\n`)
+    const expected = Buffer.concat([record, fs.readFileSync(FIXTURE)])
     assert.deepEqual(at_publish, expected, 'the consumer may read the file as soon as it is published')
     assert.deepEqual(fs.readFileSync(eml), expected)
+    assert.deepEqual(call.body.rcpt_to, ['first@example.com', 'second@example.com', 'bcc-only@example.net'])
     assert.deepEqual(spoolFiles(plugin), [`${id}.eml`], 'no temporary file is left behind')
   })
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import uuid
 from email.parser import BytesHeaderParser
 from email.policy import compat32
 from email.utils import getaddresses
@@ -11,7 +12,7 @@ from pathlib import Path
 from mailferry import broker
 from mailferry.cli.common import open_app, print_json, print_table
 from mailferry.config import Settings
-from mailferry.contracts import InboundJob, now_iso
+from mailferry.contracts import InboundJob, now_iso, spool_path_for
 from mailferry.errors import PermanentError
 from mailferry.models import EmailAttachment, EmailMessage, User
 from mailferry.spool import Spool
@@ -50,10 +51,11 @@ class Injector:
         recipients = rcpt_to or header_recipients(raw)
         if not recipients:
             raise PermanentError("no recipients: give --rcpt or a message with To/Cc")
-        queue_id, relative = self.spool.write_incoming(raw)
-        job = InboundJob(spool_path=relative, queue_id=queue_id, mail_from=mail_from,
-                         rcpt_to=recipients, size=len(raw), received_at=now_iso(),
-                         remote_ip="127.0.0.1", helo="mailferry-inject")
+        queue_id = str(uuid.uuid4()).upper()
+        job = InboundJob(spool_path=spool_path_for(queue_id), queue_id=queue_id,
+                         mail_from=mail_from, rcpt_to=recipients, size=len(raw),
+                         received_at=now_iso(), remote_ip="127.0.0.1", helo="mailferry-inject")
+        _, relative = self.spool.write_incoming(raw, queue_id, envelope=job.to_body())
         try:
             self.publisher.publish(broker.ROUTING_KEYS[broker.INBOUND], job.to_body(),
                                    message_id=queue_id)
