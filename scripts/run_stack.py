@@ -19,7 +19,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mailferry.config import load_settings, redact_url  # noqa: E402
+from mailferry.app import settings_or_exit  # noqa: E402
+from mailferry.config import redact_url  # noqa: E402
 from tests.harness.haraka import HarakaServer  # noqa: E402
 from tests.harness.ports import port_open  # noqa: E402
 from tests.harness.rabbitmq import RabbitMQServer  # noqa: E402
@@ -42,7 +43,7 @@ def start_rabbitmq(var: Path) -> RabbitMQServer | None:
 
 def main() -> int:
     os.chdir(ROOT)
-    settings = load_settings()
+    settings = settings_or_exit()
     os.umask(0o077)  # var/, the database, the spool and the logs are this user's alone
     var = settings.var_dir.resolve()
     var.mkdir(parents=True, exist_ok=True, mode=0o700)
