@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from mailferry.spool import split_envelope
 from tests.harness.fixtures import require_service
 from tests.harness.haraka import PLUGIN_DIR, HarakaServer, haraka_available
 from tests.harness.ports import free_port
@@ -97,7 +98,10 @@ def test_haraka_spools_and_publishes_to_a_real_broker(haraka_installed, rabbitmq
     assert props.delivery_mode == 2
     assert contract["rcpt_to"] == RCPTS
     assert contract["mail_from"] == "sender@example.org"
-    raw = (spool / contract["spool_path"]).read_bytes()
+    spooled = (spool / contract["spool_path"]).read_bytes()
+    record, start = split_envelope(spooled)
+    assert json.loads(record) == contract  # the file carries the job as published
+    raw = spooled[start:]
     assert raw.startswith(b"Received: ")
     assert raw.endswith(b"\r\nhello\r\n.a line that starts with a dot\r\n")
     assert contract["size"] == len(raw)
