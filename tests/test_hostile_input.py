@@ -356,3 +356,49 @@ def test_a_job_lost_with_the_broker_is_republished_with_its_true_envelope_bcc_in
     assert owners[bob.id].envelope["rcpt_to"] == ["alice@example.org", "bob@example.org"]
     assert owners[bob.id].envelope["helo"] == "client.example.net"  # what Haraka published
     assert incoming(settings) == []
+
+
+def test_hostile_mail_in_an_imap_mailbox_is_stored_and_the_checkpoint_moves_past_it(imap_user):
+    messages = [hostile(name, n) for n, name in enumerate(HOSTILE_HEADERS)] + generated(0, 3)
+    append(imap_user.account, messages)
+    result = MailboxSync(imap_user.settings, parse_in_helper=False).run(imap_user.user,
+                                                                       imap_user.config)
+    assert (result.fetched, result.saved, result.failed) == (len(messages), len(messages), 0)
+    assert MailboxState.get(MailboxState.user == imap_user.user).last_uid == len(messages)
+    subjects = {m.message_id: m.subject for m in EmailMessage.select()}
+    assert subjects["<hostile-2@example.net>"] == "nul"
+
+
+def test_a_batch_of_hostile_mail_through_the_parser_process_is_settled_on_the_first_attempt(
+        broker_settings):
+    """Every message is stored or quarantined with its reason; none is an 'unexpected error'
+    of its batch, none is requeued, spool/incoming ends empty."""
+    settings = broker_settings.replace(parse_process="on")
+    add_user("bob@example.org")
+    too_deep = b"".join(b'Content-Type: multipart/mixed; boundary="b%d"\r\n\r\n--b%d\r\n' % (i, i)
+                        for i in range(60))
+    batch = []
+    for n in range(40):
+        name = list(HOSTILE_HEADERS)[n % len(HOSTILE_HEADERS)]
+        batch.append(hostile(name, n))
+        batch.append(b"From: a@x\r\nTo: bob@example.org\r\nMessage-ID: <deep-%d@x>\r\n" % n
+                     + too_deep)
+        batch.append(mailgen.plain(500 + n))
+    injector = Injector(settings)
+    ids = [injector.inject(raw, ["bob@example.org"]) for raw in batch]
+    injector.close()
+    spool = Spool(settings.resolved_spool_dir)
+    before = requeued()
+    _seen.clear()
+    with consumer_thread(settings) as runner:
+        wait_for(lambda: InboundReceipt.select().where(InboundReceipt.queue_id.in_(ids)).count()
+                 == 80, timeout=60, message="the stored ones")
+        letters = wait_for(lambda: _accumulate(settings.amqp_url, 40), timeout=30,
+                           message="the quarantined ones")
+        assert runner.crashed is None
+    reasons = [headers[broker.H_REASON] for headers, _ in letters]
+    assert len(reasons) == 40
+    assert all(r.startswith("quarantined") and "MIME nesting deeper" in r for r in reasons), reasons[:3]
+    assert requeued() == before
+    assert incoming(settings) == []
+    assert len(list(spool.failed.glob("*.eml.reason"))) == 40
