@@ -139,8 +139,9 @@ class MailboxSync:
 
     def run(self, user: User, config: ImapConfig, folder: str | None = None, *,
             keep_going: Callable[[], bool] = lambda: True,
-            progress: Progress | None = None) -> SyncResult:
-        """Fetch what is new in ``folder`` (default: the configured one) and save it."""
+            progress: Progress | None = None, deadline: float | None = None) -> SyncResult:
+        """Fetch what is new in ``folder`` (default: the configured one) and save it, within
+        ``deadline`` seconds (default: ``imap_fetch_deadline``)."""
         started = time.perf_counter()
         result = SyncResult(folder=folder or config.folder)
         session = _timed(result, lambda: self.connect(config, float(self.settings.imap_timeout)))
@@ -148,7 +149,7 @@ class MailboxSync:
         session.limit_literals(self.limits.max_message_bytes + LITERAL_SLACK)
         # The read timeout is per read: a server that sends a byte every few seconds passes
         # it forever. The deadline closes the socket under the reader, whatever it waits on.
-        deadline = self.settings.imap_fetch_deadline
+        deadline = self.settings.imap_fetch_deadline if deadline is None else max(1.0, deadline)
         timer = threading.Timer(deadline, session.abort)
         timer.daemon = True
         timer.start()
@@ -156,7 +157,7 @@ class MailboxSync:
             self._sync(session, user, config, result, keep_going, progress or (lambda r, d: None))
         except TransientError as exc:
             if timer.finished.is_set():
-                raise EmailFetchError(f"fetch stopped at its deadline of {deadline} s "
+                raise EmailFetchError(f"fetch stopped at its deadline of {deadline:.0f} s "
                                       f"(committed batches are kept): {exc}") from exc
             raise
         finally:

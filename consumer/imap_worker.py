@@ -28,7 +28,7 @@ from mailferry.errors import (
     ContractError, EmailConfigError, MailferryError, PermanentError, TransientError,
 )
 from mailferry.mailbox_config import EmailConfigManager
-from mailferry.models import EmailTask, TaskSource, TaskStatus, User
+from mailferry.models import EmailTask, TaskSource, TaskStatus, User, utcnow
 from mailferry.runner import Delivery, Outcome
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ class ImapFetchHandler:
             return Outcome.ack()
         self._publish_watchdog(task)
         run_fetch_task(task, job.folder, sync=self.sync, configs=self.configs,
-                       backoff=self.backoff)
+                       backoff=self.backoff, attempt_deadline=self.settings.imap_fetch_deadline)
         metrics.batch_seconds.labels(self.queue).observe(time.perf_counter() - started)
         return Outcome.ack()
 
@@ -87,8 +87,13 @@ class ImapFetchHandler:
 
 def run_fetch_task(task: EmailTask, folder: str | None, *, sync: MailboxSync,
                    configs: EmailConfigManager, backoff: float = FETCH_BACKOFF,
-                   attempts: int = FETCH_ATTEMPTS, progress: Progress | None = None) -> str:
+                   attempts: int = FETCH_ATTEMPTS, progress: Progress | None = None,
+                   attempt_deadline: float | None = None) -> str:
     """Sync the mailbox of a RUNNING task and end it; return the task's final status.
+
+    Each attempt ends by the task's timeout_at at the latest (its socket closed) and by
+    ``attempt_deadline`` seconds when given: the worker gives ``imap_fetch_deadline``, so a
+    slow server cannot hold a lane; `mailferry fetch` gives none (a long first sync).
 
     Used by the worker and by `mailferry fetch`. Counts go to the task after each committed
     batch, so they stay right whatever ends the run.
@@ -140,7 +145,7 @@ def run_fetch_task(task: EmailTask, folder: str | None, *, sync: MailboxSync,
         before_sleep=before_retry, reraise=True, sleep=_sleep_unless_cancelled(task_id))
     try:
         result = retrying(lambda: _sync_unless_cancelled(sync, user, config, folder, task_id,
-                                                         on_progress))
+                                                         on_progress, attempt_deadline))
     except PermanentError as exc:  # wrong password, missing folder, bad certificate …
         return _fail(task_id, str(exc))
     except TransientError as exc:
@@ -167,11 +172,16 @@ def run_fetch_task(task: EmailTask, folder: str | None, *, sync: MailboxSync,
 
 
 def _sync_unless_cancelled(sync: MailboxSync, user: User, config, folder: str, task_id: str,
-                           progress: Progress) -> SyncResult | None:
+                           progress: Progress, attempt_deadline: float | None) -> SyncResult | None:
     if not tasks.is_active(task_id):
         return None  # cancelled while we waited to retry
+    # The watchdog only marks the row at timeout_at; the connection must not outlive it.
+    task = tasks.get_task(task_id)
+    limits = [attempt_deadline] if attempt_deadline else []
+    if task is not None and task.timeout_at is not None:
+        limits.append((task.timeout_at - utcnow()).total_seconds())
     return sync.run(user, config, folder, keep_going=lambda: tasks.is_active(task_id),
-                    progress=progress)
+                    progress=progress, deadline=min(limits) if limits else None)
 
 
 def _sleep_unless_cancelled(task_id: str) -> Callable[[float], None]:

@@ -402,3 +402,22 @@ def test_a_batch_of_hostile_mail_through_the_parser_process_is_settled_on_the_fi
     assert requeued() == before
     assert incoming(settings) == []
     assert len(list(spool.failed.glob("*.eml.reason"))) == 40
+
+
+def test_a_fetch_task_closes_its_connection_at_the_task_timeout(sqlite_settings):
+    """The watchdog only marks the row; the worker's own deadline is the task's timeout_at."""
+    from consumer.imap_worker import run_fetch_task
+    from mailferry import tasks
+    from mailferry.models import TaskSource, TaskStatus
+    settings = sqlite_settings.replace(imap_timeout=2)  # imap_fetch_deadline stays 120 s
+    with HostileImapServer("slow", trickle=0.5) as server:
+        user, _ = _hostile_mailbox(settings, server)
+        task = tasks.start_task(tasks.create_task(TaskSource.IMAP, user.id, timeout_seconds=5).task_id)
+        started = time.monotonic()
+        status = run_fetch_task(task, None, sync=MailboxSync(settings, parse_in_helper=False),
+                                configs=EmailConfigManager(settings), backoff=0.1, attempts=2,
+                                attempt_deadline=settings.imap_fetch_deadline)
+        took = time.monotonic() - started
+    assert status == TaskStatus.FAILED
+    assert "deadline" in tasks.get_task(task.task_id).error_message
+    assert took < 15, f"the fetch held its connection {took:.0f} s past a 5 s task timeout"
