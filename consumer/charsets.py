@@ -8,8 +8,9 @@ is never refused for its label.
 
 from __future__ import annotations
 
+import binascii
 import codecs
-from email.header import decode_header
+import re
 
 FALLBACKS = {
     "gb2312": "gb18030",
@@ -66,20 +67,55 @@ def decode_text(data: bytes, charset: str | None) -> tuple[str, bool]:
         return data.decode("utf-8", errors="replace"), True
 
 
+# An RFC 2047 encoded word, found in the header's bytes: its text is decoded in its own
+# charset from its own bytes (a raw 0xF6 inside a Q word is an ö of that charset).
+_ENCODED_WORD = re.compile(rb"=\?([^?\s]+)\?([QqBb])\?([^?]*)\?=")
+
+
+def decode_header_bytes(raw: bytes) -> str:
+    """A header value as its sender meant it, from its raw bytes; never raises.
+
+    Encoded words are decoded in their own charset; whitespace between two of them is
+    dropped (RFC 2047 §6.2). Text outside them is UTF-8 when it is valid UTF-8 (RFC 6532:
+    what Gmail and others send with SMTPUTF8), else Windows-1252. Folding is undone.
+    """
+    out: list[str] = []
+    pos, after_word = 0, False
+    for match in _ENCODED_WORD.finditer(raw):
+        between = raw[pos:match.start()]
+        if not (after_word and not between.strip()):
+            out.append(_plain_header_text(between))
+        out.append(_encoded_word(*match.groups()))
+        pos, after_word = match.end(), True
+    out.append(_plain_header_text(raw[pos:]))
+    return " ".join("".join(out).split())
+
+
 def decode_header_value(value: str | None) -> str:
-    """Decode RFC 2047 encoded words, using the same charset fallbacks as bodies."""
+    """``decode_header_bytes`` of a str (raw bytes kept as surrogate escapes come back)."""
     if not value:
         return ""
-    if "=?" not in value:
+    if value.isascii() and "=?" not in value:
         return " ".join(value.split())
+    return decode_header_bytes(value.encode("utf-8", "surrogateescape"))
+
+
+def _plain_header_text(data: bytes) -> str:
+    if data.isascii():
+        return data.decode("ascii")
     try:
-        chunks = decode_header(value)
-    except Exception:  # email.header raises several kinds on broken encoded words
-        return " ".join(value.split())
-    out = []
-    for chunk, charset in chunks:
-        if isinstance(chunk, bytes):
-            out.append(decode_text(chunk, charset)[0])
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return data.decode("cp1252", errors="replace")
+
+
+def _encoded_word(charset: bytes, encoding: bytes, payload: bytes) -> str:
+    label = charset.decode("ascii", "replace").split("*", 1)[0]  # RFC 2231 language suffix
+    try:
+        if encoding in (b"Q", b"q"):
+            data = binascii.a2b_qp(payload, header=True)
         else:
-            out.append(chunk)
-    return " ".join("".join(out).split())
+            data = binascii.a2b_base64(payload + b"=" * (-len(payload) % 4))
+    except (binascii.Error, ValueError):
+        return _plain_header_text(b"=?" + charset + b"?" + encoding + b"?" + payload + b"?=")
+    return decode_text(data, label)[0]

@@ -17,7 +17,7 @@ from email.parser import BytesHeaderParser
 from email.policy import compat32
 from email.utils import getaddresses, parsedate_to_datetime
 
-from consumer.charsets import decode_header_value, decode_text
+from consumer.charsets import decode_header_bytes, decode_header_value, decode_text
 from consumer.quiet_flanker import mime, flanker_errors, transfer_decode
 from mailferry.config import Settings
 from mailferry.errors import EmailParseError
@@ -112,8 +112,8 @@ def _parse(raw: bytes, limits: Limits) -> ParsedEmail:
     sha256 = hashlib.sha256(raw).hexdigest()
     headers = BytesHeaderParser(policy=compat32).parsebytes(raw)
 
-    to = _addresses(headers.get_all("To", []))
-    cc = _addresses(headers.get_all("Cc", []))
+    to = _addresses(_raw_all(headers, "To"))
+    cc = _addresses(_raw_all(headers, "Cc"))
     if len(to) + len(cc) > limits.max_addresses:
         raise EmailParseError(
             f"message has {len(to) + len(cc)} To/Cc addresses, over the limit of {limits.max_addresses}")
@@ -133,14 +133,14 @@ def _parse(raw: bytes, limits: Limits) -> ParsedEmail:
         text, html, attachments, nested = _plain_fallback(raw, headers, header_end), "", [], []
         warnings = [f"MIME structure broken ({exc}); body kept as plain text"]
 
-    senders = _addresses(headers.get_all("From", []))
+    senders = _addresses(_raw_all(headers, "From"))
     return ParsedEmail(
         message_id=message_id_of(headers.get("Message-ID"), sha256),
-        subject=decode_header_value(_str(headers.get("Subject"))),
+        subject=decode_header_bytes(b" ".join(_raw_all(headers, "Subject")[:1])),
         sender=senders[0] if senders else "",
         to=to,
         cc=cc,
-        reply_to=_addresses(headers.get_all("Reply-To", [])),
+        reply_to=_addresses(_raw_all(headers, "Reply-To")),
         date=_date(headers.get("Date")),
         in_reply_to=_first_id(headers.get("In-Reply-To")),
         references=[f"<{ref}>" for ref in MESSAGE_ID_RE.findall(_str(headers.get("References")))[:100]],
@@ -262,8 +262,16 @@ def _content_id(part) -> str | None:
     return str(value).strip()[:998] if value else None
 
 
-def _addresses(values: list) -> list[str]:
-    decoded = [decode_header_value(_str(v)) for v in values]
+def _raw_all(headers, name: str) -> list[bytes]:
+    """The raw bytes of every ``name`` header: compat32 keeps 8-bit bytes as surrogate
+    escapes in ``raw_items``, where ``get`` would hand back a Header that lost them."""
+    wanted = name.lower()
+    return [value.encode("ascii", "surrogateescape") for key, value in headers.raw_items()
+            if key.lower() == wanted and isinstance(value, str)]
+
+
+def _addresses(values: list[bytes]) -> list[str]:
+    decoded = [decode_header_bytes(v) for v in values]
     try:
         pairs = getaddresses(decoded)
     except RecursionError:

@@ -174,3 +174,24 @@ def test_nesting_depth_limit():
     deep += b"--b7\r\nContent-Type: text/plain\r\n\r\nhi\r\n--b7--" + tail
     with pytest.raises(EmailParseError, match="nesting deeper"):
         parse_email(deep, Limits(max_mime_depth=4))
+
+
+@pytest.mark.parametrize("header, subject", [
+    ("Subject: Grüße aus Köln ✓".encode(), "Grüße aus Köln ✓"),  # RFC 6532 raw UTF-8
+    (b"Subject: =?iso-8859-1?Q?Die_Hasen_und_die_Fr\xf6sche?=", "Die Hasen und die Frösche"),
+    ("Subject: =?utf-8?q?Gr=C3=BC=C3=9Fe?= und Köln".encode(), "Grüße und Köln"),
+    (b"Subject: =?utf-8?q?a?=\r\n =?utf-8?b?w7w=?= x =?gb2312?b?xOO6ww==?=", "aü x 你好"),
+    (b"Subject: caf\xe9 \x93quoted\x94", "café “quoted”"),  # not UTF-8: Windows-1252
+    (b"Subject: =?utf-8*en?q?language_suffix?=", "language suffix"),  # RFC 2231 in a word
+])
+def test_headers_are_decoded_from_their_raw_bytes(header, subject):
+    raw = b"From: a@example.net\r\nTo: b@example.org\r\n" + header + b"\r\n\r\nbody\r\n"
+    assert parse_email(raw).subject == subject
+
+
+def test_raw_utf8_display_names_do_not_hide_the_addresses():
+    raw = ("From: Jörg Müller <jm@example.de>\r\nTo: Zoë <zoe@example.org>, "
+           "=?utf-8?q?Ren=C3=A9?= <rene@example.org>\r\n\r\nbody\r\n").encode()
+    parsed = parse_email(raw)
+    assert parsed.sender == "jm@example.de"
+    assert parsed.to == ["zoe@example.org", "rene@example.org"]
