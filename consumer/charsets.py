@@ -49,9 +49,24 @@ def codec_for(charset: str | None) -> str:
     return info.name if getattr(info, "_is_text_encoding", True) else "utf-8"
 
 
+# One byte per character: any byte string decodes in them, so a label of one of these says
+# little when the bytes are valid UTF-8 (they nearly never are by chance).
+_SINGLE_BYTE = ("iso8859", "latin", "cp125", "cp437", "cp850", "koi8", "mac-", "mac_", "ascii")
+
+
 def decode_text(data: bytes, charset: str | None) -> tuple[str, bool]:
-    """Decode ``data``; the flag says whether it needed a lossy fallback. Never raises."""
+    """Decode ``data``; the flag says whether it needed a lossy fallback. Never raises.
+
+    The declared charset wins when the bytes are valid in it, unless it is a single-byte
+    charset and the bytes are valid UTF-8 (mail labelled latin-1 by a client that wrote
+    UTF-8: ``FrÃ¶sche``). Bytes labelled UTF-8 that are not are read as Windows-1252.
+    """
     codec = codec_for(charset)
+    if not data.isascii() and codec.startswith(_SINGLE_BYTE):
+        try:
+            return data.decode("utf-8"), False
+        except UnicodeDecodeError:
+            pass
     try:
         return data.decode(codec), False
     except (UnicodeError, LookupError, ValueError):  # utf-7 and friends raise more than one kind
@@ -59,6 +74,11 @@ def decode_text(data: bytes, charset: str | None) -> tuple[str, bool]:
     if codec != "utf-8":
         try:
             return data.decode("utf-8"), True
+        except UnicodeDecodeError:
+            pass
+    else:
+        try:
+            return data.decode("cp1252"), True  # Latin-1 text labelled UTF-8
         except UnicodeDecodeError:
             pass
     try:
@@ -98,6 +118,23 @@ def decode_header_value(value: str | None) -> str:
     if value.isascii() and "=?" not in value:
         return " ".join(value.split())
     return decode_header_bytes(value.encode("utf-8", "surrogateescape"))
+
+
+def without_surrogates(text: str) -> str:
+    """``text`` fit to store: raw bytes that flanker hands back as surrogate escapes (the
+    message is given to it decoded with ``surrogateescape``) are read as UTF-8, lossily."""
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        data = text.encode("utf-8", "surrogateescape")  # the raw bytes back
+    except UnicodeEncodeError:  # a lone surrogate that is no escaped byte
+        data = text.encode("utf-8", "surrogatepass")
+    return data.decode("utf-8", "replace")
 
 
 def _plain_header_text(data: bytes) -> str:

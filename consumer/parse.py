@@ -17,7 +17,7 @@ from email.parser import BytesHeaderParser
 from email.policy import compat32
 from email.utils import getaddresses, parsedate_to_datetime
 
-from consumer.charsets import decode_header_bytes, decode_header_value, decode_text
+from consumer.charsets import decode_header_bytes, decode_header_value, decode_text, without_surrogates
 from consumer.quiet_flanker import mime, flanker_errors, transfer_decode
 from mailferry.config import Settings
 from mailferry.errors import EmailParseError
@@ -119,7 +119,10 @@ def _parse(raw: bytes, limits: Limits) -> ParsedEmail:
             f"message has {len(to) + len(cc)} To/Cc addresses, over the limit of {limits.max_addresses}")
 
     try:
-        root = mime.from_string(raw)
+        # Decoded here, reversibly: given bytes that are not UTF-8, flanker guesses a charset
+        # for the whole message and its 8-bit parts lose their bytes (transfer_decode undoes
+        # this surrogateescape exactly).
+        root = mime.from_string(raw.decode("utf-8", "surrogateescape"))
         text, html, attachments, nested, warnings = _walk(root, limits)
     except EmailParseError:
         raise
@@ -231,7 +234,7 @@ def _filename(part) -> str:
         name = part.detected_file_name or ""
     except Exception:  # flanker trips over some RFC 2231 parameters
         name = ""
-    name = decode_header_value(name) if "=?" in name else name
+    name = decode_header_value(name) if "=?" in name else without_surrogates(name)
     return _repair_mojibake(name)
 
 
@@ -259,7 +262,7 @@ def _repair_mojibake(name: str) -> str:
 
 def _content_id(part) -> str | None:
     value = part.headers.get("Content-Id")
-    return str(value).strip()[:998] if value else None
+    return without_surrogates(str(value).strip()[:998]) if value else None
 
 
 def _raw_all(headers, name: str) -> list[bytes]:

@@ -117,3 +117,31 @@ def test_a_message_with_hostile_headers_is_stored_or_quarantined_never_raises(he
         assert result.message_id.startswith("<") and result.message_id.endswith(">")
         assert len(result.message_id) <= 512
         assert result.message_id.isprintable()
+
+
+def _storable(value) -> None:
+    """Every text the parser returns can be written as UTF-8 (no lone surrogates)."""
+    if isinstance(value, str):
+        value.encode("utf-8")
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _storable(item)
+
+
+@settings(max_examples=EXAMPLES // 2, deadline=None, derandomize=bool(os.environ.get("CI")),
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(name=st.binary(min_size=1, max_size=40), body=st.binary(max_size=300),
+       charset=st.sampled_from(CODEC_NAMES))
+def test_8bit_parts_never_yield_text_that_cannot_be_stored(name, body, charset):
+    raw = (b"From: a@x\r\nTo: b@y\r\nSubject: s\r\nMIME-Version: 1.0\r\n"
+           b"Content-Type: multipart/mixed; boundary=BB\r\n\r\n--BB\r\n"
+           b"Content-Type: text/plain; charset=" + charset.encode() + b"\r\n"
+           b"Content-Transfer-Encoding: 8bit\r\n\r\n" + body + b"\r\n--BB\r\n"
+           b"Content-Type: application/octet-stream; name=\"" + name.replace(b'"', b"") + b"\"\r\n"
+           b"Content-ID: <" + name.replace(b">", b"") + b">\r\n"
+           b"Content-Disposition: attachment\r\n\r\nxyz\r\n--BB--\r\n")
+    result = outcome(raw)
+    if isinstance(result, ParsedEmail):
+        _storable([result.subject, result.text, result.html, result.sender, *result.to])
+        for attachment in result.attachments:
+            _storable([attachment.filename, attachment.content_id or "", attachment.content_type])

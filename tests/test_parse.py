@@ -195,3 +195,19 @@ def test_raw_utf8_display_names_do_not_hide_the_addresses():
     parsed = parse_email(raw)
     assert parsed.sender == "jm@example.de"
     assert parsed.to == ["zoe@example.org", "rene@example.org"]
+
+
+@pytest.mark.parametrize("charset, body, text", [
+    (None, "Die Frösche".encode(), "Die Frösche"),  # undeclared 8-bit: UTF-8 when valid
+    ("us-ascii", "Die Frösche".encode(), "Die Frösche"),
+    ("iso-8859-1", "Die Frösche".encode(), "Die Frösche"),  # UTF-8 labelled latin-1
+    ("utf-8", "Die Frösche".encode("latin-1"), "Die Frösche"),  # latin-1 labelled UTF-8
+    ("iso-8859-1", "Die Frösche".encode("latin-1"), "Die Frösche"),
+    ("windows-1251", "Привет, мир".encode("cp1251"), "Привет, мир"),
+    ("koi8-r", "Привет, мир".encode("koi8-r"), "Привет, мир"),
+])
+def test_text_bodies_are_decoded_the_way_the_sender_meant(charset, body, text):
+    ctype = b"text/plain" + (b"; charset=" + charset.encode() if charset else b"")
+    raw = (b"From: a@example.net\r\nTo: b@example.org\r\nMIME-Version: 1.0\r\nContent-Type: "
+           + ctype + b"\r\nContent-Transfer-Encoding: 8bit\r\n\r\n" + body + b"\r\n")
+    assert parse_email(raw).text.strip() == text
