@@ -122,7 +122,7 @@ def _parse(raw: bytes, limits: Limits) -> ParsedEmail:
         # Decoded here, reversibly: given bytes that are not UTF-8, flanker guesses a charset
         # for the whole message and its 8-bit parts lose their bytes (transfer_decode undoes
         # this surrogateescape exactly).
-        root = mime.from_string(raw.decode("utf-8", "surrogateescape"))
+        root = mime.from_string(unpadded_delimiters(raw).decode("utf-8", "surrogateescape"))
         text, html, attachments, nested, warnings = _walk(root, limits)
     except EmailParseError:
         raise
@@ -155,6 +155,26 @@ def _parse(raw: bytes, limits: Limits) -> ParsedEmail:
         nested_subjects=nested,
         warnings=warnings,
     )
+
+
+MAX_BOUNDARIES = 64
+_BOUNDARY_PARAM = re.compile(rb'boundary\s*=\s*(?:"([^"\r\n]{1,200})"|([^\s;"]{1,200}))', re.I)
+
+
+def unpadded_delimiters(raw: bytes) -> bytes:
+    """``raw`` with the transport padding removed from its boundary delimiter lines.
+
+    RFC 2046 §5.1.1 allows whitespace after a delimiter (``--1  ``); flanker does not
+    recognise such a line, and every part behind it is lost. Only lines that are a declared
+    boundary's delimiter followed by blanks are changed, for the parser's eyes only: the
+    stored raw source and its hash stay as they came.
+    """
+    boundaries = {a or b for a, b in _BOUNDARY_PARAM.findall(raw)}
+    if not boundaries or len(boundaries) > MAX_BOUNDARIES:
+        return raw  # more than a nesting within the depth limit has: not worth a regex
+    names = b"|".join(re.escape(b) for b in sorted(boundaries, key=len, reverse=True))
+    padded = re.compile(rb"^(--(?:" + names + rb")(?:--)?)[ \t]+(?=\r?$)", re.M)
+    return padded.sub(rb"\1", raw)
 
 
 def message_id_of(header: str | None, sha256: str) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 
 from consumer.parse import Limits, parse_email
@@ -211,3 +213,32 @@ def test_text_bodies_are_decoded_the_way_the_sender_meant(charset, body, text):
     raw = (b"From: a@example.net\r\nTo: b@example.org\r\nMIME-Version: 1.0\r\nContent-Type: "
            + ctype + b"\r\nContent-Transfer-Encoding: 8bit\r\n\r\n" + body + b"\r\n")
     assert parse_email(raw).text.strip() == text
+
+
+def test_an_x_uuencode_attachment_is_stored_as_its_bytes():
+    import binascii
+    payload = bytes(range(256)) * 3
+    lines = b"".join(binascii.b2a_uu(payload[i:i + 45]) for i in range(0, len(payload), 45))
+    raw = (b"From: a@example.net\r\nTo: b@example.org\r\nMIME-Version: 1.0\r\n"
+           b"Content-Type: multipart/mixed; boundary=BB\r\n\r\n--BB\r\n"
+           b"Content-Type: text/plain\r\n\r\nsee attached\r\n--BB\r\n"
+           b"Content-Type: application/octet-stream; name=data.bin\r\n"
+           b"Content-Transfer-Encoding: x-uuencode\r\n\r\n"
+           b"begin 644 data.bin\r\n" + lines.replace(b"\n", b"\r\n") + b"`\r\nend\r\n--BB--\r\n")
+    parsed = parse_email(raw)
+    [attachment] = parsed.attachments
+    assert attachment.filename == "data.bin"
+    assert attachment.data == payload
+
+
+@pytest.mark.parametrize("pad", [b"  ", b"\t", b" \t "])
+def test_boundary_delimiters_with_transport_padding_still_split_the_parts(pad):
+    parts = b"".join(b"--1" + pad + b"\r\nContent-Type: image/png; name=i%d.png\r\n"
+                     b"Content-Transfer-Encoding: base64\r\n\r\niVBORw0KGgo=\r\n" % i for i in range(4))
+    raw = (b"From: a@x\r\nTo: b@y\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; "
+           b"boundary=1\r\n\r\n" + parts + b"--1--" + pad + b"\r\n")
+    parsed = parse_email(raw)
+    assert [a.filename for a in parsed.attachments] == [f"i{i}.png" for i in range(4)]
+    assert all(a.data == b"\x89PNG\r\n\x1a\n" for a in parsed.attachments)
+    assert parsed.warnings == []
+    assert parsed.sha256 == hashlib.sha256(raw).hexdigest()  # of the bytes as they came
