@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from email.parser import BytesHeaderParser
 from email.policy import compat32
@@ -119,22 +120,20 @@ def _parse(raw: bytes, limits: Limits) -> ParsedEmail:
             f"message has {len(to) + len(cc)} To/Cc addresses, over the limit of {limits.max_addresses}")
 
     try:
-        # Decoded here, reversibly: given bytes that are not UTF-8, flanker guesses a charset
-        # for the whole message and its 8-bit parts lose their bytes (transfer_decode undoes
-        # this surrogateescape exactly).
-        root = mime.from_string(unpadded_delimiters(raw).decode("utf-8", "surrogateescape"))
-        text, html, attachments, nested, warnings = _walk(root, limits)
-    except EmailParseError:
-        raise
-    except RecursionError as exc:
-        raise EmailParseError("MIME structure nests too deeply to parse") from exc
+        text, html, attachments, nested, warnings = _split(raw, limits)
     except flanker_errors as exc:
-        if "Too many parts" in str(exc):
-            raise EmailParseError(f"MIME structure over flanker's limit: {exc}") from exc
-        # Broken MIME (a missing boundary, a malformed report) still carries a message a
-        # person wrote: keep it, its body as plain text, and say why in the warnings.
-        text, html, attachments, nested = _plain_fallback(raw, headers, header_end), "", [], []
-        warnings = [f"MIME structure broken ({exc}); body kept as plain text"]
+        # Broken MIME still carries a message a person wrote. A multipart whose declared
+        # boundary is missing or never occurs is split on the delimiter lines it does have;
+        # what cannot be split is kept as plain text. The warning makes it `partial`.
+        resplit = _with_found_boundary(raw, headers, header_end)
+        try:
+            if resplit is None:
+                raise exc
+            text, html, attachments, nested, warnings = _split(resplit, limits)
+            warnings.insert(0, f"MIME structure broken ({exc}); split on the delimiter lines found")
+        except flanker_errors:
+            text, html, attachments, nested = _plain_fallback(raw, headers, header_end), "", [], []
+            warnings = [f"MIME structure broken ({exc}); body kept as plain text"]
 
     senders = _addresses(_raw_all(headers, "From"))
     return ParsedEmail(
@@ -233,6 +232,43 @@ def _walk(root, limits: Limits):
             is_inline=disposition == "inline" or (disposition != "attachment" and bool(_content_id(part))),
         ))
     return "\n".join(text_parts), "\n".join(html_parts), attachments, nested, warnings
+
+
+def _split(raw: bytes, limits: Limits):
+    """flanker's MIME tree of ``raw``, walked; flanker's errors (broken MIME) go up."""
+    try:
+        # Decoded here, reversibly: given bytes that are not UTF-8, flanker guesses a charset
+        # for the whole message and its 8-bit parts lose their bytes (transfer_decode undoes
+        # this surrogateescape exactly).
+        root = mime.from_string(unpadded_delimiters(raw).decode("utf-8", "surrogateescape"))
+        return _walk(root, limits)
+    except RecursionError as exc:
+        raise EmailParseError("MIME structure nests too deeply to parse") from exc
+    except flanker_errors as exc:
+        if "Too many parts" in str(exc):
+            raise EmailParseError(f"MIME structure over flanker's limit: {exc}") from exc
+        raise
+
+
+_DELIMITER_LINE = re.compile(rb"^--([0-9A-Za-z'()+_,./:=?-]{1,70}?)(?:--)?[ \t]*\r?$", re.M)
+_CONTENT_TYPE = re.compile(rb"^Content-Type:[^\r\n]*(?:\r?\n[ \t][^\r\n]*)*", re.I | re.M)
+
+
+def _with_found_boundary(raw: bytes, headers, header_end) -> bytes | None:
+    """``raw`` with its top Content-Type naming the boundary its delimiter lines show, for a
+    multipart that declares none or one that never occurs; None if there is nothing to find."""
+    if header_end is None or headers.get_content_maintype() != "multipart":
+        return None
+    found = Counter(m.group(1) for m in _DELIMITER_LINE.finditer(raw, header_end.end()))
+    if not found:
+        return None
+    boundary, seen = found.most_common(1)[0]
+    if seen < 2:
+        return None
+    subtype = headers.get_content_subtype().encode("ascii", "replace")
+    line = b'Content-Type: multipart/%s; boundary="%s"' % (subtype, boundary)
+    head = _CONTENT_TYPE.sub(lambda _m: line, raw[:header_end.start()], count=1)
+    return head + raw[header_end.start():]
 
 
 def _plain_fallback(raw: bytes, headers, header_end) -> str:

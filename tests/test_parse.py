@@ -242,3 +242,23 @@ def test_boundary_delimiters_with_transport_padding_still_split_the_parts(pad):
     assert all(a.data == b"\x89PNG\r\n\x1a\n" for a in parsed.attachments)
     assert parsed.warnings == []
     assert parsed.sha256 == hashlib.sha256(raw).hexdigest()  # of the bytes as they came
+
+
+_BROKEN_PARTS = (b"--XX\r\nContent-Type: text/plain\r\n\r\nhello text\r\n--XX\r\n"
+                 b"Content-Type: application/pdf; name=a.pdf\r\nContent-Transfer-Encoding: base64"
+                 b"\r\n\r\nJVBERi0xLjQ=\r\n")
+
+
+@pytest.mark.parametrize("content_type, tail", [
+    (b"multipart/mixed", b"--XX--\r\n"),  # no boundary= at all
+    (b"multipart/mixed;\r\n boundary=YY", b"--XX--\r\n"),  # a boundary that never occurs
+    (b"multipart/alternative; boundary=YY", b""),  # … and no final delimiter either
+])
+def test_a_broken_multipart_is_split_on_the_delimiter_lines_it_has(content_type, tail):
+    raw = (b"From: a@x\r\nTo: b@y\r\nSubject: broken\r\nMIME-Version: 1.0\r\nContent-Type: "
+           + content_type + b"\r\n\r\n" + _BROKEN_PARTS + tail)
+    parsed = parse_email(raw)
+    assert parsed.text.strip() == "hello text"  # no MIME headers in the text
+    assert [(a.filename, a.data) for a in parsed.attachments] == [("a.pdf", b"%PDF-1.4")]
+    assert parsed.warnings and "split on the delimiter lines found" in parsed.warnings[0]
+    assert parsed.sha256 == hashlib.sha256(raw).hexdigest()
