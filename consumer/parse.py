@@ -122,18 +122,7 @@ def _parse(raw: bytes, limits: Limits) -> ParsedEmail:
     try:
         text, html, attachments, nested, warnings = _split(raw, limits)
     except flanker_errors as exc:
-        # Broken MIME still carries a message a person wrote. A multipart whose declared
-        # boundary is missing or never occurs is split on the delimiter lines it does have;
-        # what cannot be split is kept as plain text. The warning makes it `partial`.
-        resplit = _with_found_boundary(raw, headers, header_end)
-        try:
-            if resplit is None:
-                raise exc
-            text, html, attachments, nested, warnings = _split(resplit, limits)
-            warnings.insert(0, f"MIME structure broken ({exc}); split on the delimiter lines found")
-        except flanker_errors:
-            text, html, attachments, nested = _plain_fallback(raw, headers, header_end), "", [], []
-            warnings = [f"MIME structure broken ({exc}); body kept as plain text"]
+        text, html, attachments, nested, warnings = _recovered(raw, headers, header_end, limits, exc)
 
     senders = _addresses(_raw_all(headers, "From"))
     return ParsedEmail(
@@ -248,6 +237,23 @@ def _split(raw: bytes, limits: Limits):
         if "Too many parts" in str(exc):
             raise EmailParseError(f"MIME structure over flanker's limit: {exc}") from exc
         raise
+
+
+def _recovered(raw: bytes, headers, header_end, limits: Limits, exc: Exception):
+    """What a message flanker cannot split still carries. A multipart whose declared boundary
+    is missing or never occurs is split on the delimiter lines it does have; what cannot be
+    split is kept as plain text. The first warning says why (and makes the message partial)."""
+    resplit = _with_found_boundary(raw, headers, header_end)
+    if resplit is not None:
+        try:
+            text, html, attachments, nested, warnings = _split(resplit, limits)
+        except flanker_errors:
+            pass
+        else:
+            why = f"MIME structure broken ({exc}); split on the delimiter lines found"
+            return text, html, attachments, nested, [why, *warnings]
+    why = f"MIME structure broken ({exc}); body kept as plain text"
+    return _plain_fallback(raw, headers, header_end), "", [], [], [why]
 
 
 _DELIMITER_LINE = re.compile(rb"^--([0-9A-Za-z'()+_,./:=?-]{1,70}?)(?:--)?[ \t]*\r?$", re.M)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from typing import NoReturn
 
 from mailferry import broker
 from mailferry.config import Settings, load_settings
@@ -21,8 +22,12 @@ def settings_or_exit() -> Settings:
     try:
         return load_settings()
     except ConfigError as exc:
-        print(f"mailferry: configuration error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+        _exit_on(exc)
+
+
+def _exit_on(exc: ConfigError) -> NoReturn:
+    print(f"mailferry: configuration error: {exc}", file=sys.stderr)
+    raise SystemExit(2) from None
 
 
 PRIVATE_UMASK = 0o077  # mail, the database and its WAL are for this user alone
@@ -37,8 +42,7 @@ def bootstrap(settings: Settings | None = None, *, topology: bool = False, quiet
     try:
         check_secret_key(settings)
     except ConfigError as exc:
-        print(f"mailferry: configuration error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+        _exit_on(exc)
     open_database(settings.resolved_database_url)
     if topology:
         broker.setup_topology(settings)

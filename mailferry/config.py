@@ -175,7 +175,7 @@ def _convert(f: dataclasses.Field, value: Any) -> Any:
         scheme = text.split("://", 1)[0].lower() if "://" in text else ""
         if scheme not in meta["scheme"]:
             accepted = ", ".join(s + "://" for s in meta["scheme"])
-            raise ConfigError(f"{name}={_redact(text)!r}: must start with {accepted}")
+            raise ConfigError(f"{name}={redact_url(text)!r}: must start with {accepted}")
     return text
 
 
@@ -203,9 +203,6 @@ def redact_url(url: str) -> str:
             parts.append(f"{name}=***" if eq and secret else item)
         query = "&".join(parts)
     return f"{scheme}://{base}{query_mark}{query}"
-
-
-_redact = redact_url  # the name this module's own messages use
 
 
 def describe() -> list[tuple[str, str, str]]:

@@ -23,8 +23,9 @@ def _plain_name(name: str) -> bool:
     return bool(name) and "/" not in name and name not in (".", "..")
 
 
-def read_regular(path: Path) -> bytes:
-    """The bytes of ``path``, which must be a regular file and not a symbolic link.
+def read_regular(path: Path, limit: int = -1) -> bytes:
+    """The bytes of ``path`` (at most ``limit`` of them, if given), which must be a regular
+    file and not a symbolic link.
 
     Opened without following links and without blocking: a FIFO named ``x.eml`` would block
     a plain ``open()`` forever, a folder or a device is refused, a link could point anywhere.
@@ -37,7 +38,7 @@ def read_regular(path: Path) -> bytes:
         if not stat.S_ISREG(info.st_mode):
             raise NotRegularFile(errno.EINVAL, "not a regular file", str(path))
         with os.fdopen(fd, "rb", closefd=False) as fh:
-            return fh.read()
+            return fh.read(limit)
     finally:
         os.close(fd)
 

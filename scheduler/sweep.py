@@ -17,7 +17,6 @@ doubled. Each sweep that finds files is recorded as a HARAKA_EMAIL_FETCH task.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import stat
@@ -32,7 +31,7 @@ from mailferry.config import Settings
 from mailferry.contracts import InboundJob
 from mailferry.errors import ContractError, MailferryError, TransientError
 from mailferry.models import InboundReceipt, TaskSource, TaskStatus
-from mailferry.spool import ENVELOPE_MAX, NotRegularFile, Spool, split_envelope
+from mailferry.spool import ENVELOPE_MAX, NotRegularFile, Spool, read_regular, split_envelope
 from mailferry.tasks import complete_task, create_task, fail_task, start_task
 
 log = logging.getLogger(__name__)
@@ -74,27 +73,14 @@ def envelope_from_file(path: Path, queue_id: str) -> InboundJob | None:
     """The inbound job a spool file carries in its envelope record (its true envelope, as
     Haraka's plugin published it); None when the file has none. Raises ContractError when the
     record does not hold a valid job for this very file."""
-    head, _, _ = _head_of(path)
-    body, _ = split_envelope(head)
+    # Never blocks and never follows a link (a FIFO or a link put there meanwhile).
+    body, _ = split_envelope(read_regular(path, ENVELOPE_MAX))
     if body is None:
         return None
     job = InboundJob.from_body(body)
     if job.queue_id != queue_id:
         raise ContractError(f"its envelope record names queue id {job.queue_id!r}")
     return job
-
-
-def _head_of(path: Path) -> tuple[bytes, int, float]:
-    """The first ENVELOPE_MAX bytes of a regular file, its size and mtime; never blocks
-    and never follows a link (a FIFO or a link put there meanwhile is refused)."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise NotRegularFile(errno.EINVAL, "not a regular file", str(path))
-        return os.read(fd, ENVELOPE_MAX), info.st_size, info.st_mtime
-    finally:
-        os.close(fd)
 
 
 def _receipts(queue_ids: list[str]) -> set[str]:

@@ -1,8 +1,9 @@
 """One scheduler tick: stale-task cleanup, IMAP fetch jobs, spool sweep, retention.
 
 The steps are independent: one that fails (broker down, database locked, or an error nobody
-foresaw) is logged and counted, and the others still run; no error leaves the tick. The lease is renewed before each step and the tick stops
-if it was lost, so two schedulers never act at once for longer than one step.
+foresaw) is logged and counted, and the others still run; no error leaves the tick. The
+lease is renewed before each step and the tick stops if it was lost, so two schedulers never
+act at once for longer than one step.
 """
 
 from __future__ import annotations
