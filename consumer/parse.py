@@ -14,12 +14,14 @@ import hashlib
 import re
 from collections import Counter
 from dataclasses import dataclass, field
+from email import message_from_bytes
 from email.parser import BytesHeaderParser
 from email.policy import compat32
 from email.utils import getaddresses, parsedate_to_datetime
 
 from consumer.charsets import decode_header_bytes, decode_header_value, decode_text, without_surrogates
-from consumer.quiet_flanker import mime, flanker_errors, transfer_decode
+from consumer.legacy import BINHEX_TYPES, type_for, unbinhex, uuencoded_files
+from consumer.quiet_flanker import decode_body, flanker_errors, mime, transfer_decode
 from mailferry.config import Settings
 from mailferry.errors import EmailParseError
 
@@ -52,6 +54,9 @@ class ParsedAttachment:
     data: bytes
     content_id: str | None = None
     is_inline: bool = False
+    # Inside a forwarded message: the position, in this list, of the message/rfc822
+    # attachment it came in (which may itself be inside another).
+    enclosed_by: int | None = None
 
     @property
     def size(self) -> int:
@@ -110,59 +115,119 @@ def _parse(raw: bytes, limits: Limits) -> ParsedEmail:
     if header_size > limits.max_header_bytes:
         raise EmailParseError(
             f"header block is {header_size} bytes, over the limit of {limits.max_header_bytes}")
-    sha256 = hashlib.sha256(raw).hexdigest()
+    sha256, size = hashlib.sha256(raw).hexdigest(), len(raw)
+    raw = tidy_header_block(raw, header_end)  # for the parsers' eyes; the hash is of what came
+    header_end = _HEADER_END.search(raw)
     headers = BytesHeaderParser(policy=compat32).parsebytes(raw)
 
-    to = _addresses(_raw_all(headers, "To"))
-    cc = _addresses(_raw_all(headers, "Cc"))
+    to = _addresses(_raw_all(headers, "To"), None)
+    cc = _addresses(_raw_all(headers, "Cc"), None)
     if len(to) + len(cc) > limits.max_addresses:
         raise EmailParseError(
             f"message has {len(to) + len(cc)} To/Cc addresses, over the limit of {limits.max_addresses}")
 
+    charset = declared_charset(raw)
     try:
-        text, html, attachments, nested, warnings = _split(raw, limits)
+        parts = _split(raw, limits, charset)
+        broken = _lost_body(parts, raw, headers, header_end)
     except flanker_errors as exc:
-        text, html, attachments, nested, warnings = _recovered(raw, headers, header_end, limits, exc)
+        parts, broken = None, str(exc)
+    if broken is not None:
+        parts = _recovered(raw, headers, header_end, limits, broken, charset)
+    text, html, attachments, nested, warnings = parts
 
-    senders = _addresses(_raw_all(headers, "From"))
+    senders = _addresses(_raw_all(headers, "From"), charset)
     return ParsedEmail(
         message_id=message_id_of(headers.get("Message-ID"), sha256),
-        subject=decode_header_bytes(b" ".join(_raw_all(headers, "Subject")[:1])),
+        subject=decode_header_bytes(b" ".join(_raw_all(headers, "Subject")[:1]), charset),
         sender=senders[0] if senders else "",
         to=to,
         cc=cc,
-        reply_to=_addresses(_raw_all(headers, "Reply-To")),
+        reply_to=_addresses(_raw_all(headers, "Reply-To"), charset),
         date=_date(headers.get("Date")),
         in_reply_to=_first_id(headers.get("In-Reply-To")),
         references=[f"<{ref}>" for ref in MESSAGE_ID_RE.findall(_str(headers.get("References")))[:100]],
         text=text,
         html=html,
         attachments=attachments,
-        size=len(raw),
+        size=size,
         sha256=sha256,
         nested_subjects=nested,
         warnings=warnings,
     )
 
 
+_CHARSET_PARAM = re.compile(rb'charset\s*=\s*"?([A-Za-z0-9_.:+-]{1,40})', re.I)
+
+
+def declared_charset(raw: bytes) -> str | None:
+    """The first charset the message declares (its own, or its first text part's): what
+    raw 8-bit header bytes that are not UTF-8 were most likely written in."""
+    found = _CHARSET_PARAM.search(raw, 0, MAX_CHARSET_SCAN)
+    return found.group(1).decode("ascii") if found else None
+
+
+MAX_CHARSET_SCAN = 256 * 1024
 MAX_BOUNDARIES = 64
 _BOUNDARY_PARAM = re.compile(rb'boundary\s*=\s*(?:"([^"\r\n]{1,200})"|([^\s;"]{1,200}))', re.I)
 
 
-def unpadded_delimiters(raw: bytes) -> bytes:
-    """``raw`` with the transport padding removed from its boundary delimiter lines.
+def for_flanker(raw: bytes) -> bytes:
+    """``raw`` as flanker can read it; the stored raw source and its hash stay as they came.
 
-    RFC 2046 §5.1.1 allows whitespace after a delimiter (``--1  ``); flanker does not
-    recognise such a line, and every part behind it is lost. Only lines that are a declared
-    boundary's delimiter followed by blanks are changed, for the parser's eyes only: the
-    stored raw source and its hash stay as they came.
+    - RFC 2046 §5.1.1 allows whitespace after a delimiter (``--1  ``); flanker does not
+      recognise such a line, and every part behind it is lost. Only lines that are a declared
+      boundary's delimiter followed by blanks are changed.
+    - RFC 6532's ``message/global`` (a forwarded message with UTF-8 headers) is not a
+      container to flanker, which then fails the whole message: it is read as
+      ``message/rfc822`` with a marker, and stored under its own type.
     """
     boundaries = {a or b for a, b in _BOUNDARY_PARAM.findall(raw)}
-    if not boundaries or len(boundaries) > MAX_BOUNDARIES:
-        return raw  # more than a nesting within the depth limit has: not worth a regex
-    names = b"|".join(re.escape(b) for b in sorted(boundaries, key=len, reverse=True))
-    padded = re.compile(rb"^(--(?:" + names + rb")(?:--)?)[ \t]+(?=\r?$)", re.M)
-    return padded.sub(rb"\1", raw)
+    if boundaries and len(boundaries) <= MAX_BOUNDARIES:  # more nest than the depth limit allows
+        names = b"|".join(re.escape(b) for b in sorted(boundaries, key=len, reverse=True))
+        padded = re.compile(rb"^(--(?:" + names + rb")(?:--)?)[ \t]+(?=\r?$)", re.M)
+        raw = padded.sub(rb"\1", raw)
+    return _GLOBAL.sub(rb"\1message/rfc822; " + GLOBAL_MARKER + rb"=1", raw)
+
+
+GLOBAL_MARKER = b"x-mailferry-global"
+_GLOBAL = re.compile(rb"^(Content-Type:[ \t]*)message/global\b(?!-)", re.I | re.M)
+
+
+# A header block both parsers read right: field lines (a printable name, a colon) and
+# continuation lines, nothing else, and no CR that does not end a line.
+_CLEAN_BLOCK = re.compile(rb"(?:[!-9;-~]+:[^\r\n]*\r?\n|[ \t][^\r\n]*\r?\n)*")
+_FIELD = re.compile(rb"([!-9;-~]+)[ \t]*:")
+
+
+def tidy_header_block(raw: bytes, header_end) -> bytes:
+    """``raw`` with a header block both parsers can read, if it was malformed.
+
+    A line that is not a header field (no colon, no name, a name with 8-bit bytes), a stray
+    continuation line before the first field, or an mbox ``From `` line makes the standard
+    library end the headers there and flanker give up: the Subject behind it is lost, and
+    the rest of the headers becomes body text. Such lines are dropped; ``Name :`` (obsolete
+    syntax, RFC 5322 §4.5) becomes ``Name:``; a CR that ends no line becomes a space. The
+    stored raw source and its hash stay as they came.
+    """
+    if header_end is None:
+        return raw
+    first_break = header_end.group().split(b"\n", 1)[0] + b"\n"  # ends the last field line
+    block_end = header_end.start() + len(first_break)
+    block = raw[:block_end]
+    if _CLEAN_BLOCK.fullmatch(block):
+        return raw
+    kept: list[bytes] = []
+    for line in block.split(b"\n")[:-1]:
+        ending = b"\r\n" if line.endswith(b"\r") else b"\n"
+        line = line.removesuffix(b"\r").replace(b"\r", b" ")
+        field = _FIELD.match(line)
+        if field:
+            kept.append(field.group(1) + b":" + line[field.end():] + ending)
+        elif line[:1] in (b" ", b"\t") and kept:
+            kept.append(line + ending)
+        # else: not a header line; dropped (it stays in the stored raw source)
+    return b"".join(kept) + raw[block_end:] if kept else raw
 
 
 def message_id_of(header: str | None, sha256: str) -> str:
@@ -176,17 +241,18 @@ def message_id_of(header: str | None, sha256: str) -> str:
     return f"<{sha256}@mailferry>"
 
 
-def _walk(root, limits: Limits):
+def _walk(root, limits: Limits, charset: str | None):
     text_parts: list[str] = []
     html_parts: list[str] = []
     attachments: list[ParsedAttachment] = []
     nested: list[str] = []
     warnings: list[str] = []
     count = 0
-    # Iterative walk with explicit depth: flanker's own walk has no depth bound.
-    stack = [(root, 0)]
+    # Iterative walk with explicit depth: flanker's own walk has no depth bound. ``inside`` is
+    # the position of the forwarded message a part is in (None: the message itself).
+    stack = [(root, 0, None)]
     while stack:
-        part, depth = stack.pop()
+        part, depth, inside = stack.pop()
         count += 1
         if count > limits.max_mime_parts:
             raise EmailParseError(f"message has more than {limits.max_mime_parts} MIME parts")
@@ -194,43 +260,55 @@ def _walk(root, limits: Limits):
             raise EmailParseError(f"MIME nesting deeper than {limits.max_mime_depth} levels")
         ctype = part.content_type
         if ctype.is_multipart():
-            stack.extend((child, depth + 1) for child in reversed(part.parts))
+            stack.extend((child, depth + 1, inside) for child in reversed(part.parts))
             continue
         if ctype.is_message_container() and part.enclosed is not None:
-            attachments.append(_enclosed_attachment(part))
-            nested.append(decode_header_value(_str(part.enclosed.headers.get("Subject"))))
+            attachments.append(_enclosed_attachment(part, inside))
+            if inside is None:
+                nested.append(decode_header_value(_str(part.enclosed.headers.get("Subject"))))
+            stack.append((part.enclosed, depth + 1, len(attachments) - 1))
             continue
         disposition = (part.content_disposition[0] or "").lower()
-        filename = _filename(part)
+        filename = _filename(part, charset)
         is_body_text = (ctype.main == "text" and ctype.sub in ("plain", "html")
                         and disposition != "attachment" and not filename)
         if is_body_text:
+            if inside is not None:
+                continue  # a forwarded message's text stays in its .eml, out of this body
             decoded, lossy = decode_text(transfer_decode(part), ctype.params.get("charset"))
             if lossy:
                 warnings.append(f"text part in {ctype.params.get('charset')!r} decoded lossily")
+            if ctype.sub == "plain":
+                decoded, found = uuencoded_files(decoded)
+                attachments.extend(ParsedAttachment(name, type_for(name), data) for name, data in found)
             (html_parts if ctype.sub == "html" else text_parts).append(decoded)
             continue
         data = transfer_decode(part)
         if not data and not filename:
             continue  # an empty non-text leaf (e.g. a bare multipart preamble)
+        content_type = str(ctype.value).lower()[:255]
+        if content_type in BINHEX_TYPES and (unpacked := unbinhex(data)) is not None:
+            filename, data = unpacked[0] or filename, unpacked[1]
+            content_type = type_for(filename)
         attachments.append(ParsedAttachment(
             filename=filename,
-            content_type=str(ctype.value).lower()[:255],
+            content_type=content_type,
             data=data,
             content_id=_content_id(part),
             is_inline=disposition == "inline" or (disposition != "attachment" and bool(_content_id(part))),
+            enclosed_by=inside,
         ))
     return "\n".join(text_parts), "\n".join(html_parts), attachments, nested, warnings
 
 
-def _split(raw: bytes, limits: Limits):
+def _split(raw: bytes, limits: Limits, charset: str | None):
     """flanker's MIME tree of ``raw``, walked; flanker's errors (broken MIME) go up."""
     try:
         # Decoded here, reversibly: given bytes that are not UTF-8, flanker guesses a charset
         # for the whole message and its 8-bit parts lose their bytes (transfer_decode undoes
         # this surrogateescape exactly).
-        root = mime.from_string(unpadded_delimiters(raw).decode("utf-8", "surrogateescape"))
-        return _walk(root, limits)
+        root = mime.from_string(for_flanker(raw).decode("utf-8", "surrogateescape"))
+        return _walk(root, limits, charset)
     except RecursionError as exc:
         raise EmailParseError("MIME structure nests too deeply to parse") from exc
     except flanker_errors as exc:
@@ -239,21 +317,46 @@ def _split(raw: bytes, limits: Limits):
         raise
 
 
-def _recovered(raw: bytes, headers, header_end, limits: Limits, exc: Exception):
+def _lost_body(parts, raw: bytes, headers, header_end) -> str | None:
+    """Why a split that found nothing lost the body, if it did: flanker reads a multipart
+    whose delimiters it does not recognise as one with no parts, and says nothing."""
+    text, html, attachments, _nested, _warnings = parts
+    if text or html or attachments or headers.get_content_maintype() != "multipart":
+        return None
+    if header_end is None or not raw[header_end.end():].strip():
+        return None  # nothing there to lose
+    return "no part found behind its boundary"
+
+
+def _recovered(raw: bytes, headers, header_end, limits: Limits, broken: str, charset: str | None):
     """What a message flanker cannot split still carries. A multipart whose declared boundary
-    is missing or never occurs is split on the delimiter lines it does have; what cannot be
-    split is kept as plain text. The first warning says why (and makes the message partial)."""
+    is missing or never occurs is split on the delimiter lines it does have; a single part
+    that is not text is kept as an attachment; what cannot be split is kept as plain text.
+    The first warning says why (and makes the message partial)."""
     resplit = _with_found_boundary(raw, headers, header_end)
     if resplit is not None:
         try:
-            text, html, attachments, nested, warnings = _split(resplit, limits)
+            text, html, attachments, nested, warnings = _split(resplit, limits, charset)
         except flanker_errors:
             pass
         else:
-            why = f"MIME structure broken ({exc}); split on the delimiter lines found"
+            why = f"MIME structure broken ({broken}); split on the delimiter lines found"
             return text, html, attachments, nested, [why, *warnings]
-    why = f"MIME structure broken ({exc}); body kept as plain text"
+    if headers.get_content_maintype() not in ("text", "multipart") and header_end is not None:
+        why = f"MIME structure broken ({broken}); body kept as its {headers.get_content_type()} attachment"
+        return "", "", [_whole_body_attachment(raw)], [], [why]
+    why = f"MIME structure broken ({broken}); body kept as plain text"
     return _plain_fallback(raw, headers, header_end), "", [], [], [why]
+
+
+def _whole_body_attachment(raw: bytes) -> ParsedAttachment:
+    """A one-part message that is not text (a bare message/delivery-status flanker cannot
+    read): its name and type as the standard library's email package reads them."""
+    headers = message_from_bytes(raw, policy=compat32)
+    body = raw[_HEADER_END.search(raw).end():]
+    return ParsedAttachment(filename=decode_header_value(headers.get_filename() or ""),
+                            content_type=headers.get_content_type()[:255],
+                            data=decode_body(str(headers.get("Content-Transfer-Encoding", "7bit")), body))
 
 
 _DELIMITER_LINE = re.compile(rb"^--([0-9A-Za-z'()+_,./:=?-]{1,70}?)(?:--)?[ \t]*\r?$", re.M)
@@ -283,21 +386,42 @@ def _plain_fallback(raw: bytes, headers, header_end) -> str:
     return decode_text(body, charset)[0]
 
 
-def _enclosed_attachment(part) -> ParsedAttachment:
+def _enclosed_attachment(part, inside: int | None) -> ParsedAttachment:
     data = transfer_decode(part)
     subject = decode_header_value(_str(part.enclosed.headers.get("Subject"))) or "message"
-    return ParsedAttachment(filename=_filename(part) or f"{subject[:100]}.eml",
-                            content_type="message/rfc822", data=data,
-                            content_id=_content_id(part))
+    is_global = GLOBAL_MARKER.decode() in part.content_type.params
+    return ParsedAttachment(filename=_filename(part, None) or f"{subject[:100]}.eml",
+                            content_type="message/global" if is_global else "message/rfc822",
+                            data=data, content_id=_content_id(part), enclosed_by=inside)
 
 
-def _filename(part) -> str:
+def _filename(part, charset: str | None) -> str:
     try:
         name = part.detected_file_name or ""
     except Exception:  # flanker trips over some RFC 2231 parameters
         name = ""
-    name = decode_header_value(name) if "=?" in name else without_surrogates(name)
+    if not name:
+        name = _header_filename(part)
+    name = decode_header_value(name, charset) if "=?" in name else _raw_text(name, charset)
     return _repair_mojibake(name)
+
+
+def _header_filename(part) -> str:
+    """The name in the part's own Content-Type header. flanker's part reports the type its
+    scanner saw, without parameters, when a parameter holds raw 8-bit bytes; the header
+    itself still has them."""
+    ctype = part.headers.get("Content-Type")
+    name = ctype.params.get("name", "") if ctype is not None and hasattr(ctype, "params") else ""
+    return name if isinstance(name, str) else ""
+
+
+def _raw_text(name: str, charset: str | None) -> str:
+    """A name flanker handed back with raw bytes as surrogate escapes, decoded like a header."""
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        return decode_header_value(name, charset)
 
 
 def _repair_mojibake(name: str) -> str:
@@ -335,8 +459,8 @@ def _raw_all(headers, name: str) -> list[bytes]:
             if key.lower() == wanted and isinstance(value, str)]
 
 
-def _addresses(values: list[bytes]) -> list[str]:
-    decoded = [decode_header_bytes(v) for v in values]
+def _addresses(values: list[bytes], charset: str | None) -> list[str]:
+    decoded = [decode_header_bytes(v, charset) for v in values]
     try:
         pairs = getaddresses(decoded)
     except RecursionError:

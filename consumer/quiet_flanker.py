@@ -8,7 +8,6 @@ part's bytes after transfer decoding but before flanker's charset guess: that is
 
 from __future__ import annotations
 
-import binascii
 import contextlib
 import io
 import logging
@@ -20,54 +19,36 @@ with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.St
     from flanker.mime.message import errors as _errors  # noqa: E402
     from flanker.mime.message.part import Stream, _decode_transfer_encoding  # noqa: E402
 
+from consumer.legacy import UUENCODINGS, uudecode  # noqa: E402
+
 flanker_errors = (_errors.MimeError, _errors.DecodingError, ValueError, LookupError,
                   UnicodeError, IndexError, KeyError, TypeError, AttributeError)
 
-__all__ = ["mime", "flanker_errors", "transfer_decode", "uudecode"]
-
-
-UUENCODINGS = ("x-uuencode", "uuencode", "x-uue", "uue")
+__all__ = ["mime", "flanker_errors", "transfer_decode", "decode_body"]
 
 
 def transfer_decode(part) -> bytes:
     """The bytes of a leaf part after base64/quoted-printable/uuencode, before any charset."""
     container = part._container
-    encoding = "7bit"
     if isinstance(container, Stream):
-        encoding = str(part.content_encoding.value if part.content_encoding else "7bit").lower()
-        body = container.read_body()
-        if encoding not in UUENCODINGS:
-            body = _decode_transfer_encoding(encoding, body)
-    else:
-        body = part.body
+        encoding = str(part.content_encoding.value if part.content_encoding else "7bit")
+        return decode_body(encoding, container.read_body())
+    return _as_bytes(part.body)
+
+
+def decode_body(encoding: str, body: str | bytes) -> bytes:
+    """``body`` (as flanker holds it, or raw bytes) with its transfer encoding undone."""
+    encoding = encoding.strip().lower()
+    if encoding in UUENCODINGS:
+        return uudecode(_as_bytes(body))
+    if isinstance(body, bytes):
+        body = body.decode("utf-8", "surrogateescape")
+    return _as_bytes(_decode_transfer_encoding(encoding, body))
+
+
+def _as_bytes(body) -> bytes:
     if isinstance(body, str):
         # The message was given to flanker decoded with surrogateescape (consumer.parse):
         # this gives back its exact bytes.
-        body = body.encode("utf-8", errors="surrogateescape")
-    if encoding in UUENCODINGS:
-        return uudecode(body or b"")
+        return body.encode("utf-8", errors="surrogateescape")
     return body or b""
-
-
-def uudecode(data: bytes) -> bytes:
-    """The bytes of a uuencoded body (``begin 644 name`` … ``end``; flanker and the
-    standard library's email package leave it encoded). Lines that are not uuencode are
-    skipped; a line with padding some encoders leave out is decoded as far as it goes."""
-    lines = data.splitlines()
-    begin = next((i for i, line in enumerate(lines) if line.startswith(b"begin ")), -1)
-    out = bytearray()
-    for line in lines[begin + 1:]:
-        if line.strip() in (b"end", b"`", b""):
-            if line.strip() == b"end":
-                break
-            continue
-        try:
-            out += binascii.a2b_uu(line)
-        except binascii.Error:
-            # Some encoders drop trailing spaces: decode what the length byte announces.
-            length = (((line[0] - 32) & 63) * 4 + 5) // 3
-            try:
-                out += binascii.a2b_uu(line[:length])
-            except binascii.Error:
-                continue
-    return bytes(out)
