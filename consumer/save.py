@@ -169,7 +169,7 @@ MESSAGE_COLUMNS = (
 )
 ATTACHMENT_COLUMNS = (
     "user", "email_message", "filename", "safe_filename", "content_type", "file_size",
-    "file_path", "sha256", "is_image", "is_inline", "content_id",
+    "file_path", "sha256", "is_image", "is_inline", "content_id", "position", "enclosed_by",
 )
 
 
@@ -217,6 +217,8 @@ def _attachment_values(message_id: int, user_id: int, parsed: ParsedEmail,
             attachment.is_image,
             attachment.is_inline,
             attachment.content_id,
+            index,
+            attachment.enclosed_by,
         ))
     return rows
 

@@ -17,6 +17,7 @@ from typing import Callable
 
 import peewee
 from playhouse.db_url import connect as url_connect
+from playhouse.migrate import SchemaMigrator, migrate
 
 from mailferry import models
 from mailferry.errors import ConfigError, TransientError
@@ -38,8 +39,18 @@ def _v1_initial(database: peewee.Database) -> None:
     database.create_tables(models.ALL_MODELS, safe=True)
 
 
+def _v2_attachment_nesting(database: peewee.Database) -> None:
+    migrator = SchemaMigrator.from_database(database)
+    columns = {c.name for c in database.get_columns(models.EmailAttachment._meta.table_name)}
+    fields = models.EmailAttachment._meta.fields
+    steps = [migrator.add_column(models.EmailAttachment._meta.table_name, name, fields[name])
+             for name in ("position", "enclosed_by") if name not in columns]  # v1 made them
+    migrate(*steps)
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[peewee.Database], None]]] = [
     (1, "initial schema", _v1_initial),
+    (2, "attachments: position and the forwarded message they came in", _v2_attachment_nesting),
 ]
 
 

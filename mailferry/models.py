@@ -233,6 +233,10 @@ class EmailAttachment(BaseModel):
     is_image = BooleanField(default=False)
     is_inline = BooleanField(default=False)
     content_id = TextField(null=True)
+    # The attachment's place in its message (0, 1, …) and, for a part of a forwarded
+    # message, the place of the message/rfc822 attachment it came in (None: the message's own).
+    position = IntegerField(default=0)
+    enclosed_by = IntegerField(null=True)
 
 
 class UnroutedMessage(BaseModel):

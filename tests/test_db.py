@@ -6,7 +6,7 @@ import peewee
 import pytest
 
 from mailferry import db as dbmod
-from mailferry.models import InboundReceipt, SchemaVersion, User, utcnow
+from mailferry.models import EmailAttachment, InboundReceipt, SchemaVersion, User, utcnow
 
 
 def test_schema_is_versioned_and_opening_twice_changes_nothing(settings):
@@ -14,6 +14,16 @@ def test_schema_is_versioned_and_opening_twice_changes_nothing(settings):
     assert versions == [v for v, _, _ in dbmod.MIGRATIONS]
     dbmod.open_database(settings.resolved_database_url)
     assert [row.version for row in SchemaVersion.select()] == versions
+
+
+def test_a_database_made_before_attachment_nesting_gains_its_columns(settings):
+    table = EmailAttachment._meta.table_name
+    for column in ("position", "enclosed_by"):  # as a version-1 database has it
+        dbmod.db.execute_sql(f'ALTER TABLE "{table}" DROP COLUMN "{column}"')
+    SchemaVersion.delete().where(SchemaVersion.version == 2).execute()
+    dbmod.open_database(settings.resolved_database_url)
+    assert {"position", "enclosed_by"} <= {c.name for c in dbmod.db.get_columns(table)}
+    assert 2 in {row.version for row in SchemaVersion.select()}
 
 
 def test_a_new_migration_step_runs_once(settings, monkeypatch):

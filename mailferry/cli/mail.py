@@ -120,5 +120,7 @@ def _message_dict(m: EmailMessage, atts: list[EmailAttachment]) -> dict:
         "html_length": len(m.html_content),
         "attachments": [{"filename": a.filename, "safe_filename": a.safe_filename,
                          "content_type": a.content_type, "size": a.file_size, "sha256": a.sha256,
-                         "is_inline": a.is_inline, "file_path": a.file_path} for a in atts],
+                         "is_inline": a.is_inline, "file_path": a.file_path,
+                         "enclosed_by": a.enclosed_by}
+                        for a in sorted(atts, key=lambda a: a.position)],
     }
