@@ -138,7 +138,7 @@ def differences(case: Case, parsed, status: str | None = None) -> dict[str, str]
     if case.status is not None and actual_status != case.status:
         out["text"] = f"status {actual_status!r} != {case.status!r}"
     if case.attachments is not None:
-        got = tuple(Attachment.of(a.filename, a.content_type, a.data, a.enclosed_by)
+        got = tuple(Attachment.of(a.filename, a.content_type, a.data, getattr(a, "enclosed_by", None))
                     for a in parsed.attachments)
         if got != case.attachments:
             out["attachments"] = f"{[_short(a) for a in got]} != {[_short(a) for a in case.attachments]}"
