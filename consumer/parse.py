@@ -1,10 +1,12 @@
 """Parsing: raw RFC 5322 bytes -> one plain ``ParsedEmail`` value.
 
-flanker gives the MIME tree; headers are read with the standard library (flanker returns
-None for some Message-IDs that are present, and decodes some charsets wrongly), and text is
-decoded here with the charset fallbacks of ``consumer.charsets``. Limits are checked before
-and during the walk, so an oversized or absurdly nested message becomes an EmailParseError
-with a reason instead of eating the worker.
+flanker gives the MIME tree, of a copy tidied for it (``tidy_header_block``, ``for_flanker``);
+headers are read from their raw bytes with the standard library (flanker returns None for
+some Message-IDs that are present, and decodes some charsets wrongly), and text is decoded
+here with the rules of ``consumer.charsets``; a multipart flanker cannot split is recovered
+(``_recovered``). Limits are checked before and during the walk, so an oversized or absurdly
+nested message becomes an EmailParseError with a reason instead of eating the worker.
+DESIGN.md, "Decoding", says why each piece is ours.
 """
 
 from __future__ import annotations
@@ -119,14 +121,14 @@ def _parse(raw: bytes, limits: Limits) -> ParsedEmail:
     raw = tidy_header_block(raw, header_end)  # for the parsers' eyes; the hash is of what came
     header_end = _HEADER_END.search(raw)
     headers = BytesHeaderParser(policy=compat32).parsebytes(raw)
+    charset = declared_charset(raw)
 
-    to = _addresses(_raw_all(headers, "To"), None)
-    cc = _addresses(_raw_all(headers, "Cc"), None)
+    to = _addresses(_raw_all(headers, "To"), charset)
+    cc = _addresses(_raw_all(headers, "Cc"), charset)
     if len(to) + len(cc) > limits.max_addresses:
         raise EmailParseError(
             f"message has {len(to) + len(cc)} To/Cc addresses, over the limit of {limits.max_addresses}")
 
-    charset = declared_charset(raw)
     try:
         parts = _split(raw, limits, charset)
         broken = _lost_body(parts, raw, headers, header_end)
