@@ -15,14 +15,14 @@ import datetime as dt
 import hashlib
 import re
 from dataclasses import dataclass, field
-from email import message_from_bytes
+from email import message_from_bytes, message_from_string
 from email.parser import BytesHeaderParser
 from email.policy import compat32
 from email.utils import getaddresses, parsedate_to_datetime
 
 from consumer.charsets import decode_header_bytes, decode_header_value, decode_text, without_surrogates
 from consumer.legacy import BINHEX_TYPES, type_for, unbinhex, uuencoded_files
-from consumer.quiet_flanker import decode_body, flanker_errors, mime, transfer_decode
+from consumer.quiet_flanker import Stream, decode_body, flanker_errors, mime, transfer_decode
 from consumer.repair import HEADER_END as _HEADER_END, GLOBAL_MARKER, declared_charset, for_flanker, tidy_header_block, with_found_boundary
 from mailferry.config import Settings
 from mailferry.errors import EmailParseError
@@ -307,10 +307,31 @@ def _filename(part, charset: str | None) -> str:
         name = part.detected_file_name or ""
     except Exception:  # flanker trips over some RFC 2231 parameters
         name = ""
+    if not name or "\ufffd" in name:
+        name = _stdlib_filename(part) or name
     if not name:
         name = _header_filename(part)
     name = decode_header_value(name, charset) if "=?" in name else _raw_text(name, charset)
     return _repair_mojibake(name)
+
+
+def _stdlib_filename(part) -> str:
+    """The name as the standard library reads the part's own header lines: flanker decodes
+    RFC 2231 names in a charset other than UTF-8 wrongly (``filename*=iso-8859-1''%E9…``
+    comes back as U+FFFD), and gives up on some it cannot parse."""
+    container = part._container
+    if not isinstance(container, Stream):
+        return ""
+    head = container.read_message()
+    end = _TEXT_HEADER_END.search(head)
+    try:
+        name = message_from_string(head[:end.start()] if end else head, policy=compat32).get_filename()
+    except Exception:  # noqa: BLE001 - a second opinion only; flanker's name stands
+        return ""
+    return name if isinstance(name, str) else ""
+
+
+_TEXT_HEADER_END = re.compile(r"\r?\n\r?\n")
 
 
 def _header_filename(part) -> str:

@@ -24,7 +24,7 @@ from consumer.legacy import UUENCODINGS, uudecode  # noqa: E402
 flanker_errors = (_errors.MimeError, _errors.DecodingError, ValueError, LookupError,
                   UnicodeError, IndexError, KeyError, TypeError, AttributeError)
 
-__all__ = ["mime", "flanker_errors", "transfer_decode", "decode_body"]
+__all__ = ["mime", "flanker_errors", "transfer_decode", "decode_body", "Stream"]
 
 
 def transfer_decode(part) -> bytes:
@@ -38,7 +38,7 @@ def transfer_decode(part) -> bytes:
 
 def decode_body(encoding: str, body: str | bytes) -> bytes:
     """``body`` (as flanker holds it, or raw bytes) with its transfer encoding undone."""
-    encoding = encoding.strip().lower()
+    encoding = encoding.split("(", 1)[0].strip().strip('"').strip().lower()  # comments, quotes
     if encoding in UUENCODINGS:
         return uudecode(_as_bytes(body))
     if isinstance(body, bytes):

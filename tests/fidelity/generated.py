@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import quopri
+import urllib.parse
 
 from tests.fidelity.cases import Attachment, Case
 
@@ -53,6 +54,8 @@ def cases() -> list[Case]:
     out += _broken_structure()
     out += _malformed_header_blocks()
     out += _forwarded()
+    out += _filenames()
+    out += _transfer_encoding_labels()
     return out
 
 
@@ -375,3 +378,47 @@ def _forwarded() -> list[Case]:
                               Attachment.of("outer.pdf", "application/pdf", b"%PDF outer")),
                  why="a forwarded message keeps its attachments, marked as inside it; "
                      "its text stays out of the outer body")]
+
+
+# --- attachment names and transfer-encoding labels ---------------------------------------
+
+NAMES = {"windows-1251": "Отчёт за май.pdf", "koi8-r": "Счёт пять.pdf", "iso-8859-1": "élève année.pdf",
+         "shift_jis": "報告書.pdf", "gb18030": "季度报告.pdf", "big5": "報告.pdf", "utf-8": "€ rates ✓.pdf",
+         "euc-kr": "보고서.pdf", "iso-8859-2": "Zażółć.pdf"}
+
+
+def _with_part(part_headers: bytes, data: bytes) -> bytes:
+    body = (b"--n\r\nContent-Type: text/plain\r\n\r\nAttached.\r\n--n\r\n" + part_headers
+            + b"\r\nContent-Transfer-Encoding: base64\r\n\r\n" + base64.encodebytes(data) + b"--n--\r\n")
+    return message([("Subject", "name"), ("Content-Type", "multipart/mixed; boundary=n")], body)
+
+
+def _filenames() -> list[Case]:
+    out = []
+    data = b"%PDF-1.4 named"
+    for charset, name in NAMES.items():
+        encoded = _encode(name, charset)
+        rfc2231 = (b"Content-Type: application/pdf\r\nContent-Disposition: attachment; filename*="
+                   + charset.encode() + b"''" + urllib.parse.quote(encoded).encode())
+        out.append(Case("generated", f"filename-rfc2231-{charset}", _with_part(rfc2231, data), text="Attached.",
+                        attachments=(Attachment.of(name, "application/pdf", data),),
+                        why="an RFC 2231 filename in its own charset"))
+        word = b"=?" + charset.encode() + b"?B?" + base64.b64encode(encoded) + b"?="
+        ew = b'Content-Type: application/pdf; name="' + word + b'"\r\nContent-Disposition: attachment'
+        out.append(Case("generated", f"filename-encoded-word-{charset}", _with_part(ew, data), text="Attached.",
+                        attachments=(Attachment.of(name, "application/pdf", data),),
+                        why="an encoded-word filename (what Outlook and Gmail send), in its charset"))
+    return out
+
+
+def _transfer_encoding_labels() -> list[Case]:
+    out = []
+    for label in ("BASE64", '"base64"', "base64 (by the gateway)", " Base64 "):
+        body = (b"--t\r\nContent-Type: text/plain\r\n\r\nSee the file.\r\n--t\r\nContent-Type: application/octet-stream;"
+                b" name=data.bin\r\nContent-Transfer-Encoding: " + label.encode() + b"\r\n\r\n"
+                + base64.encodebytes(PAYLOAD) + b"--t--\r\n")
+        raw = message([("Subject", "cte"), ("Content-Type", "multipart/mixed; boundary=t")], body)
+        out.append(Case("generated", f"cte-label-{label.strip().strip(chr(34)).split()[0].lower()}-{len(out)}", raw,
+                        attachments=(Attachment.of("data.bin", "application/octet-stream", PAYLOAD),),
+                        why="a transfer-encoding label in capitals, quoted, with a comment or blanks"))
+    return out
