@@ -15,7 +15,7 @@ from mailferry.config import Settings
 from mailferry.contracts import TaskRef
 from mailferry.errors import ContractError
 from mailferry.models import TaskStatus
-from mailferry.runner import Delivery, Outcome
+from consumer.handler import Delivery, Handler, Outcome
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ def _death_reason(delivery: Delivery) -> str:
     return ""
 
 
-class _TaskRefHandler:
+class _TaskRefHandler(Handler):
     queue = ""
     only_from: tuple[str, ...] = ()
     metric_reason = ""

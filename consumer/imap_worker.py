@@ -29,7 +29,7 @@ from mailferry.errors import (
 )
 from mailferry.mailbox_config import EmailConfigManager
 from mailferry.models import EmailTask, TaskSource, TaskStatus, User, utcnow
-from mailferry.runner import Delivery, Outcome
+from consumer.handler import Delivery, Handler, Outcome
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ FETCH_BACKOFF = 2.0  # seconds before the first retry; doubles each time
 FETCH_BACKOFF_MAX = 30.0  # seconds: with 4 attempts, well under the task timeout
 
 
-class ImapFetchHandler:
+class ImapFetchHandler(Handler):
     queue = broker.IMAP_FETCH
     # A fetch can take minutes: hold one job at a time so other consumers take the rest.
     prefetch = 1

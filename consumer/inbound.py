@@ -26,7 +26,7 @@ from mailferry.contracts import InboundJob
 from mailferry.errors import PermanentError, TransientError
 from mailferry.db import bulk_insert, insert_rows, write_transaction
 from mailferry.models import InboundReceipt, UnroutedMessage, db, utcnow
-from mailferry.runner import Delivery, Outcome
+from consumer.handler import Delivery, Handler, Outcome
 from mailferry.spool import Spool, message_of, read_regular
 from mailferry.storage import BlobStore
 
@@ -57,8 +57,9 @@ class _Batch:
     parsing: object = None  # the parser process's Future, until commit collects it
 
 
-class InboundHandler:
+class InboundHandler(Handler):
     queue = broker.INBOUND
+    pipelined = True
     batch_bytes = BATCH_BYTES
 
     def __init__(self, settings: Settings, spool: Spool | None = None, store: BlobStore | None = None):
@@ -93,9 +94,6 @@ class InboundHandler:
         except PermanentError:
             return 0  # prepare dead-letters it, with the reason
         return delivery.decoded.size
-
-    def handle(self, deliveries: list[Delivery]) -> list[Outcome]:
-        return self.commit(self.prepare(deliveries))
 
     def prepare(self, deliveries: list[Delivery]) -> "_Batch":
         """Stage one: check each job, read its file, start parsing it (quarantine the bad)."""

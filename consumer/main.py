@@ -9,7 +9,7 @@ from consumer.imap_worker import build_handlers as imap_handlers
 from consumer.inbound import InboundHandler
 from mailferry.app import bootstrap
 from mailferry.config import Settings
-from mailferry.runner import Runner
+from consumer.runner import Runner
 
 log = logging.getLogger(__name__)
 

@@ -39,6 +39,9 @@ H_REASON = "x-mailferry-reason"
 H_QUEUE = "x-mailferry-queue"
 H_ROUTING_KEY = "x-mailferry-routing-key"
 H_FAILED_AT = "x-mailferry-failed-at"
+# Failed deliveries of a message on a classic queue, carried when it is requeued (a quorum
+# queue counts them itself, in x-delivery-count): every consumer, and a restart, sees it.
+H_ATTEMPTS = "x-mailferry-attempts"
 
 CONNECTION_ERRORS = (px.AMQPConnectionError, px.ConnectionClosed, px.ChannelClosed,
                      px.StreamLostError, px.ChannelWrongStateError, ConnectionError, OSError)

@@ -203,8 +203,3 @@ def redact_url(url: str) -> str:
             parts.append(f"{name}=***" if eq and secret else item)
         query = "&".join(parts)
     return f"{scheme}://{base}{query_mark}{query}"
-
-
-def describe() -> list[tuple[str, str, str]]:
-    """(variable, default, help) for every setting: the README's table and `mailferry config`."""
-    return [(env_name(f.name), str(f.default), f.metadata["help"]) for f in dataclasses.fields(Settings)]

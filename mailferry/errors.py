@@ -43,9 +43,5 @@ class EmailAuthError(PermanentError):
     """The IMAP server refused the credentials: retrying would not help."""
 
 
-class EmailSaveError(TransientError):
-    """Saving failed for a reason that may pass (database locked, disk busy)."""
-
-
 class InvalidTransition(PermanentError):
     """A task state change that the state machine does not allow."""

@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 H_REPLAYS = "x-mailferry-replays"  # how often this message was replayed
 # Headers that describe the death, not the message: dropped when it goes back.
 DEATH_HEADERS = (broker.H_REASON, broker.H_QUEUE, broker.H_ROUTING_KEY, broker.H_FAILED_AT,
-                 "x-death", "x-first-death-queue", "x-first-death-reason",
+                 broker.H_ATTEMPTS, "x-delivery-count", "x-death", "x-first-death-queue", "x-first-death-reason",
                  "x-first-death-exchange", "x-last-death-queue", "x-last-death-reason",
                  "x-last-death-exchange")
 

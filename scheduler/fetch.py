@@ -18,18 +18,12 @@ from mailferry import broker, metrics
 from mailferry.config import Settings
 from mailferry.contracts import FetchJob
 from mailferry.errors import EmailConfigError, MailferryError, TransientError
+from mailferry.mailbox_config import CONFIG_KEY, validate_imap_config
 from mailferry.models import Settings as SettingsRow
 from mailferry.models import EmailTask, TaskSource, TaskStatus, User
 from mailferry.tasks import cancel_where, create_many
 
 log = logging.getLogger(__name__)
-
-CONFIG_KEY = "email_config"
-
-try:  # the mailbox-configuration module validates fully when it is there
-    from mailferry.mailbox_config import validate_imap_config as _validate
-except ImportError:  # pragma: no cover - only before that module existed
-    _validate = None
 
 
 @dataclass
@@ -44,18 +38,10 @@ class FetchSummary:
 
 def imap_folder(imap_config) -> str | None:
     """The folder to fetch if ``imap_config`` is valid (host, port, username, password), else None."""
-    if _validate is not None:
-        try:
-            return _validate(imap_config).folder
-        except EmailConfigError:
-            return None
-    if not isinstance(imap_config, dict):
+    try:
+        return validate_imap_config(imap_config).folder
+    except EmailConfigError:
         return None
-    for name in ("host", "port", "username", "password"):
-        value = imap_config.get(name)
-        if value is None or (isinstance(value, str) and not value.strip()):
-            return None
-    return str(imap_config.get("folder") or "INBOX")
 
 
 def fetchable_users() -> tuple[list[tuple[int, str]], int, int]:

@@ -16,7 +16,7 @@ import pika
 from consumer.main import build_handlers
 from mailferry import broker
 from mailferry.config import Settings, env_name
-from mailferry.runner import Runner
+from consumer.runner import Runner
 
 ROOT = Path(__file__).resolve().parents[1]
 

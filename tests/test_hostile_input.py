@@ -18,7 +18,8 @@ from mailferry.broker import Publisher
 from mailferry.cli.mail import Injector
 from mailferry.cli.users import add_user
 from mailferry.models import EmailMessage, InboundReceipt, UnroutedMessage
-from mailferry.runner import Outcome, Runner
+from consumer.handler import Handler, Outcome
+from consumer.runner import Runner
 from mailferry.spool import Spool
 from scheduler.sweep import sweep_spool
 from scheduler.tick import run_tick
@@ -224,7 +225,7 @@ def test_a_tick_step_that_raises_anything_is_counted_and_the_tick_goes_on(
     assert counter._value.get() == before + 1
 
 
-class _Crashing:
+class _Crashing(Handler):
     """A handler whose worker thread dies of something outside every handler's contract."""
 
     queue = broker.INBOUND

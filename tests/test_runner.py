@@ -1,4 +1,4 @@
-"""mailferry.runner against a real RabbitMQ: acks, poison, transient failures, heartbeats."""
+"""consumer.runner against a real RabbitMQ: acks, poison, transient failures, heartbeats."""
 
 from __future__ import annotations
 
@@ -6,14 +6,15 @@ import threading
 import time
 
 import pika
+import pytest
 
 from mailferry import broker
 from mailferry.errors import TransientError
-from mailferry.runner import Outcome
+from consumer.handler import Handler, Outcome
 from tests.pipeline import consumer_thread, dead_letters, queue_depth, wait_for
 
 
-class Recorder:
+class Recorder(Handler):
     """A handler for mailferry.inbound whose behaviour per body the test decides."""
 
     queue = broker.INBOUND
@@ -78,6 +79,51 @@ def test_transient_failures_are_retried_then_dead_lettered(sqlite_broker_setting
     assert "failed 5 times, last: database is locked" in letters[0][0][broker.H_REASON]
 
 
+@pytest.mark.parametrize("queue_type", ["classic", "quorum"])
+def test_the_count_of_failed_attempts_survives_a_restart(sqlite_broker_settings, queue_type):
+    """The broker carries the count (a header on a classic queue, x-delivery-count on a
+    quorum queue): a consumer restarted after two failed attempts dead-letters the message
+    after three more, not five."""
+    settings = sqlite_broker_settings.replace(queue_type=queue_type)
+    attempts = []
+
+    def behaviour(body):
+        attempts.append(body)
+        raise TransientError("database is locked")
+
+    publish(settings, [b"down"])
+    with consumer_thread(settings, [Recorder(prefetch=1, behaviour=behaviour)]):
+        wait_for(lambda: len(attempts) >= 2, timeout=30, message="two attempts")
+    first_run = len(attempts)
+    assert first_run < 5
+    with consumer_thread(settings, [Recorder(prefetch=1, behaviour=behaviour)]):
+        letters = wait_for(lambda: dead_letters(settings.amqp_url), timeout=60)
+    assert len(attempts) == 5, f"{first_run} attempts before the restart, {len(attempts)} in all"
+    assert [body for _, body in letters] == [b"down"]
+    headers = letters[0][0]
+    assert "failed 5 times, last: database is locked" in headers[broker.H_REASON]
+    assert queue_depth(settings.amqp_url, broker.INBOUND) == 0
+
+
+def test_a_message_its_consumers_keep_dying_on_is_dead_lettered_unread(sqlite_broker_settings):
+    """On a quorum queue a delivery returned without an outcome (its consumer died) is
+    counted by the broker too; past the limit the message is dead-lettered, never handled."""
+    settings = sqlite_broker_settings.replace(queue_type="quorum")
+    publish(settings, [b"deadly"])
+    connection = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
+    channel = connection.channel()
+    for _ in range(5):  # five consumers that died holding it
+        method = wait_for(lambda: channel.basic_get(broker.INBOUND)[0], timeout=10)
+        channel.basic_nack(method.delivery_tag, requeue=True)
+    connection.close()
+    handler = Recorder(prefetch=1)
+    with consumer_thread(settings, [handler]):
+        letters = wait_for(lambda: dead_letters(settings.amqp_url), timeout=30)
+    assert handler.seen == []
+    assert [body for _, body in letters] == [b"deadly"]
+    assert "delivered 5 times without an outcome" in letters[0][0][broker.H_REASON]
+
+
 def test_a_message_slower_than_the_heartbeat_keeps_its_connection(sqlite_broker_settings):
     def short_heartbeat(url):
         params = broker.connection_parameters(url)
@@ -86,7 +132,7 @@ def test_a_message_slower_than_the_heartbeat_keeps_its_connection(sqlite_broker_
 
     handler = Recorder(prefetch=1, behaviour=lambda body: time.sleep(4))
     publish(sqlite_broker_settings, [b"slow"])
-    from mailferry.runner import Runner
+    from consumer.runner import Runner
     runner = Runner(sqlite_broker_settings, [handler], connect=short_heartbeat)
     thread = threading.Thread(target=runner.run, daemon=True)
     thread.start()
@@ -112,10 +158,11 @@ def _unacked(settings) -> int:
         connection.close()
 
 
-class Pipelined:
+class Pipelined(Handler):
     """A prepare/commit handler that logs the order of its calls."""
 
     queue = broker.INBOUND
+    pipelined = True
 
     def __init__(self, prefetch: int):
         self.prefetch = prefetch
@@ -129,13 +176,10 @@ class Pipelined:
         self.calls.append(("commit", [d.body for d in deliveries]))
         return [Outcome.ack() for _ in deliveries]
 
-    def handle(self, deliveries):
-        return self.commit(self.prepare(deliveries))
-
 
 def test_a_pipelined_worker_prepares_two_batches_ahead_and_commits_in_order(tmp_path):
     from mailferry.config import Settings
-    from mailferry.runner import Delivery, Runner
+    from consumer.runner import Delivery, Runner
 
     handler = Pipelined(prefetch=8)  # batches of 2
     runner = Runner(Settings(var_dir=tmp_path), [handler])
@@ -169,7 +213,7 @@ class Weighing(Pipelined):
 
 def test_a_batch_closes_once_the_mail_it_stands_for_reaches_the_handlers_byte_budget(tmp_path):
     from mailferry.config import Settings
-    from mailferry.runner import Delivery, Runner
+    from consumer.runner import Delivery, Runner
 
     handler = Weighing(prefetch=40)  # batches of up to 10 by count
     runner = Runner(Settings(var_dir=tmp_path), [handler])

@@ -7,6 +7,7 @@ import threading
 import time
 
 from consumer.expiry import ExpiredJobHandler, WatchdogHandler
+from consumer.handler import Handler
 from mailferry import broker, tasks
 from mailferry.broker import Publisher
 from mailferry.contracts import TaskRef
@@ -22,7 +23,7 @@ def row(task_id: str) -> EmailTask:
     return EmailTask.get(EmailTask.task_id == task_id)
 
 
-class Recording:
+class Recording(Handler):
     """Wraps a handler and remembers the task ids it has handled (after the handler ran)."""
 
     def __init__(self, handler):

@@ -16,73 +16,31 @@ connection. Rules kept here for every queue:
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import queue as queue_mod
 import signal
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Callable
 
 import pika
 
+from consumer.handler import Delivery, Handler, Outcome
 from mailferry import broker, metrics
 from mailferry.config import Settings
 from mailferry.contracts import now_iso
-from mailferry.errors import PermanentError, TransientError
+from mailferry.errors import TransientError
 
 log = logging.getLogger(__name__)
 
 RECONNECT_BACKOFF_MAX = 30.0  # seconds
 TRANSIENT_ATTEMPTS = 5  # deliveries of one message failing transiently before it is dead
+POISON_ATTEMPTS = 2  # deliveries of one message raising what no handler expected
 DRAIN_TIMEOUT = 30.0  # seconds a worker may take to finish its batch at shutdown
 PIPELINE_DEPTH = 2  # batches a pipelined handler has prepared ahead of the one it commits
 _STOP = object()  # what _next_batch returns at shutdown
-
-
-@dataclass
-class Delivery:
-    tag: int
-    body: bytes
-    properties: pika.BasicProperties
-    redelivered: bool
-    routing_key: str
-    generation: int
-    decoded: object = None  # the handler's reading of ``body``, kept by ``weigh``
-
-
-@dataclass(frozen=True)
-class Outcome:
-    action: str  # "ack" | "dead" | "requeue"
-    reason: str = ""
-
-    @staticmethod
-    def ack() -> "Outcome":
-        return Outcome("ack")
-
-    @staticmethod
-    def dead(reason: str) -> "Outcome":
-        return Outcome("dead", reason)
-
-    @staticmethod
-    def requeue(reason: str) -> "Outcome":
-        return Outcome("requeue", reason)
-
-
-class Handler(Protocol):
-    """A queue's worker. It may also offer ``prepare(batch) -> state`` and
-    ``commit(state) -> outcomes`` (with ``handle`` = commit(prepare(batch))): the runner then
-    prepares the next batches (starting their parse in another process) before it commits
-    the oldest, so that parsing and the disk waits of committing overlap. With
-    ``weigh(delivery) -> bytes`` and ``batch_bytes``, a batch also closes once the mail it
-    stands for reaches ``batch_bytes``: its memory is bounded by size, not only by count."""
-
-    queue: str
-    prefetch: int
-
-    def handle(self, deliveries: list[Delivery]) -> list[Outcome]: ...
 
 
 @dataclass
@@ -99,7 +57,7 @@ class _Lane:
 
     @property
     def pipelined(self) -> bool:
-        return hasattr(self.handler, "prepare") and hasattr(self.handler, "commit")
+        return self.handler.pipelined
 
     @property
     def batch_size(self) -> int:
@@ -129,7 +87,7 @@ class Runner:
         self._publish_channel = None
         self._generation = 0
         self._stop = threading.Event()
-        self._failures: OrderedDict[str, int] = OrderedDict()
+        self._quorum = settings.queue_type == "quorum"
         self.ready = threading.Event()  # set while consuming: for tests and /readyz
         # Set when a worker thread died of something no handler caught: the process stops
         # and exits non-zero so its supervisor restarts it, and /readyz says why meanwhile.
@@ -176,9 +134,7 @@ class Runner:
         for lane in self.lanes:
             # Queues declared first (publishers can route), then whatever a handler needs to
             # be ready for its first batch (the inbound parser process), then consume.
-            warm_up = getattr(lane.handler, "warm_up", None)
-            if warm_up is not None:
-                warm_up()
+            lane.handler.warm_up()
         for lane in self.lanes:
             channel = self._connection.channel()
             channel.basic_qos(prefetch_count=lane.handler.prefetch)
@@ -219,9 +175,7 @@ class Runner:
         for lane in self.lanes:
             if lane.thread:
                 lane.thread.join(timeout=5)
-            close = getattr(lane.handler, "close", None)
-            if close is not None:
-                close()
+            lane.handler.close()
         log.info("stopped")
 
     def _forget_connection(self) -> None:
@@ -255,7 +209,8 @@ class Runner:
             self._work_pipelined(lane)
             return
         while (batch := self._next_batch(lane, wait=True)) is not _STOP:
-            self._settle_threadsafe(lane, batch, self._handle(lane, batch))
+            if batch := self._exhausted(lane, batch):
+                self._settle_threadsafe(lane, batch, self._handle(lane, batch))
 
     def _work_pipelined(self, lane: _Lane) -> None:
         """Keep ``PIPELINE_DEPTH`` batches prepared (their parsing started elsewhere, in the
@@ -274,7 +229,8 @@ class Runner:
                 if batch is _STOP:
                     stopping = True
                     break
-                prepared.append((batch, self._prepare(lane, batch)))
+                if batch := self._exhausted(lane, batch):
+                    prepared.append((batch, self._prepare(lane, batch)))
             if not prepared:
                 continue
             batch, state = prepared.popleft()
@@ -307,9 +263,8 @@ class Runner:
             return _STOP
         lane.track(+1)
         batch = [first]
-        weigh = getattr(lane.handler, "weigh", None)
-        budget = getattr(lane.handler, "batch_bytes", 0) if weigh else 0
-        weigh = _safe_weigh(weigh) if budget else None
+        budget = lane.handler.batch_bytes
+        weigh = _safe_weigh(lane.handler.weigh)
         weight = weigh(first) if budget else 0
         while len(batch) < lane.batch_size and (not budget or weight < budget):
             try:
@@ -343,17 +298,29 @@ class Runner:
             return [self._transient(batch[0], f"unexpected error: {exc!r}", poison=True)]
 
     def _transient(self, delivery: Delivery, reason: str, poison: bool = False) -> Outcome:
-        """Requeue, unless this message has failed too often: then dead-letter it."""
-        key = hashlib.sha1(delivery.body).hexdigest()
-        count = self._failures.pop(key, 0) + 1
-        self._failures[key] = count
-        while len(self._failures) > 10_000:
-            self._failures.popitem(last=False)
-        limit = 2 if poison else TRANSIENT_ATTEMPTS
+        """Requeue, unless this message has failed too often: then dead-letter it. The count
+        is the broker's (``attempts_before``), so a restart or another consumer sees it too."""
+        count = attempts_before(delivery) + 1
+        limit = POISON_ATTEMPTS if poison else TRANSIENT_ATTEMPTS
         if count >= limit:
-            self._failures.pop(key, None)
             return Outcome.dead(f"failed {count} times, last: {reason}")
         return Outcome.requeue(reason)
+
+    def _exhausted(self, lane: _Lane, batch: list[Delivery]) -> list[Delivery]:
+        """``batch`` without the deliveries the broker has delivered more often than any
+        message may fail: on a quorum queue, ``x-delivery-count`` also counts the deliveries
+        whose consumer died on them, which no outcome of ours ever counted. Those are
+        dead-lettered unread, so a message that kills its consumer cannot do it forever."""
+        kept, spent = [], []
+        for delivery in batch:
+            (spent if attempts_before(delivery) >= TRANSIENT_ATTEMPTS else kept).append(delivery)
+        if spent:
+            if kept:
+                lane.track(+1)  # settled on their own; the batch's count goes with the rest
+            self._settle_threadsafe(lane, spent, [Outcome.dead(
+                f"delivered {attempts_before(d)} times without an outcome (did its consumer "
+                "die on it?)") for d in spent])
+        return kept
 
     def _settle_threadsafe(self, lane: _Lane, batch: list[Delivery], outcomes: list[Outcome]) -> None:
         connection = self._connection
@@ -376,9 +343,10 @@ class Runner:
                 if outcome.action == "dead":
                     self._dead_letter(lane, delivery, outcome.reason)
                 elif outcome.action == "requeue":
-                    channel.basic_nack(delivery.tag, requeue=True)
+                    self._requeue(lane, channel, delivery)
                     metrics.requeued.labels(queue=lane.handler.queue).inc()
-            acks = [d.tag for d, o in fresh if o.action in ("ack", "dead")]
+            acks = [d.tag for d, o in fresh if o.action in ("ack", "dead")
+                    or (o.action == "requeue" and not self._quorum)]
             if acks and len(acks) == len(fresh) and acks == sorted(acks):
                 channel.basic_ack(acks[-1], multiple=True)  # one frame for the whole batch
             else:
@@ -386,6 +354,23 @@ class Runner:
                     channel.basic_ack(tag)
         finally:
             lane.track(-1)
+
+    def _requeue(self, lane: _Lane, channel, delivery: Delivery) -> None:
+        """Back to its queue for another attempt, counted where every consumer sees it. A
+        quorum queue counts a returned delivery itself (``x-delivery-count``); on a classic
+        queue the message is published again with its attempts in a header, confirmed, and
+        the original acked by the caller (a crash in between doubles it, never loses it)."""
+        if self._quorum:
+            channel.basic_nack(delivery.tag, requeue=True)
+            return
+        headers = dict(delivery.headers)
+        headers[broker.H_ATTEMPTS] = attempts_before(delivery) + 1
+        properties = pika.BasicProperties(
+            delivery_mode=pika.DeliveryMode.Persistent, content_type=delivery.properties.content_type,
+            headers=headers, message_id=delivery.properties.message_id,
+            expiration=delivery.properties.expiration)
+        self._publish_channel.basic_publish(broker.EXCHANGE, delivery.routing_key, delivery.body,
+                                            properties, mandatory=True)
 
     def _dead_letter(self, lane: _Lane, delivery: Delivery, reason: str) -> None:
         queue = lane.handler.queue
@@ -403,6 +388,17 @@ class Runner:
         self._publish_channel.basic_publish(broker.EXCHANGE, broker.ROUTING_KEYS[broker.DEAD],
                                             delivery.body, properties, mandatory=True)
         metrics.dead_lettered.labels(queue=queue).inc()
+
+
+def attempts_before(delivery: Delivery) -> int:
+    """How many times this message was delivered and failed before, by the broker's count:
+    a quorum queue's ``x-delivery-count``, or the header a requeue on a classic queue carries."""
+    headers = delivery.headers
+    value = headers.get("x-delivery-count", headers.get(broker.H_ATTEMPTS, 0))
+    try:
+        return max(0, int(value))
+    except (TypeError, ValueError):
+        return 0
 
 
 def _safe_weigh(weigh):
