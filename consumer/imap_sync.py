@@ -34,7 +34,7 @@ from consumer.save import (
 )
 from mailferry import metrics
 from mailferry.config import Settings
-from mailferry.db import write_transaction
+from mailferry.db import translated, write_transaction
 from mailferry.errors import EmailFetchError, EmailParseError, TransientError
 from mailferry.mailbox_config import ImapConfig
 from mailferry.models import MailboxState, User, db, utcnow
@@ -288,18 +288,16 @@ class MailboxSync:
     def _commit(self, run: _Run, batch: _Batch) -> None:
         """Once its files are durable: the batch's rows and the checkpoint, one transaction."""
         batch.ready.result()
-        try:
-            with write_transaction():  # fair with the inbound consumers on SQLite
-                try:
-                    with db.atomic():  # a savepoint around the fast path
-                        outcomes = _save_fast(batch.items)
-                except (peewee.IntegrityError, peewee.DataError, ValueError):
-                    # A race with another writer, or a value the database refuses (PostgreSQL:
-                    # a NUL in text): again message by message, to find the one.
-                    outcomes = [self._save_one(run, item) for item in batch.items]
-                _save_checkpoint(run.state, run.folder, batch.uids[-1], final=batch.final)
-        except peewee.OperationalError as exc:
-            raise TransientError(f"{run.where}: database commit failed: {exc}") from exc
+        # write_transaction: fair with the inbound consumers on SQLite.
+        with translated(f"{run.where}: committing a batch"), write_transaction():
+            try:
+                with db.atomic():  # a savepoint around the fast path
+                    outcomes = _save_fast(batch.items)
+            except (peewee.IntegrityError, peewee.DataError, ValueError):
+                # A race with another writer, or a value the database refuses (PostgreSQL:
+                # a NUL in text): again message by message, to find the one.
+                outcomes = [self._save_one(run, item) for item in batch.items]
+            _save_checkpoint(run.state, run.folder, batch.uids[-1], final=batch.final)
         for item, saved in zip(batch.items, outcomes):
             if saved is None:
                 batch.counts.failed += 1
@@ -433,18 +431,16 @@ def _unchanged(state: MailboxState, folder: FolderState, refetch: bool) -> bool:
             and state.highestmodseq == folder.highestmodseq)
 
 
+@translated("reading the IMAP checkpoint")
 def _checkpoint(user_id: int, folder: str) -> MailboxState:
-    try:
-        state = MailboxState.get_or_none((MailboxState.user == user_id) & (MailboxState.folder == folder))
-        if state is None:
-            try:
-                with db.atomic():
-                    state = MailboxState.create(user=user_id, folder=folder)
-            except peewee.IntegrityError:
-                state = MailboxState.get((MailboxState.user == user_id) & (MailboxState.folder == folder))
-        return state
-    except peewee.OperationalError as exc:
-        raise TransientError(f"database unavailable: {exc}") from exc
+    state = MailboxState.get_or_none((MailboxState.user == user_id) & (MailboxState.folder == folder))
+    if state is None:
+        try:
+            with db.atomic():
+                state = MailboxState.create(user=user_id, folder=folder)
+        except peewee.IntegrityError:
+            state = MailboxState.get((MailboxState.user == user_id) & (MailboxState.folder == folder))
+    return state
 
 
 def _save_checkpoint(state: MailboxState, folder: FolderState, last_uid: int, *, final: bool) -> None:
@@ -453,10 +449,8 @@ def _save_checkpoint(state: MailboxState, folder: FolderState, last_uid: int, *,
     modseq = folder.highestmodseq if final else (state.highestmodseq if same_mailbox else None)
     values = {"uidvalidity": folder.uidvalidity, "last_uid": last_uid,
               "highestmodseq": modseq, "last_fetch_at": utcnow()}
-    try:
+    with translated("moving the IMAP checkpoint"):
         MailboxState.update(**values).where(MailboxState.id == state.id).execute()
-    except peewee.OperationalError as exc:
-        raise TransientError(f"database unavailable: {exc}") from exc
     for name, value in values.items():
         setattr(state, name, value)
 

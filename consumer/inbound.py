@@ -23,8 +23,8 @@ from consumer.save import SaveRequest, SaveResult, StoredFiles, observe_parse, s
 from mailferry import broker, metrics
 from mailferry.config import Settings
 from mailferry.contracts import InboundJob
-from mailferry.errors import PermanentError, TransientError
-from mailferry.db import bulk_insert, insert_rows, write_transaction
+from mailferry.errors import PermanentError
+from mailferry.db import UNAVAILABLE, bulk_insert, insert_rows, translated, write_transaction
 from mailferry.models import InboundReceipt, UnroutedMessage, db, utcnow
 from consumer.handler import Delivery, Handler, Outcome
 from mailferry.spool import Spool, message_of, read_regular
@@ -182,12 +182,10 @@ class InboundHandler(Handler):
     def _already_handled(self, queue_ids: set[str]) -> set[str]:
         if not queue_ids:
             return set()
-        try:
+        with translated("looking up receipts"):
             query = InboundReceipt.select(InboundReceipt.queue_id).where(
                 InboundReceipt.queue_id.in_(list(queue_ids)))
             return {row.queue_id for row in query}
-        except peewee.OperationalError as exc:
-            raise TransientError(f"database unavailable: {exc}") from exc
 
     def _read(self, index: int, job: InboundJob) -> _Prepared | Outcome:
         try:
@@ -230,25 +228,22 @@ class InboundHandler(Handler):
             return {}
         outcomes: dict[int, Outcome] = {}
         counts: list[tuple[str, int]] = []
-        try:
-            with write_transaction():
-                try:
-                    with db.atomic():  # savepoint around the fast path
-                        counts = self._save_bulk(prepared)
-                        outcomes = {item.index: Outcome.ack() for item in prepared}
-                except (peewee.IntegrityError, peewee.DataError, ValueError):
-                    # A queue id twice (in this batch, or committed by another consumer
-                    # meanwhile; a message stored meanwhile is only a duplicate): redo this
-                    # batch message by message, each in its own savepoint. A value the
-                    # database refuses (DataError; psycopg2's ValueError for a NUL) is
-                    # found there too, and only its message is quarantined.
-                    counts = []
-                    for item in prepared:
-                        outcome, item_counts = self._save_one(item)
-                        outcomes[item.index] = outcome
-                        counts.extend(item_counts)
-        except peewee.OperationalError as exc:
-            raise TransientError(f"database commit failed: {exc}") from exc
+        with translated("committing a batch"), write_transaction():
+            try:
+                with db.atomic():  # savepoint around the fast path
+                    counts = self._save_bulk(prepared)
+                    outcomes = {item.index: Outcome.ack() for item in prepared}
+            except (peewee.IntegrityError, peewee.DataError, ValueError):
+                # A queue id twice (in this batch, or committed by another consumer
+                # meanwhile; a message stored meanwhile is only a duplicate): redo this
+                # batch message by message, each in its own savepoint. A value the
+                # database refuses (DataError; psycopg2's ValueError for a NUL) is
+                # found there too, and only its message is quarantined.
+                counts = []
+                for item in prepared:
+                    outcome, item_counts = self._save_one(item)
+                    outcomes[item.index] = outcome
+                    counts.extend(item_counts)
         for outcome_name, number in counts:
             metrics.emails.labels(SOURCE, outcome_name).inc(number)
         if any(name == "stored" for name, _ in counts):
@@ -304,8 +299,8 @@ class InboundHandler(Handler):
         except peewee.IntegrityError:
             # The same queue id twice in flight (a sweep republished it): already handled.
             return Outcome.ack(), [("duplicate", 1)]
-        except peewee.OperationalError:
-            raise
+        except UNAVAILABLE:
+            raise  # the batch's, not this message's
         except (peewee.PeeweeException, ValueError) as exc:
             # The database refused this message (DataError, a NUL psycopg2 will not send):
             # its outcome alone; the message waits in spool/failed for a person.

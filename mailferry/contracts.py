@@ -6,7 +6,7 @@ import datetime as dt
 import json
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 from mailferry.errors import ContractError
 

@@ -7,6 +7,7 @@ so a later change of columns is one new step here, never a hand-run script.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import functools
 import logging
@@ -73,7 +74,7 @@ def open_database(url: str, *, migrate: bool = True) -> peewee.Database:
     db.initialize(database)
     try:
         database.connect(reuse_if_open=True)
-    except peewee.OperationalError as exc:
+    except UNAVAILABLE as exc:  # said so, for `mailferry status` and the readiness probe
         raise TransientError(f"database unreachable: {exc}".strip()) from exc
     if migrate:
         migrate_schema(database)
@@ -115,6 +116,21 @@ def _schema_lock(database: peewee.Database):
         return _Locked()
     # SQLite: BEGIN IMMEDIATE takes the write lock up front.
     return database.atomic(lock_type="IMMEDIATE")
+
+
+# What a database says when it is locked, unreachable or its connection is gone: worth
+# retrying, unlike a refused value (DataError) or a broken key (IntegrityError).
+UNAVAILABLE = (peewee.OperationalError, peewee.InterfaceError)
+
+
+@contextlib.contextmanager
+def translated(what: str):
+    """Database errors that may pass, raised as TransientError in our own terms: the one
+    place they are translated (like ``imap_client.translated``). Also a decorator."""
+    try:
+        yield
+    except UNAVAILABLE as exc:
+        raise TransientError(f"{what}: database unavailable: {exc}".strip()) from exc
 
 
 def close_database() -> None:

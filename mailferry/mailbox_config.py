@@ -16,11 +16,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import peewee
 from cryptography.fernet import Fernet, InvalidToken
 
 from mailferry.config import Settings
-from mailferry.errors import ConfigError, EmailConfigError, TransientError
+from mailferry.db import translated
+from mailferry.errors import ConfigError, EmailConfigError
 from mailferry.models import Settings as SettingsRow
 from mailferry.models import TaskSource, User, db, utcnow
 
@@ -213,20 +213,17 @@ class EmailConfigManager:
     def _write(self, user: User | int, config: ImapConfig) -> None:
         stored = {k: v for k, v in asdict(config).items() if v is not None}
         stored["password"] = self._encrypt(config.password)
-        try:
-            with db.atomic():
-                row = _row(user)
-                if row is None:
-                    SettingsRow.create(user=_user_id(user), key=CONFIG_KEY,
-                                       value={"imap_config": stored, "filter_config": {}})
-                    return
-                value = dict(row.value) if isinstance(row.value, dict) else {}
-                value["imap_config"] = stored
-                value.setdefault("filter_config", {})
-                (SettingsRow.update(value=value, is_active=True, updated_at=utcnow())
-                 .where(SettingsRow.id == row.id).execute())
-        except peewee.OperationalError as exc:
-            raise TransientError(f"database unavailable: {exc}") from exc
+        with translated("storing a mailbox configuration"), db.atomic():
+            row = _row(user)
+            if row is None:
+                SettingsRow.create(user=_user_id(user), key=CONFIG_KEY,
+                                   value={"imap_config": stored, "filter_config": {}})
+                return
+            value = dict(row.value) if isinstance(row.value, dict) else {}
+            value["imap_config"] = stored
+            value.setdefault("filter_config", {})
+            (SettingsRow.update(value=value, is_active=True, updated_at=utcnow())
+             .where(SettingsRow.id == row.id).execute())
 
     # -- the key ----------------------------------------------------------------------------
 
@@ -249,7 +246,5 @@ def _user_id(user: User | int) -> int:
 
 
 def _row(user: User | int) -> SettingsRow | None:
-    try:
+    with translated("reading a mailbox configuration"):
         return SettingsRow.get_or_none((SettingsRow.user == _user_id(user)) & (SettingsRow.key == CONFIG_KEY))
-    except peewee.OperationalError as exc:
-        raise TransientError(f"database unavailable: {exc}") from exc

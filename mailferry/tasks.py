@@ -25,6 +25,7 @@ import peewee
 
 from mailferry import metrics
 from mailferry.contracts import TaskRef
+from mailferry.db import translated
 from mailferry.errors import InvalidTransition, PermanentError, TransientError
 from mailferry.models import EmailTask, TaskLog, TaskSource, TaskStatus, db, utcnow
 
@@ -57,13 +58,7 @@ def lock_key(source: str, user_id: int | None) -> str:
 
 def _db_errors(func):
     """A locked or unreachable database is worth retrying; say so in our own terms."""
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        try:
-            return func(*args, **kwargs)
-        except (peewee.OperationalError, peewee.InterfaceError) as exc:
-            raise TransientError(f"{func.__name__}: database unavailable: {exc}".strip()) from exc
-    return wrapper
+    return functools.wraps(func)(translated(func.__name__)(func))
 
 
 # -- creating ----------------------------------------------------------------------------------

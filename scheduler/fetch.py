@@ -17,7 +17,8 @@ import peewee
 from mailferry import broker, metrics
 from mailferry.config import Settings
 from mailferry.contracts import FetchJob
-from mailferry.errors import EmailConfigError, MailferryError, TransientError
+from mailferry.db import translated
+from mailferry.errors import EmailConfigError, MailferryError
 from mailferry.mailbox_config import CONFIG_KEY, validate_imap_config
 from mailferry.models import Settings as SettingsRow
 from mailferry.models import EmailTask, TaskSource, TaskStatus, User
@@ -66,12 +67,10 @@ LEASE_CHECK_EVERY = 1_000  # publishes between lease renewals during a long fetc
 def schedule_imap_fetch(settings: Settings, publisher, still_ours=None) -> FetchSummary:
     """``still_ours()`` renews the scheduler's lease; publishing stops if it was lost."""
     summary = FetchSummary()
-    try:
+    with translated("scheduling IMAP fetches"):
         users, summary.users, summary.invalid = fetchable_users()
         made = create_many(TaskSource.IMAP, [(uid, {"folder": folder}) for uid, folder in users],
                            timeout_seconds=settings.task_timeout)
-    except (peewee.OperationalError, peewee.InterfaceError) as exc:
-        raise TransientError(f"scheduling IMAP fetches: database unavailable: {exc}") from exc
     pending = [t for t in made if t.status == TaskStatus.PENDING]
     summary.skipped = len(made) - len(pending)
     published, why = _publish_jobs(pending, publisher, still_ours, summary)

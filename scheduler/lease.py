@@ -17,7 +17,7 @@ import uuid
 import peewee
 
 from mailferry import metrics
-from mailferry.errors import TransientError
+from mailferry.db import UNAVAILABLE, translated
 from mailferry.models import SchedulerLease, db, utcnow
 
 log = logging.getLogger(__name__)
@@ -54,9 +54,10 @@ class Lease:
                     changed = 1
                 except peewee.IntegrityError:
                     changed = 0  # somebody holds it
-        except (peewee.OperationalError, peewee.InterfaceError) as exc:
-            self._lost()
-            raise TransientError(f"lease {self.name}: database unavailable: {exc}") from exc
+        except UNAVAILABLE:
+            self._lost()  # then translated, as everywhere
+            with translated(f"lease {self.name}"):
+                raise
         if changed:
             if self.expires_at is None:
                 log.info("lease %s taken by %s", self.name, self.holder)
@@ -84,7 +85,7 @@ class Lease:
              .where(SchedulerLease.name == self.name, SchedulerLease.holder == self.holder)
              .execute())
             log.info("lease %s released by %s", self.name, self.holder)
-        except (peewee.OperationalError, peewee.InterfaceError) as exc:
+        except UNAVAILABLE as exc:
             log.warning("lease %s: could not release (it expires by itself): %s", self.name, exc)
         self.expires_at = None
         metrics.scheduler_lease_held.set(0)

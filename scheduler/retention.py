@@ -12,12 +12,10 @@ import datetime as dt
 import logging
 from dataclasses import dataclass, field
 
-import peewee
 
 from mailferry import metrics
 from mailferry.config import Settings
-from mailferry.db import is_postgres
-from mailferry.errors import TransientError
+from mailferry.db import is_postgres, translated
 from mailferry.models import AuditLog, EmailTask, TaskLog, TaskStatus, db, utcnow
 
 log = logging.getLogger(__name__)
@@ -85,7 +83,7 @@ def cleanup_tasks(settings: Settings, *, dry_run: bool = False,
                   now: dt.datetime | None = None) -> RetentionSummary:
     now = now or utcnow()
     summary = RetentionSummary(dry_run=dry_run)
-    try:
+    with translated("retention cleanup"):
         for status, days in retention_days(settings).items():
             condition = _due(status, now - dt.timedelta(days=days))
             if dry_run:
@@ -93,8 +91,6 @@ def cleanup_tasks(settings: Settings, *, dry_run: bool = False,
                 continue
             summary.deleted[status] = _delete_in_batches(
                 status, condition, settings.retention_batch_size, summary, now)
-    except (peewee.OperationalError, peewee.InterfaceError) as exc:
-        raise TransientError(f"retention cleanup: database unavailable: {exc}") from exc
     if summary.total and not dry_run:
         log.info("retention: deleted %s", ", ".join(f"{n} {s.lower()}"
                                                      for s, n in summary.deleted.items() if n))

@@ -6,6 +6,7 @@ import peewee
 import pytest
 
 from mailferry import db as dbmod
+from mailferry.errors import TransientError
 from mailferry.models import EmailAttachment, InboundReceipt, SchemaVersion, User, utcnow
 
 
@@ -109,3 +110,24 @@ def test_text_from_mail_fits_its_column_on_every_backend(settings):
     assert rows[0].message_id == rows[2].message_id  # the same value, shortened the same way
     assert rows[0].mail_from == "xy" and rows[2].mail_from == ""
     assert len(rows[2].queue_id) == 64
+
+
+@pytest.mark.parametrize("error", [peewee.OperationalError("database is locked"),
+                                   peewee.InterfaceError("connection already closed")])
+def test_a_database_that_may_come_back_is_a_transient_error_in_our_words(error):
+    with pytest.raises(TransientError, match=r"^saving: database unavailable: "):
+        with dbmod.translated("saving"):
+            raise error
+
+    @dbmod.translated("counting")
+    def count():
+        raise error
+
+    with pytest.raises(TransientError, match=r"^counting: database unavailable"):
+        count()
+
+
+def test_a_refused_value_is_not_translated():
+    with pytest.raises(peewee.IntegrityError):
+        with dbmod.translated("saving"):
+            raise peewee.IntegrityError("UNIQUE constraint failed")
