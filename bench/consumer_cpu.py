@@ -24,7 +24,7 @@ from common import ROOT, descendants, inject_backlog, message_mix, stop_consumer
 
 from mailferry.config import Settings
 from mailferry.models import InboundReceipt
-from tests.harness.rabbitmq import RabbitMQServer
+from devstack.rabbitmq import RabbitMQServer
 from tests.pipeline import consumer_process, settings_env, wait_for
 
 TICK = os.sysconf("SC_CLK_TCK")

@@ -33,7 +33,7 @@ from consumer.parse import parse_email
 from mailferry.config import Settings
 from mailferry.db import close_database, open_database
 from mailferry.models import InboundReceipt
-from tests.harness.rabbitmq import RabbitMQServer
+from devstack.rabbitmq import RabbitMQServer
 from tests.pipeline import consumer_process, wait_for
 
 

@@ -41,7 +41,7 @@ from mailferry.db import close_database, open_database
 from mailferry import metrics, tasks
 from mailferry.mailbox_config import EmailConfigManager
 from mailferry.models import EmailMessage, TaskSource, TaskStatus, User
-from tests.harness.dovecot import DovecotServer
+from devstack.dovecot import DovecotServer
 
 PASSWORD = "bench-password"
 CEILING_BATCH = 500
@@ -166,7 +166,7 @@ def main() -> int:
     try:
         server.start()
         if args.postgres:
-            from tests.harness.postgres import PostgresServer
+            from devstack.postgres import PostgresServer
             postgres = PostgresServer(base / "postgres").start()
         print(f"machine: {machine()}; Dovecot on {server.host}:{server.port}")
         t0 = time.perf_counter()

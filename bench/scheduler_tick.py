@@ -34,7 +34,7 @@ from mailferry.db import close_database, open_database  # noqa: E402
 from mailferry.models import EmailTask, TaskLog, User, db  # noqa: E402
 from mailferry.models import Settings as SettingsRow  # noqa: E402
 from scheduler.tick import run_tick  # noqa: E402
-from tests.harness.rabbitmq import RabbitMQServer  # noqa: E402
+from devstack.rabbitmq import RabbitMQServer  # noqa: E402
 
 CEILING_QUEUE = "bench.ceiling"
 IMAP = {"host": "imap.example.org", "port": 993, "username": "u", "password": "p",
@@ -133,7 +133,7 @@ def main() -> int:
             results["SQLite"] = run("", rabbit.amqp_url_for("/"), tmp / "sqlite",
                                     args.users, args.rounds)
             if args.postgres:
-                from tests.harness.postgres import PostgresServer
+                from devstack.postgres import PostgresServer
                 pg = PostgresServer(tmp / "postgres").start()
                 try:
                     results["PostgreSQL"] = run(pg.create_database("bench"), rabbit.amqp_url,

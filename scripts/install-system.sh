@@ -5,11 +5,11 @@
 # `apt-get update` once and only when something is missing, and does nothing at all when
 # everything is there. The packages' own daemons are NOT started by the install (a temporary
 # /usr/sbin/policy-rc.d that exits 101): the project starts its own throwaway servers on free
-# loopback ports (tests/harness). System daemons that are running anyway are left alone.
+# loopback ports (devstack/). System daemons that are running anyway are left alone.
 #
-#   rabbitmq-server  the broker                      (tests/harness/rabbitmq.py)
-#   postgresql       PostgreSQL 15                   (tests/harness/postgres.py)
-#   dovecot-imapd    an IMAP server                  (tests/harness/dovecot.py)
+#   rabbitmq-server  the broker                      (devstack/rabbitmq.py)
+#   postgresql       PostgreSQL 15                   (devstack/postgres.py)
+#   dovecot-imapd    an IMAP server                  (devstack/dovecot.py)
 #   openssl          its self-signed test certificate
 #   swaks            an SMTP client for tests
 #   postfix          for smtp-source (SMTP load); debconf "No configuration"

@@ -2,7 +2,7 @@
 
 RabbitMQ (management UI on), Haraka with the mailferry plugin, the consumer and the scheduler,
 on the embedded defaults (SQLite and folders under var/). RabbitMQ and Haraka are started with
-the same native launchers the tests use (tests/harness), with fixed ports and data kept in
+the same native launchers the tests use (devstack/), with fixed ports and data kept in
 var/ across runs. A consumer or scheduler that exits is restarted, with backoff. Ctrl-C stops
 everything.
 """
@@ -21,9 +21,9 @@ sys.path.insert(0, str(ROOT))
 
 from mailferry.app import settings_or_exit  # noqa: E402
 from mailferry.config import redact_url  # noqa: E402
-from tests.harness.haraka import HarakaServer  # noqa: E402
-from tests.harness.ports import port_open  # noqa: E402
-from tests.harness.rabbitmq import RabbitMQServer  # noqa: E402
+from devstack.haraka import HarakaServer  # noqa: E402
+from devstack.ports import port_open  # noqa: E402
+from devstack.rabbitmq import RabbitMQServer  # noqa: E402
 
 AMQP_PORT = int(os.environ.get("MAILFERRY_RUN_AMQP_PORT", "5672"))
 MANAGEMENT_PORT = int(os.environ.get("MAILFERRY_RUN_MANAGEMENT_PORT", "15672"))

@@ -18,7 +18,7 @@ from mailferry.config import Settings
 from mailferry.mailbox_config import EmailConfigManager, ImapConfig
 from mailferry.models import User
 from tests import mailgen
-from tests.harness.ports import terminate_pids
+from devstack.ports import terminate_pids
 
 __all__ = ["ImapUser", "FakePublisher", "client_for", "append", "flags_of", "generated",
            "corpus_messages", "imap_user", "nested_too_deep", "stop_dovecot"]

@@ -17,8 +17,8 @@ import yaml
 
 from mailferry.config import Settings
 from tests.harness.fixtures import require_service
-from tests.harness.ports import LOOPBACK, free_port
-from tests.harness.rabbitmq import RabbitMQServer
+from devstack.ports import LOOPBACK, free_port
+from devstack.rabbitmq import RabbitMQServer
 from tests.pipeline import ROOT, settings_env, wait_for
 
 DEPLOY = ROOT / "deploy"

@@ -17,8 +17,8 @@ import pytest
 
 from mailferry.spool import split_envelope
 from tests.harness.fixtures import require_service
-from tests.harness.haraka import PLUGIN_DIR, HarakaServer, haraka_available
-from tests.harness.ports import free_port
+from devstack.haraka import PLUGIN_DIR, HarakaServer, haraka_available
+from devstack.ports import free_port
 
 MESSAGE = (b"Subject: harness\r\nMessage-ID: <harness@example.org>\r\n\r\n"
            b"hello\r\n.a line that starts with a dot\r\n")

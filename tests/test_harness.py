@@ -17,10 +17,10 @@ import pytest
 from imapclient import IMAPClient
 from imapclient.exceptions import LoginError
 
-from tests.harness.containers import docker_available
+from devstack.containers import docker_available
 from tests.harness.fixtures import ExternalPostgres, ExternalRabbitMQ, require_service
-from tests.harness.ports import free_port, port_open, wait_until
-from tests.harness.rabbitmq import management_request
+from devstack.ports import free_port, port_open, wait_until
+from devstack.rabbitmq import management_request
 
 MESSAGE = (
     b"From: Alice <alice@example.org>\r\n"

@@ -16,7 +16,7 @@ from consumer.parse import Limits
 from consumer.parse_pool import ParsePool, parse_many
 from mailferry.errors import TransientError
 from tests import mailgen
-from tests.harness.ports import pid_alive, terminate_pids, wait_until
+from devstack.ports import pid_alive, terminate_pids, wait_until
 from tests.imap_fixtures import nested_too_deep
 from tests.pipeline import ROOT
 

@@ -331,7 +331,7 @@ def test_an_untrusted_certificate_is_a_configuration_error(imap_user, dovecot):
 
 
 def test_a_refused_connection_is_transient(imap_user):
-    from tests.harness.ports import free_port
+    from devstack.ports import free_port
     imap_user.configure(port=free_port())
     with pytest.raises(EmailFetchError, match="connect"):
         MailboxSync(imap_user.settings).run(imap_user.user, imap_user.config)

@@ -16,7 +16,7 @@ from mailferry.contracts import FetchJob
 from mailferry.errors import TransientError
 from mailferry.models import EmailMessage, EmailTask, MailboxState, TaskSource, TaskStatus
 from consumer.runner import Delivery
-from tests.harness.ports import free_port
+from devstack.ports import free_port
 from tests.imap_fixtures import *  # noqa: F401,F403
 from tests.imap_fixtures import FakePublisher, append, generated, stop_dovecot
 from tests.pipeline import consumer_thread, queue_depth, wait_for

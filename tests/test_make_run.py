@@ -16,9 +16,9 @@ import urllib.request
 import pytest
 
 from tests.harness.fixtures import require_service
-from tests.harness.haraka import haraka_available
-from tests.harness.ports import free_port
-from tests.harness.rabbitmq import rabbitmq_available
+from devstack.haraka import haraka_available
+from devstack.ports import free_port
+from devstack.rabbitmq import rabbitmq_available
 from tests.pipeline import ROOT, wait_for
 from tests.test_hostile_input import HOSTILE_HEADERS, hostile
 from tests.test_smtp_pipeline import crlf

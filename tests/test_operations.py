@@ -20,8 +20,8 @@ from mailferry.spool import Spool
 from mailferry.tasks import complete_task, create_task, fail_task, start_task
 from tests import mailgen
 from tests.harness.fixtures import require_service, running
-from tests.harness.ports import free_port
-from tests.harness.rabbitmq import management_request, rabbitmq_available
+from devstack.ports import free_port
+from devstack.rabbitmq import management_request, rabbitmq_available
 from tests.ops_helpers import (
     PrometheusRabbitMQ, PrometheusServer, deploy_prometheus_config, http_get, need_binary,
     run_cli, start_process, stop_process,

@@ -17,8 +17,8 @@ import yaml
 
 from mailferry import broker
 from tests.harness.fixtures import require_service
-from tests.harness.haraka import haraka_available, haraka_bin, PLUGIN_DIR
-from tests.harness.ports import free_port
+from devstack.haraka import haraka_available, haraka_bin, PLUGIN_DIR
+from devstack.ports import free_port
 from tests.ops_helpers import DEPLOY, need_binary
 from tests.pipeline import ROOT, queue_depth, wait_for
 

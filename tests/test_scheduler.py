@@ -20,7 +20,7 @@ from scheduler.cleanup import STALE_GRACE, cleanup_stale_tasks, startup_cleanup
 from scheduler.lease import Lease
 from scheduler.main import Scheduler
 from scheduler.tick import run_tick
-from tests.harness.ports import free_port
+from devstack.ports import free_port
 from tests.pipeline import ROOT, queue_depth, settings_env, wait_for
 from tests.task_fixtures import VALID_IMAP, add_imap_user, drain
 

@@ -20,7 +20,7 @@ from mailferry.models import EmailAttachment, EmailMessage, InboundReceipt
 from mailferry.storage import BlobStore
 from tests import mailgen
 from tests.harness.fixtures import require_service
-from tests.harness.haraka import HarakaServer, haraka_available
+from devstack.haraka import HarakaServer, haraka_available
 from tests.pipeline import consumer_process, consumer_thread, dead_letters, wait_for
 
 QUEUED_AS = re.compile(rb"queued as (\S+)")

@@ -6,11 +6,11 @@ Session fixtures (each started lazily, on first use, and stopped at session end)
 * ``rabbitmq`` — ``MAILFERRY_TEST_AMQP_URL`` set: that broker (``MAILFERRY_TEST_MANAGEMENT_URL``
   for its HTTP API, else ``http://<host>:15672`` is tried); it cannot be restarted. Otherwise a
   testcontainers broker when a Docker engine answers; otherwise a native throwaway node
-  (tests/harness/rabbitmq.py); otherwise ``require_service``. Offers ``amqp_url``,
+  (devstack/rabbitmq.py); otherwise ``require_service``. Offers ``amqp_url``,
   ``management_url``, ``amqp_url_for(vhost)``, ``can_restart``.
 * ``postgres`` — ``MAILFERRY_TEST_DATABASE_URL`` (a postgresql:// URL) / container / native.
   Offers ``url``, ``create_database(name) -> url``, ``drop_database(name)``.
-* ``dovecot`` — native only (tests/harness/dovecot.py).
+* ``dovecot`` — native only (devstack/dovecot.py).
 
 Function fixtures:
 
@@ -37,10 +37,10 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import pytest
 
-from .containers import PostgresContainerService, RabbitMQContainerService, docker_available
-from .dovecot import DovecotServer, dovecot_available
-from .postgres import PostgresAdmin, PostgresServer, postgres_available
-from .rabbitmq import RabbitMQServer, management_request, rabbitmq_available
+from devstack.containers import PostgresContainerService, RabbitMQContainerService, docker_available
+from devstack.dovecot import DovecotServer, dovecot_available
+from devstack.postgres import PostgresAdmin, PostgresServer, postgres_available
+from devstack.rabbitmq import RabbitMQServer, management_request, rabbitmq_available
 
 __all__ = [
     "require_service",

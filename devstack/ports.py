@@ -15,7 +15,23 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable
 
-from mailferry.pids import pid_alive  # noqa: F401  (the harness modules import it from here)
+
+def pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists; it is just not ours
+    # A zombie is dead for our purposes: its parent just has not reaped it yet.
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return state != "Z"
+    except (OSError, IndexError):
+        return True
+
 
 LOOPBACK = "127.0.0.1"
 
@@ -140,7 +156,7 @@ def tail(path: Path, lines: int = 40) -> str:
 
 
 # Run as `python -c` with a bare environment, outlives the tests and imports nothing of the
-# project: hence its own copy of mailferry.pids.pid_alive and of pids_with_env's scan.
+# project: hence its own copy of pid_alive and of pids_with_env's scan.
 _REAPER = r"""
 import os, signal, sys, time
 parent = int(sys.argv[1])

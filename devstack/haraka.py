@@ -25,7 +25,7 @@ from pathlib import Path
 
 from .ports import LOOPBACK, free_port, tail, wait_until
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 PLUGIN_DIR = REPO / "haraka_plugin"
 TEMPLATE_DIR = PLUGIN_DIR / "haraka"
 START_TIMEOUT = 30.0
