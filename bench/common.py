@@ -12,8 +12,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mailferry.cli.mail import Injector  # noqa: E402
-from mailferry.cli.users import add_user  # noqa: E402
+from mailferry.inject import Injector  # noqa: E402
+from mailferry.users import add_user  # noqa: E402
 from mailferry.config import Settings  # noqa: E402
 from mailferry.db import close_database, open_database  # noqa: E402
 from tests import mailgen  # noqa: E402

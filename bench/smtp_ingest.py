@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mailferry import broker  # noqa: E402
-from mailferry.cli.users import add_user  # noqa: E402
+from mailferry.users import add_user  # noqa: E402
 from mailferry.config import Settings  # noqa: E402
 from mailferry.db import close_database, open_database  # noqa: E402
 from mailferry.models import InboundReceipt  # noqa: E402

@@ -10,8 +10,8 @@ import pytest
 
 from consumer.parse import parse_email
 from mailferry import broker
-from mailferry.cli.mail import Injector
-from mailferry.cli.users import add_alias, add_user
+from mailferry.inject import Injector
+from mailferry.users import add_alias, add_user
 from mailferry.errors import EmailParseError
 from mailferry.models import EmailAttachment, EmailMessage, InboundReceipt, UnroutedMessage, User
 from mailferry.spool import Spool

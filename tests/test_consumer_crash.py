@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import signal
 
-from mailferry.cli.mail import Injector
-from mailferry.cli.users import add_user
+from mailferry.inject import Injector
+from mailferry.users import add_user
 from mailferry.models import EmailMessage, InboundReceipt
 from mailferry.spool import Spool
 from tests import mailgen

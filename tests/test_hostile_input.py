@@ -15,8 +15,8 @@ import pytest
 
 from mailferry import broker, metrics
 from mailferry.broker import Publisher
-from mailferry.cli.mail import Injector
-from mailferry.cli.users import add_user
+from mailferry.inject import Injector
+from mailferry.users import add_user
 from mailferry.models import EmailMessage, InboundReceipt, UnroutedMessage
 from consumer.handler import Handler, Outcome
 from consumer.runner import Runner

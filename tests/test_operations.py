@@ -13,8 +13,8 @@ from urllib.parse import quote
 import pytest
 
 from mailferry import broker
-from mailferry.cli.mail import Injector
-from mailferry.cli.users import add_user
+from mailferry.inject import Injector
+from mailferry.users import add_user
 from mailferry.models import EmailMessage, EmailTask, InboundReceipt, TaskSource, UnroutedMessage, utcnow
 from mailferry.spool import Spool
 from mailferry.tasks import complete_task, create_task, fail_task, start_task

@@ -8,8 +8,8 @@ import json
 import pika
 
 from mailferry import broker
-from mailferry.cli.mail import Injector
-from mailferry.cli.users import add_user
+from mailferry.inject import Injector
+from mailferry.users import add_user
 from mailferry.contracts import TaskRef
 from mailferry.models import EmailMessage, InboundReceipt
 from mailferry.replay import H_REPLAYS, Replayer

@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from mailferry import broker
-from mailferry.cli.users import add_user
+from mailferry.users import add_user
 from mailferry.management import endpoint
 from mailferry.metrics import DatabaseCollector
 from mailferry.models import (

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from consumer.route import Router, candidates
-from mailferry.cli.users import add_alias, add_user
+from mailferry.users import add_alias, add_user
 from mailferry.models import User
 
 

@@ -10,7 +10,7 @@ import pytest
 from consumer.parse import parse_email
 from consumer.route import Route
 from consumer.save import SaveRequest, save_for_users, save_many, store_files
-from mailferry.cli.users import add_user
+from mailferry.users import add_user
 from mailferry.models import EmailAttachment, EmailMessage, db
 from mailferry.storage import BlobStore
 from tests import mailgen

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from mailferry import broker
-from mailferry.cli.users import add_user
+from mailferry.users import add_user
 from mailferry.models import EmailAttachment, EmailMessage, InboundReceipt
 from mailferry.storage import BlobStore
 from tests import mailgen

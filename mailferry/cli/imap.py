@@ -8,7 +8,7 @@ import sys
 import time
 
 from mailferry.cli.common import open_app, print_json, print_table
-from mailferry.cli.users import normalise_address
+from mailferry.users import normalise_address
 from mailferry.errors import EmailConfigError, PermanentError
 from mailferry.mailbox_config import DEFAULT_PORTS, SECURITY_CHOICES, EmailConfigManager
 from mailferry.models import MailboxState, TaskSource, TaskStatus, User

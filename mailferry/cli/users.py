@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import peewee
-
 from mailferry.cli.common import open_app, print_json, print_table
-from mailferry.errors import PermanentError
-from mailferry.models import EmailAlias, User, db
+from mailferry.models import EmailAlias, User
+from mailferry.users import add_alias, add_user
 
 
 def register(sub) -> None:
@@ -25,34 +23,6 @@ def register(sub) -> None:
     add_alias.add_argument("email")
     add_alias.add_argument("alias")
     add_alias.set_defaults(func=aliases_add)
-
-
-def normalise_address(address: str) -> str:
-    address = address.strip().lower()
-    local, at, domain = address.rpartition("@")
-    if not at or not local or not domain or " " in address:
-        raise PermanentError(f"{address!r} is not an email address")
-    return address
-
-
-def add_user(email: str) -> User:
-    email = normalise_address(email)
-    try:
-        with db.atomic():
-            return User.create(email=email)
-    except peewee.IntegrityError:
-        raise PermanentError(f"user {email} exists already") from None
-
-
-def add_alias(email: str, alias: str) -> EmailAlias:
-    user = User.get_or_none(User.email == normalise_address(email))
-    if user is None:
-        raise PermanentError(f"no user {email}")
-    try:
-        with db.atomic():
-            return EmailAlias.create(address=normalise_address(alias), user=user)
-    except peewee.IntegrityError:
-        raise PermanentError(f"alias {alias} exists already") from None
 
 
 def users_add(args) -> int:

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mailferry.cli.mail import Injector
-from mailferry.cli.users import add_user
+from mailferry.inject import Injector
+from mailferry.users import add_user
 from mailferry.models import EmailAttachment, EmailMessage, InboundReceipt
 from mailferry.spool import Spool
 from mailferry.storage import BlobStore
