@@ -10,6 +10,11 @@ from __future__ import annotations
 
 import io
 import re
+import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 # C0 and C1 controls, DEL, and the Unicode bidi formatting characters (embeddings,
 # overrides, isolates, marks). Other format characters (ZWJ in emoji) are harmless.
@@ -54,3 +59,89 @@ class EscapingWriter(io.TextIOBase):
 
     def fileno(self) -> int:
         return self.target.fileno()
+
+
+def terminal(stream) -> "Console | None":
+    """A rich Console writing to ``stream`` if it is a terminal, else None (plain text then).
+    Behind an EscapingWriter it writes to the terminal itself: rich's own escape sequences
+    are the colours and boxes, and every cell it is given was escaped before."""
+    if not stream.isatty():
+        return None
+    from rich.console import Console
+    return Console(file=getattr(stream, "target", stream), highlight=False)
+
+
+def print_table(headers: list[str], rows: list[list], stream=None) -> None:
+    """Rows under their headers: a rich table on a terminal, aligned plain text otherwise
+    (what scripts parse). A cell is one line: a newline in a subject does not start a row."""
+    import sys
+    stream = stream or sys.stdout
+    cells = [["" if c is None else escape(str(c)) for c in row] for row in rows]
+    console = terminal(stream)
+    if console is not None:
+        from rich import box
+        from rich.table import Table
+        from rich.text import Text
+        table = Table(*[str(h) for h in headers], box=box.SIMPLE_HEAD, header_style="bold")
+        for row in cells:
+            table.add_row(*(Text(c) for c in row))  # Text: a "[red]" in a subject stays text
+        console.print(table)
+        return
+    lines = [[str(h) for h in headers]] + cells
+    widths = [max(len(row[i]) for row in lines) for i in range(len(headers))]
+    for n, row in enumerate(lines):
+        stream.write("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() + "\n")
+        if n == 0:
+            stream.write("  ".join("-" * w for w in widths) + "\n")
+
+
+class Progress:
+    """How far a long command has got: a rich progress bar on a terminal; elsewhere (a log
+    file, a pipe) one line per tenth of the way, so the output stays short."""
+
+    WIDTH = 30
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.console = terminal(stream)
+        self.total = self.done = 0
+        self.started = time.monotonic()
+        self._bar = self._task = None
+        self._last_tenth = -1
+
+    def note(self, text: str) -> None:
+        self.stream.write(escape(text) + "\n")
+        self.stream.flush()
+
+    def start(self, total: int) -> None:
+        self.total, self.done, self.started = total, 0, time.monotonic()
+        if self.console is not None and total:
+            from rich.progress import (BarColumn, MofNCompleteColumn, TaskProgressColumn,
+                                       TextColumn, TimeRemainingColumn)
+            from rich.progress import Progress as Bar
+            self._bar = Bar(BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
+                            TextColumn("{task.fields[detail]}"), TimeRemainingColumn(),
+                            console=self.console)
+            self._task = self._bar.add_task("", total=total, detail="")
+            self._bar.start()
+
+    def advance(self, count: int, detail: str = "") -> None:
+        self.done += count
+        if self._bar is not None:
+            self._bar.update(self._task, advance=count, detail=escape(detail))
+            return
+        share = self.done / self.total if self.total else 1.0
+        if int(share * 10) == self._last_tenth:
+            return
+        self._last_tenth = int(share * 10)
+        elapsed = time.monotonic() - self.started
+        rate = self.done / elapsed if elapsed > 0 else 0.0
+        filled = int(self.WIDTH * share)
+        self.stream.write(f"[{'#' * filled}{'.' * (self.WIDTH - filled)}] {self.done}/{self.total} "
+                          f"({share:4.0%}) {escape(detail)}, {rate:.0f} msg/s\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+        self.stream.flush()

@@ -1,11 +1,15 @@
 """The ``mailferry`` command line. Each command group lives in its own module and registers
-its sub-commands with ``register(subparsers)``; ``COMMAND_MODULES`` lists them."""
+its sub-commands with ``register(subparsers)``; ``COMMAND_MODULES`` lists them. A group may
+return its own sub-parsers by name, for the process packages to add to: those (the consumer,
+the scheduler) register their commands through the ``mailferry.commands`` entry point, so the
+core never imports a process."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
+from importlib.metadata import entry_points
 
 from mailferry.display import EscapingWriter
 from mailferry.errors import MailferryError
@@ -13,7 +17,6 @@ from mailferry.errors import MailferryError
 COMMAND_MODULES = [
     "mailferry.cli.users",
     "mailferry.cli.mail",
-    "mailferry.cli.processes",
     "mailferry.cli.settings",
     "mailferry.cli.imap",
     "mailferry.cli.tasks",
@@ -25,8 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mailferry", description="Inbound mail from Haraka and IMAP, parsed, routed and stored.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    groups: dict = {}
     for name in COMMAND_MODULES:
-        importlib.import_module(name).register(sub)
+        groups.update(importlib.import_module(name).register(sub) or {})
+    for entry in sorted(entry_points(group="mailferry.commands"), key=lambda e: e.name):
+        entry.load()(sub, groups)
     return parser
 
 

@@ -7,7 +7,7 @@ import sys
 
 from mailferry.app import bootstrap
 from mailferry.config import Settings
-from mailferry.display import escape
+from mailferry.display import print_table  # noqa: F401 (the commands import it from here)
 
 
 def open_app(*, topology: bool = False) -> Settings:
@@ -21,13 +21,3 @@ def open_app(*, topology: bool = False) -> Settings:
 def print_json(value) -> None:
     json.dump(value, sys.stdout, indent=2, ensure_ascii=False, default=str)
     sys.stdout.write("\n")
-
-
-def print_table(headers: list[str], rows: list[list]) -> None:
-    # A cell is one line: a newline in a subject must not start a row of its own.
-    cells = [[str(h) for h in headers]] + [["" if c is None else escape(str(c)) for c in r] for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    for n, row in enumerate(cells):
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
-        if n == 0:
-            print("  ".join("-" * w for w in widths))

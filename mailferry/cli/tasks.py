@@ -1,5 +1,5 @@
-"""`mailferry tasks`, `mailferry task ID`, `mailferry cleanup`, `mailferry stats`: the task table
-for operators."""
+"""`mailferry tasks`, `mailferry task ID`, `mailferry stats`: the task table for operators
+(`mailferry cleanup` is the scheduler's: scheduler/cli.py)."""
 
 from __future__ import annotations
 
@@ -24,12 +24,6 @@ def register(sub) -> None:
     show.add_argument("task_id", metavar="ID", help="task id (a unique prefix is enough)")
     show.add_argument("--json", action="store_true")
     show.set_defaults(func=task_command)
-
-    cleanup = sub.add_parser("cleanup", help="delete ended tasks past their retention "
-                                             "(an audit row is written for each)")
-    cleanup.add_argument("--dry-run", action="store_true", help="only count what is due")
-    cleanup.add_argument("--json", action="store_true")
-    cleanup.set_defaults(func=cleanup_command)
 
     stats = sub.add_parser("stats", help="task totals by status, running past timeout, "
                                          "failed in the last hour")
@@ -111,22 +105,6 @@ def task_command(args) -> int:
     print("\nexecution log:" if entries else "\nexecution log: (empty)")
     for e in entries:
         print(f"  {_short_time(e['timestamp'])}  {e['level']:<7} {e['step']:<10} {e['message']}")
-    return 0
-
-
-def cleanup_command(args) -> int:
-    from scheduler.retention import cleanup_tasks, retention_days
-    settings = open_app()
-    summary = cleanup_tasks(settings, dry_run=args.dry_run)
-    if args.json:
-        print_json({"dry_run": summary.dry_run, "deleted": summary.deleted, "total": summary.total,
-                    "retention_days": retention_days(settings)})
-        return 0
-    verb = "would delete" if args.dry_run else "deleted"
-    days = retention_days(settings)
-    print_table(["STATUS", "KEPT DAYS", verb.upper()],
-                [[status, days[status], n] for status, n in summary.deleted.items()])
-    print(f"{verb} {summary.total} task(s)" + ("" if args.dry_run else ", each with an audit row"))
     return 0
 
 

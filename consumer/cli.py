@@ -1,0 +1,121 @@
+"""The consumer's commands, registered with the ``mailferry`` CLI through the
+``mailferry.commands`` entry point (pyproject.toml), so that the core imports no process:
+
+- ``mailferry consumer``: run the consumer (as ``python -m consumer``);
+- ``mailferry imap test EMAIL``: log in, open the folder read-only, report what is there;
+- ``mailferry fetch EMAIL``: one IMAP fetch in the foreground, with a progress bar, for the
+  first sync of a large mailbox.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from consumer import imap_client
+from consumer.imap_sync import MailboxSync
+from consumer.imap_worker import run_fetch_task
+from mailferry import tasks
+from mailferry.cli.common import open_app
+from mailferry.cli.imap import find_user
+from mailferry.display import Progress
+from mailferry.errors import PermanentError
+from mailferry.mailbox_config import EmailConfigManager
+from mailferry.models import TaskSource, TaskStatus
+
+FOREGROUND_TIMEOUT = 6 * 3600  # seconds: a first sync of a big mailbox takes a while
+
+
+def register(sub, groups: dict) -> None:
+    cmd = sub.add_parser("consumer", help="run the consumer (same as python -m consumer)")
+    cmd.set_defaults(func=lambda args: _run())
+
+    cmd = groups["imap"].add_parser("test", help="log in, open the folder read-only, report what is there")
+    cmd.add_argument("email")
+    cmd.set_defaults(func=imap_test)
+
+    cmd = sub.add_parser("fetch", help="fetch a user's IMAP mailbox now, in the foreground")
+    cmd.add_argument("email")
+    cmd.add_argument("--folder", help="default: the configured folder")
+    cmd.add_argument("--timeout", type=int, default=FOREGROUND_TIMEOUT, metavar="SECONDS",
+                     help=f"the task's timeout (default {FOREGROUND_TIMEOUT})")
+    cmd.add_argument("--quiet", action="store_true", help="no progress bar")
+    cmd.set_defaults(func=fetch_command)
+
+
+def _run() -> int:
+    from consumer.main import main
+    return main()
+
+
+def imap_test(args) -> int:
+    settings = open_app()
+    config = EmailConfigManager(settings).get_imap_config(find_user(args.email))
+    started = time.perf_counter()
+    session = imap_client.connect(config, float(settings.imap_timeout))
+    try:
+        folder = session.select(config.folder, readonly=True)  # EXAMINE: changes nothing
+    finally:
+        session.close()
+    extras = [c.decode() for c in (b"CONDSTORE", b"MOVE", b"UIDPLUS") if c in session.capabilities]
+    print(f"logged in to {config.host}:{config.port} as {config.username} ({config.security}) "
+          f"in {time.perf_counter() - started:.2f} s")
+    print(f"folder {folder.name}: {folder.exists} message(s), UIDVALIDITY {folder.uidvalidity}, "
+          f"next UID {folder.uidnext if folder.uidnext is not None else '?'}")
+    print(f"server offers: {', '.join(extras) or 'none of CONDSTORE, MOVE, UIDPLUS'}")
+    return 0
+
+
+def fetch_command(args) -> int:
+    settings = open_app()
+    user = find_user(args.email)
+    configs = EmailConfigManager(settings)
+    configs.get_imap_config(user)  # refuse early, before a task exists
+    task = tasks.create_task(TaskSource.IMAP, user.id, timeout_seconds=args.timeout,
+                             details={"origin": "cli"})
+    if task.status == TaskStatus.SKIPPED:
+        raise PermanentError(task.error_message)
+    if tasks.start_task(task.task_id) is None:
+        raise PermanentError(f"task {task.task_id} was ended before it started")
+    bar = None if args.quiet else FetchProgress(Progress(sys.stderr))
+    sync = MailboxSync(settings)
+    try:
+        status = run_fetch_task(task, args.folder, sync=sync, configs=configs,
+                                progress=bar.update if bar else None)
+    except KeyboardInterrupt:
+        tasks.cancel_task(task.task_id, "interrupted by the operator (mailferry fetch)")
+        print("\ninterrupted: committed batches are kept, the next fetch goes on from there",
+              file=sys.stderr)
+        return 130
+    finally:
+        sync.close()
+        if bar:
+            bar.close()
+    done = tasks.get_task(task.task_id)
+    print(f"task {done.task_id}: {done.status}; fetched {done.emails_fetched}, "
+          f"saved {done.emails_saved}, failed {done.emails_failed}")
+    if status != TaskStatus.COMPLETED:
+        print(f"mailferry fetch: {done.error_message or status}", file=sys.stderr)
+        return 1
+    return 0
+
+
+class FetchProgress:
+    """The sync's progress callback, shown as one bar: messages fetched of those found new."""
+
+    def __init__(self, progress: Progress):
+        self.progress = progress
+        self.saved = self.failed = 0
+
+    def update(self, result, delta) -> None:
+        if delta is None:  # the run's start: how many are new
+            if not result.new:
+                self.progress.note(f"{result.folder}: nothing new")
+            self.progress.start(result.new)
+            return
+        self.saved += delta.saved
+        self.failed += delta.failed
+        self.progress.advance(delta.fetched, f"saved {self.saved}, failed {self.failed}")
+
+    def close(self) -> None:
+        self.progress.close()

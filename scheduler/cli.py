@@ -1,0 +1,39 @@
+"""The scheduler's commands, registered with the ``mailferry`` CLI through the
+``mailferry.commands`` entry point (pyproject.toml), so that the core imports no process:
+``mailferry scheduler`` (as ``python -m scheduler``) and ``mailferry cleanup``."""
+
+from __future__ import annotations
+
+from mailferry.cli.common import open_app, print_json, print_table
+from scheduler.retention import cleanup_tasks, retention_days
+
+
+def register(sub, groups: dict) -> None:
+    cmd = sub.add_parser("scheduler", help="run the scheduler (same as python -m scheduler)")
+    cmd.set_defaults(func=lambda args: _run())
+
+    cleanup = sub.add_parser("cleanup", help="delete ended tasks past their retention "
+                                             "(an audit row is written for each)")
+    cleanup.add_argument("--dry-run", action="store_true", help="only count what is due")
+    cleanup.add_argument("--json", action="store_true")
+    cleanup.set_defaults(func=cleanup_command)
+
+
+def _run() -> int:
+    from scheduler.main import main
+    return main()
+
+
+def cleanup_command(args) -> int:
+    settings = open_app()
+    summary = cleanup_tasks(settings, dry_run=args.dry_run)
+    if args.json:
+        print_json({"dry_run": summary.dry_run, "deleted": summary.deleted, "total": summary.total,
+                    "retention_days": retention_days(settings)})
+        return 0
+    verb = "would delete" if args.dry_run else "deleted"
+    days = retention_days(settings)
+    print_table(["STATUS", "KEPT DAYS", verb.upper()],
+                [[status, days[status], n] for status, n in summary.deleted.items()])
+    print(f"{verb} {summary.total} task(s)" + ("" if args.dry_run else ", each with an audit row"))
+    return 0
