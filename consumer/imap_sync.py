@@ -30,11 +30,12 @@ from consumer.parse import Limits, ParsedEmail
 from consumer.parse_pool import Parsed, ParsePool, worth_a_helper
 from consumer.route import Route
 from consumer.save import (
-    SaveRequest, SaveResult, observe_parse, parse_logged, save_for_users, save_many, store_batch,
+    REFUSED, SaveRequest, SaveResult, commit_batch, observe_parse, parse_logged, save_for_users,
+    save_many, store_batch,
 )
 from mailferry import metrics
 from mailferry.config import Settings
-from mailferry.db import translated, write_transaction
+from mailferry.db import translated
 from mailferry.errors import EmailFetchError, EmailParseError, TransientError
 from mailferry.mailbox_config import ImapConfig
 from mailferry.models import MailboxState, User, db, utcnow
@@ -288,16 +289,11 @@ class MailboxSync:
     def _commit(self, run: _Run, batch: _Batch) -> None:
         """Once its files are durable: the batch's rows and the checkpoint, one transaction."""
         batch.ready.result()
-        # write_transaction: fair with the inbound consumers on SQLite.
-        with translated(f"{run.where}: committing a batch"), write_transaction():
-            try:
-                with db.atomic():  # a savepoint around the fast path
-                    outcomes = _save_fast(batch.items)
-            except (peewee.IntegrityError, peewee.DataError, ValueError):
-                # A race with another writer, or a value the database refuses (PostgreSQL:
-                # a NUL in text): again message by message, to find the one.
-                outcomes = [self._save_one(run, item) for item in batch.items]
-            _save_checkpoint(run.state, run.folder, batch.uids[-1], final=batch.final)
+        outcomes = commit_batch(
+            f"{run.where}: committing a batch",
+            fast=lambda: _save_fast(batch.items),
+            one_by_one=lambda: [self._save_one(run, item) for item in batch.items],
+            then=lambda: _save_checkpoint(run.state, run.folder, batch.uids[-1], final=batch.final))
         for item, saved in zip(batch.items, outcomes):
             if saved is None:
                 batch.counts.failed += 1
@@ -322,7 +318,7 @@ class MailboxSync:
         request = item.request
         try:
             return save_for_users(request.parsed, request.files, request.routes, source=SOURCE)
-        except (peewee.IntegrityError, peewee.DataError, ValueError) as exc:
+        except REFUSED as exc:
             # save_for_users' savepoint was rolled back: this message alone is left out.
             self._quarantine(run, item.uid, item.raw, f"cannot save: {exc}")
             return None
@@ -458,7 +454,4 @@ def _save_checkpoint(state: MailboxState, folder: FolderState, last_uid: int, *,
 def _count(counts: Counts) -> None:
     for outcome, number in (("stored", counts.saved), ("duplicate", counts.duplicates),
                             ("quarantined", counts.failed)):
-        if number:
-            metrics.emails.labels(SOURCE, outcome).inc(number)
-    if counts.saved:
-        metrics.last_success.labels(SOURCE).set_to_current_time()
+        metrics.record(SOURCE, outcome, number)

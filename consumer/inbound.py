@@ -19,12 +19,15 @@ import peewee
 from consumer.parse import Limits, ParsedEmail
 from consumer.route import Route, Router
 from consumer.parse_pool import ParsePool, parse_many, worth_a_helper
-from consumer.save import SaveRequest, SaveResult, StoredFiles, observe_parse, save_for_users, save_many, store_batch
+from consumer.save import (
+    SaveRequest, SaveResult, StoredFiles, commit_batch, observe_parse, save_for_users, save_many,
+    store_batch,
+)
 from mailferry import broker, metrics
 from mailferry.config import Settings
 from mailferry.contracts import InboundJob
 from mailferry.errors import PermanentError
-from mailferry.db import UNAVAILABLE, bulk_insert, insert_rows, translated, write_transaction
+from mailferry.db import UNAVAILABLE, bulk_insert, insert_rows, translated
 from mailferry.models import InboundReceipt, UnroutedMessage, db, utcnow
 from consumer.handler import Delivery, Handler, Outcome
 from mailferry.spool import Spool, message_of, read_regular
@@ -106,7 +109,7 @@ class InboundHandler(Handler):
                            else InboundJob.from_body(delivery.body))
             except PermanentError as exc:
                 batch.outcomes[i] = Outcome.dead(f"malformed job: {exc}")
-                metrics.emails.labels(SOURCE, "failed").inc()
+                metrics.record(SOURCE, "failed")
                 continue
             if delivery.redelivered:
                 redelivered.add(jobs[i].queue_id)
@@ -118,7 +121,7 @@ class InboundHandler(Handler):
             if job.queue_id in done:
                 batch.outcomes[i] = Outcome.ack()  # a redelivery of work already committed
                 self._remove_spool_file(job)
-                metrics.emails.labels(SOURCE, "duplicate").inc()
+                metrics.record(SOURCE, "duplicate")
                 continue
             result = self._read(i, job)
             if isinstance(result, Outcome):
@@ -191,7 +194,7 @@ class InboundHandler(Handler):
         try:
             path = self.spool.resolve(job.spool_path)
         except PermanentError as exc:
-            metrics.emails.labels(SOURCE, "failed").inc()
+            metrics.record(SOURCE, "failed")
             return Outcome.dead(str(exc))
         if len(job.rcpt_to) > self.limits.max_addresses:
             return self._quarantine(job, path, f"{len(job.rcpt_to)} envelope recipients, over "
@@ -208,9 +211,9 @@ class InboundHandler(Handler):
 
     def _missing(self, job: InboundJob) -> Outcome:
         if self._already_handled({job.queue_id}):
-            metrics.emails.labels(SOURCE, "duplicate").inc()
+            metrics.record(SOURCE, "duplicate")
             return Outcome.ack()  # stored before, and its file removed after that commit
-        metrics.emails.labels(SOURCE, "failed").inc()
+        metrics.record(SOURCE, "failed")
         return Outcome.dead(f"spool file {job.spool_path} is missing and was never stored")
 
     def _quarantine(self, job: InboundJob, path, reason: str) -> Outcome:
@@ -220,34 +223,28 @@ class InboundHandler(Handler):
         except OSError as exc:  # the message's outcome stays the same; say where it is
             log.error("queue_id=%s cannot be moved to spool/failed: %s", job.queue_id, exc)
             reason = f"{reason} (left in {job.spool_path}: cannot move it: {exc.strerror})"
-        metrics.emails.labels(SOURCE, "quarantined").inc()
+        metrics.record(SOURCE, "quarantined")
         return Outcome.dead(f"quarantined in spool/failed/{path.name}: {reason}")
 
     def _commit(self, prepared: list[_Prepared]) -> dict[int, Outcome]:
         if not prepared:
             return {}
-        outcomes: dict[int, Outcome] = {}
-        counts: list[tuple[str, int]] = []
-        with translated("committing a batch"), write_transaction():
-            try:
-                with db.atomic():  # savepoint around the fast path
-                    counts = self._save_bulk(prepared)
-                    outcomes = {item.index: Outcome.ack() for item in prepared}
-            except (peewee.IntegrityError, peewee.DataError, ValueError):
-                # A queue id twice (in this batch, or committed by another consumer
-                # meanwhile; a message stored meanwhile is only a duplicate): redo this
-                # batch message by message, each in its own savepoint. A value the
-                # database refuses (DataError; psycopg2's ValueError for a NUL) is
-                # found there too, and only its message is quarantined.
-                counts = []
-                for item in prepared:
-                    outcome, item_counts = self._save_one(item)
-                    outcomes[item.index] = outcome
-                    counts.extend(item_counts)
+
+        def fast() -> tuple[dict[int, Outcome], list[tuple[str, int]]]:
+            return {item.index: Outcome.ack() for item in prepared}, self._save_bulk(prepared)
+
+        def one_by_one() -> tuple[dict[int, Outcome], list[tuple[str, int]]]:
+            # A queue id twice (a message stored meanwhile is only a duplicate), or a value
+            # the database refuses: found here, and only that message is quarantined.
+            outcomes, counts = {}, []
+            for item in prepared:
+                outcomes[item.index], item_counts = self._save_one(item)
+                counts.extend(item_counts)
+            return outcomes, counts
+
+        outcomes, counts = commit_batch("committing a batch", fast=fast, one_by_one=one_by_one)
         for outcome_name, number in counts:
-            metrics.emails.labels(SOURCE, outcome_name).inc(number)
-        if any(name == "stored" for name, _ in counts):
-            metrics.last_success.labels(SOURCE).set_to_current_time()
+            metrics.record(SOURCE, outcome_name, number)
         return outcomes
 
     def _save_bulk(self, prepared: list[_Prepared]) -> list[tuple[str, int]]:

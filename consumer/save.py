@@ -17,6 +17,7 @@ import re
 import time
 import unicodedata
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 from pathlib import Path
 
 import peewee
@@ -24,12 +25,13 @@ import peewee
 from consumer.parse import Limits, ParsedEmail, parse_email
 from consumer.route import Route
 from mailferry import metrics
-from mailferry.db import insert_rows
+from mailferry.db import insert_rows, translated, write_transaction
 from mailferry.errors import TransientError
 from mailferry.models import EmailAttachment, EmailMessage, db, json_text, utcnow
 from mailferry.storage import Blob, BlobStore
 
 log = logging.getLogger(__name__)
+R = TypeVar("R")
 
 _UNSAFE = re.compile(r"[^\w.\- ()\[\]@+,=]+", re.UNICODE)
 
@@ -139,6 +141,33 @@ def save_many(requests: list[SaveRequest]) -> list[SaveResult]:
         attachments.extend(_attachment_values(message_id, key[0], request.parsed, request.files))
     insert_rows(EmailAttachment, ATTACHMENT_COLUMNS, attachments)
     return results
+
+
+# What the database says when it refuses a batch for one of its messages: a key twice (in the
+# batch, or committed meanwhile by another consumer), or a value it will not hold (DataError;
+# psycopg2's ValueError for a NUL).
+REFUSED = (peewee.IntegrityError, peewee.DataError, ValueError)
+
+
+def commit_batch(what: str, *, fast: Callable[[], R], one_by_one: Callable[[], R],
+                 then: Callable[[], None] = lambda: None) -> R:
+    """The one save path: a batch's rows in one transaction.
+
+    ``fast`` inserts the whole batch inside a savepoint; if the database refuses it
+    (``REFUSED``), ``one_by_one`` does it again message by message, each in its own savepoint,
+    so that only the message at fault is left out (its caller decides its outcome). ``then``
+    adds what must commit with the batch (the inbound receipts are in ``fast``; the IMAP
+    checkpoint is this). ``write_transaction`` keeps SQLite's writers fair; database errors
+    that may pass become TransientError (``db.translated``) and the batch is retried whole.
+    """
+    with translated(what), write_transaction():
+        try:
+            with db.atomic():  # a savepoint around the fast path
+                result = fast()
+        except REFUSED:
+            result = one_by_one()
+        then()
+    return result
 
 
 def save_for_users(parsed: ParsedEmail, files: StoredFiles, routes: list[Route], *,

@@ -32,6 +32,16 @@ task_duration_seconds = Histogram(
 last_success = Gauge(
     "mailferry_last_success_timestamp_seconds", "When a message was last stored, by source",
     ["source"])
+
+
+def record(source: str, outcome: str, count: int = 1) -> None:
+    """What happened to ``count`` messages from ``source``: the one place a message's outcome
+    is counted (``mailferry_emails``), and a stored one moves ``last_success``."""
+    if count <= 0:
+        return
+    emails.labels(source, outcome).inc(count)
+    if outcome == "stored":
+        last_success.labels(source).set_to_current_time()
 dead_lettered = Counter(
     "mailferry_dead_lettered", "Messages published to mailferry.dead, by the queue they left",
     ["queue"])
