@@ -27,16 +27,16 @@ import peewee
 from consumer import imap_client
 from consumer.imap_client import FolderState, ImapSession
 from consumer.parse import Limits, ParsedEmail
-from consumer.parse_pool import Parsed, ParsePool, worth_a_helper
+from consumer.parse_pool import InProcess, Parsed, ParsePool, worth_a_helper
 from consumer.route import Route
 from consumer.save import (
-    REFUSED, SaveRequest, SaveResult, commit_batch, observe_parse, parse_logged, save_for_users,
+    REFUSED, SaveRequest, SaveResult, commit_batch, observe_parse, save_for_users,
     save_many, store_batch,
 )
 from mailferry import metrics
 from mailferry.config import Settings
 from mailferry.db import translated
-from mailferry.errors import EmailFetchError, EmailParseError, TransientError
+from mailferry.errors import EmailFetchError, TransientError
 from mailferry.mailbox_config import ImapConfig
 from mailferry.models import MailboxState, User, db, utcnow
 from mailferry.spool import Spool
@@ -44,6 +44,7 @@ from mailferry.storage import BlobStore
 
 log = logging.getLogger(__name__)
 SOURCE = "imap"
+IN_PROCESS = InProcess()
 # A run of this many batches or more is parsed in a helper process (consumer.parse_pool):
 # it then costs the helper's start once; a few new messages are parsed here.
 HELPER_MIN_BATCHES = 4
@@ -258,29 +259,21 @@ class MailboxSync:
         """Start parsing the batch and writing its files; the future is done when both are."""
         present = [(uid, raw[uid]) for uid in batch.uids if uid in raw]  # others: expunged
         batch.counts.fetched = len(present)
-        if in_helper and self.parse_pool.ready():
-            parsing = self.parse_pool.submit([data for _, data in present], self.limits)
-            return writer.submit(lambda: self._store(run, batch, present, self.parse_pool.collect(parsing)))
-        parsed = []
-        for uid, data in present:  # here, in this thread: the writer overlaps the next batch
-            started = time.perf_counter()
-            try:
-                email = parse_logged(data, self.limits, context=f"{run.where} uid={uid}")
-                parsed.append(Parsed(email, None, time.perf_counter() - started))
-            except EmailParseError as exc:
-                parsed.append(Parsed(None, str(exc), 0.0))
-        return writer.submit(self._store, run, batch, present, parsed, observed=True)
+        # In the helper once it is up; until then here, in this thread (the writer overlaps
+        # the next batch).
+        parser = self.parse_pool if in_helper and self.parse_pool.ready() else IN_PROCESS
+        ticket = parser.submit([data for _, data in present], self.limits)
+        return writer.submit(lambda: self._store(run, batch, present, parser.collect(ticket)))
 
     def _store(self, run: _Run, batch: _Batch, present: list[tuple[int, bytes]],
-               parsed: list[Parsed], observed: bool = False) -> None:
+               parsed: list[Parsed]) -> None:
         """In the writer thread: quarantine the refused, write the files of the others."""
         for (uid, data), outcome in zip(present, parsed):
             if outcome.email is None:
                 self._quarantine(run, uid, data, outcome.error)
                 batch.counts.failed += 1
                 continue
-            if not observed:
-                observe_parse(outcome.email, outcome.seconds, context=f"{run.where} uid={uid}")
+            observe_parse(outcome.email, outcome.seconds, context=f"{run.where} uid={uid}")
             batch.items.append(_Item(uid, data, outcome.email))
         files = store_batch(self.store, [(i.raw, i.parsed) for i in batch.items])
         for item, stored in zip(batch.items, files):

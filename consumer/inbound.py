@@ -18,7 +18,7 @@ import peewee
 
 from consumer.parse import Limits, ParsedEmail
 from consumer.route import Route, Router
-from consumer.parse_pool import ParsePool, parse_many, worth_a_helper
+from consumer.parse_pool import parser_for
 from consumer.save import (
     SaveRequest, SaveResult, StoredFiles, commit_batch, observe_parse, save_for_users, save_many,
     store_batch,
@@ -30,7 +30,7 @@ from mailferry.errors import PermanentError
 from mailferry.db import UNAVAILABLE, bulk_insert, insert_rows, translated
 from mailferry.models import InboundReceipt, UnroutedMessage, db, utcnow
 from consumer.handler import Delivery, Handler, Outcome
-from mailferry.spool import Spool, message_of, read_regular
+from mailferry.spool import Spool
 from mailferry.storage import BlobStore
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,6 @@ class _Prepared:
     index: int
     job: InboundJob
     path: object
-    raw: bytes | None  # None when the parser process reads the file
     parsed: ParsedEmail | None
     files: StoredFiles | None = None
     routes: list[Route] | None = None
@@ -74,20 +73,16 @@ class InboundHandler(Handler):
         self.router = Router()
         # Parsing is the CPU-bound part: in a helper process it runs on its own core while
         # this process reads, stores and commits (see consumer/parse_pool.py).
-        wanted = {"on": True, "off": False}.get(settings.parse_process, worth_a_helper())
-        self.pool = ParsePool() if wanted else None
-        if self.pool is not None:
-            self.pool.start()  # it boots while the runner connects
+        self.parser = parser_for(settings.parse_process)
+        self.parser.start()  # a helper boots while the runner connects
 
     def warm_up(self) -> None:
         """Called by the runner before it consumes: the parser process is up before the first
         batch, not during it (it takes ~0.3 s to import the parser)."""
-        if self.pool is not None:
-            self.pool.start(wait=True)
+        self.parser.start(wait=True)
 
     def close(self) -> None:
-        if self.pool is not None:
-            self.pool.close()
+        self.parser.close()
 
     def weigh(self, delivery: Delivery) -> int:
         """The size of the mail ``delivery`` stands for, for the runner's batches; the job
@@ -128,12 +123,11 @@ class InboundHandler(Handler):
                 batch.outcomes[i] = result
             else:
                 batch.prepared.append(result)
-        if batch.prepared and self.pool is not None:
-            # Handed to the parser process, which reads and parses the files; this thread
-            # goes on with the next batch and commit() collects the result.
-            batch.parsing = self.pool.submit_files([str(p.path) for p in batch.prepared], self.limits)
-        elif batch.prepared:
-            self._take_parsed(batch, parse_many([p.raw for p in batch.prepared], self.limits))
+        if batch.prepared:
+            # Handed to the parser, which reads and parses the files (in its own process
+            # when there is one: this thread goes on with the next batch, and commit()
+            # collects the result).
+            batch.parsing = self.parser.submit_files([str(p.path) for p in batch.prepared], self.limits)
         return batch
 
     def _take_parsed(self, batch: "_Batch", results) -> None:
@@ -161,17 +155,17 @@ class InboundHandler(Handler):
         """Stage two (disk): blobs, one transaction, spool cleanup."""
         if batch.parsing is not None:
             waited = time.perf_counter()
-            parsed = self.pool.collect(batch.parsing)
+            parsed = self.parser.collect(batch.parsing)
             metrics.worker_wait_seconds.labels(self.queue, "parse").inc(time.perf_counter() - waited)
             self._take_parsed(batch, parsed)
         prepared, outcomes = batch.prepared, batch.outcomes
         # The spool file is already durable (Haraka fsynced it): link it, don't copy it. The
         # stored raw source keeps the envelope record ahead of the message, as the envelope
         # column does; BlobStore.read_raw gives the message alone.
-        stored = store_batch(self.store, [(p.raw, p.parsed) for p in prepared],
+        stored = store_batch(self.store, [(None, p.parsed) for p in prepared],  # linked
                              [p.path for p in prepared])
         for item, files in zip(prepared, stored):
-            item.files, item.raw = files, b""
+            item.files = files
         for item, routes in zip(prepared, self.router.route_many([p.job.rcpt_to for p in prepared])):
             item.routes = routes
         for index, outcome in self._commit(prepared).items():
@@ -199,15 +193,7 @@ class InboundHandler(Handler):
         if len(job.rcpt_to) > self.limits.max_addresses:
             return self._quarantine(job, path, f"{len(job.rcpt_to)} envelope recipients, over "
                                                f"the limit of {self.limits.max_addresses}")
-        if self.pool is not None:
-            return _Prepared(index, job, path, None, None)  # the parser process reads it
-        try:
-            raw = message_of(read_regular(path))  # the envelope record is the job's own
-        except FileNotFoundError:
-            return self._missing(job)
-        except OSError as exc:
-            return self._quarantine(job, path, f"spool file cannot be read: unreadable: {exc.strerror}")
-        return _Prepared(index, job, path, raw, None)
+        return _Prepared(index, job, path, None)  # the parser reads it
 
     def _missing(self, job: InboundJob) -> Outcome:
         if self._already_handled({job.queue_id}):

@@ -94,6 +94,36 @@ def worth_a_helper() -> bool:
     return (os.cpu_count() or 1) > 1
 
 
+class InProcess:
+    """``ParsePool``'s interface, parsing here, when ``submit`` is called: for one core (no
+    second one to run a helper on), and for what is parsed before a helper is up."""
+
+    def start(self, wait: bool = False) -> None:
+        pass
+
+    def ready(self) -> bool:
+        return True
+
+    def submit(self, raws: list[bytes], limits: Limits) -> list[Parsed]:
+        return parse_many(raws, limits)
+
+    def submit_files(self, paths: list[str], limits: Limits) -> list[Parsed]:
+        return parse_files(paths, limits)
+
+    def collect(self, ticket: list[Parsed]) -> list[Parsed]:
+        return ticket
+
+    def close(self) -> None:
+        pass
+
+
+def parser_for(setting: str) -> "ParsePool | InProcess":
+    """The parser a consumer uses: ``on`` a helper process, ``off`` in process, ``auto`` a
+    helper when there is a second core (MAILFERRY_PARSE_PROCESS)."""
+    wanted = {"on": True, "off": False}.get(setting, worth_a_helper())
+    return ParsePool() if wanted else InProcess()
+
+
 # -- the helper's side -------------------------------------------------------------------------
 
 

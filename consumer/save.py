@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import re
-import time
 import unicodedata
 from dataclasses import dataclass
 from typing import Callable, TypeVar
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import peewee
 
-from consumer.parse import Limits, ParsedEmail, parse_email
+from consumer.parse import ParsedEmail
 from consumer.route import Route
 from mailferry import metrics
 from mailferry.db import insert_rows, translated, write_transaction
@@ -46,17 +45,6 @@ class StoredFiles:
 class SaveResult:
     stored: list[int]  # EmailMessage ids
     duplicates: int
-
-
-def parse_logged(raw: bytes, limits: Limits, *, context: str) -> ParsedEmail:
-    """Parse ``raw``, timing it and logging its warnings with ``context`` ("queue_id=…").
-
-    Raises EmailParseError: the caller quarantines the message.
-    """
-    started = time.perf_counter()
-    parsed = parse_email(raw, limits)
-    observe_parse(parsed, time.perf_counter() - started, context=context)
-    return parsed
 
 
 def observe_parse(parsed: ParsedEmail, seconds: float, *, context: str) -> None:

@@ -197,8 +197,9 @@ def test_parsing_in_the_consumer_thread_gives_the_same_result(sqlite_broker_sett
     endless = injector.inject((mailgen.CORPUS / "enclosed-endless.eml").read_bytes(), ["bob@example.org"])
     injector.close()
     from consumer.inbound import InboundHandler
+    from consumer.parse_pool import InProcess
     handler = InboundHandler(settings)
-    assert handler.pool is None
+    assert isinstance(handler.parser, InProcess)  # no helper process
     spool = Spool(settings.resolved_spool_dir)
     with consumer_thread(settings, [handler]):
         wait_for(lambda: handled(ok) and (spool.failed / f"{endless}.eml.reason").exists())
