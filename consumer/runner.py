@@ -1,4 +1,5 @@
-"""The consume loop: one connection, one channel and one worker thread per queue.
+"""The broker loop: one connection, one channel and one worker thread per queue (the
+worker's stages are ``consumer.pipeline``).
 
 pika's BlockingConnection services heartbeats only while its own thread is inside pika, so
 that thread does nothing but I/O: it hands deliveries to worker threads and carries out the
@@ -16,18 +17,18 @@ connection. Rules kept here for every queue:
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue as queue_mod
 import signal
 import threading
 import time
-from collections import deque
-from dataclasses import dataclass, field
 from typing import Callable
 
 import pika
 
 from consumer.handler import Delivery, Handler, Outcome
+from consumer.pipeline import Lane, attempts_before
 from mailferry import broker, metrics
 from mailferry.config import Settings
 from mailferry.contracts import now_iso
@@ -36,52 +37,16 @@ from mailferry.errors import TransientError
 log = logging.getLogger(__name__)
 
 RECONNECT_BACKOFF_MAX = 30.0  # seconds
-TRANSIENT_ATTEMPTS = 5  # deliveries of one message failing transiently before it is dead
-POISON_ATTEMPTS = 2  # deliveries of one message raising what no handler expected
 DRAIN_TIMEOUT = 30.0  # seconds a worker may take to finish its batch at shutdown
-PIPELINE_DEPTH = 2  # batches a pipelined handler has prepared ahead of the one it commits
-_STOP = object()  # what _next_batch returns at shutdown
-
-
-@dataclass
-class _Lane:
-    """One queue: its handler, channel, inbox and worker thread."""
-
-    handler: Handler
-    inbox: "queue_mod.Queue[Delivery]" = field(default_factory=queue_mod.Queue)
-    channel: object = None
-    consumer_tag: str | None = None
-    thread: threading.Thread | None = None
-    in_flight: int = 0  # batches taken and not yet settled
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    @property
-    def pipelined(self) -> bool:
-        return self.handler.pipelined
-
-    @property
-    def batch_size(self) -> int:
-        # Pipelined, one batch commits while PIPELINE_DEPTH (2) are being parsed, and one more
-        # waits in the inbox so the parser never idles for the ack → delivery round trip.
-        return max(1, self.handler.prefetch // 4) if self.pipelined else self.handler.prefetch
-
-    def track(self, delta: int) -> None:
-        with self.lock:
-            self.in_flight += delta
-
-
-@dataclass
-class _Settled:
-    """A batch whose outcomes are known before the commit stage (prepare failed)."""
-
-    outcomes: list[Outcome]
 
 
 class Runner:
     def __init__(self, settings: Settings, handlers: list[Handler],
                  connect: Callable[[str], pika.BlockingConnection] = broker.connect):
         self.settings = settings
-        self.lanes = [_Lane(h) for h in handlers]
+        self.lanes = [Lane(h) for h in handlers]
+        for lane in self.lanes:
+            lane.settle = functools.partial(self._settle_threadsafe, lane)
         self._connect = connect
         self._connection: pika.BlockingConnection | None = None
         self._publish_channel = None
@@ -148,7 +113,7 @@ class Runner:
         while not self._stop.is_set():
             self._connection.process_data_events(time_limit=0.2)
 
-    def _on_message(self, lane: _Lane, generation: int):
+    def _on_message(self, lane: Lane, generation: int):
         def deliver(channel, method, properties, body):
             lane.inbox.put(Delivery(method.delivery_tag, body, properties, method.redelivered,
                                     method.routing_key, generation))
@@ -193,10 +158,10 @@ class Runner:
 
     # -- worker side -----------------------------------------------------------------------
 
-    def _work(self, lane: _Lane) -> None:
+    def _work(self, lane: Lane) -> None:
         """A lane's one worker thread; if it dies, the whole process stops (see ``crashed``)."""
         try:
-            self._work_loop(lane)
+            lane.run()
         except BaseException as exc:  # noqa: BLE001 - a silent dead thread consumes nothing
             self.crashed = f"worker for {lane.handler.queue} died: {exc!r}"
             log.critical("%s; stopping the process so that it is restarted", self.crashed,
@@ -204,125 +169,7 @@ class Runner:
             self.ready.clear()
             self._stop.set()
 
-    def _work_loop(self, lane: _Lane) -> None:
-        if lane.pipelined:
-            self._work_pipelined(lane)
-            return
-        while (batch := self._next_batch(lane, wait=True)) is not _STOP:
-            if batch := self._exhausted(lane, batch):
-                self._settle_threadsafe(lane, batch, self._handle(lane, batch))
-
-    def _work_pipelined(self, lane: _Lane) -> None:
-        """Keep ``PIPELINE_DEPTH`` batches prepared (their parsing started elsewhere, in the
-        parser process) ahead of the one this thread commits: the parser always has the next
-        batch while this thread commits, and no batch changes threads on its way (each
-        hand-off between threads costs both of them CPU). At shutdown, what was prepared is
-        still committed."""
-        prepared: deque[tuple[list[Delivery], object]] = deque()
-        stopping = False
-        while prepared or not stopping:
-            while not stopping and len(prepared) <= PIPELINE_DEPTH:
-                # Wait for the broker only when there is nothing else to do.
-                batch = self._next_batch(lane, wait=not prepared)
-                if batch is None:
-                    break
-                if batch is _STOP:
-                    stopping = True
-                    break
-                if batch := self._exhausted(lane, batch):
-                    prepared.append((batch, self._prepare(lane, batch)))
-            if not prepared:
-                continue
-            batch, state = prepared.popleft()
-            if isinstance(state, _Settled):
-                outcomes = state.outcomes
-            else:
-                outcomes = self._handle(lane, batch, run=lambda _batch: lane.handler.commit(state))
-            self._settle_threadsafe(lane, batch, outcomes)
-
-    def _prepare(self, lane: _Lane, batch: list[Delivery]) -> object:
-        try:
-            return lane.handler.prepare(batch)
-        except Exception:  # judged message by message, the slow and careful way
-            return _Settled(self._handle(lane, batch))
-
-    def _next_batch(self, lane: _Lane, wait: bool) -> list[Delivery] | object | None:
-        """Up to a batch of deliveries; None if ``wait`` is false and none is there, _STOP at
-        shutdown."""
-        try:
-            if wait:
-                waited = time.perf_counter()
-                first = lane.inbox.get()
-                metrics.worker_wait_seconds.labels(lane.handler.queue, "broker").inc(
-                    time.perf_counter() - waited)
-            else:
-                first = lane.inbox.get_nowait()
-        except queue_mod.Empty:
-            return None
-        if first is None:
-            return _STOP
-        lane.track(+1)
-        batch = [first]
-        budget = lane.handler.batch_bytes
-        weigh = _safe_weigh(lane.handler.weigh)
-        weight = weigh(first) if budget else 0
-        while len(batch) < lane.batch_size and (not budget or weight < budget):
-            try:
-                item = lane.inbox.get_nowait()
-            except queue_mod.Empty:
-                break
-            if item is None:
-                lane.inbox.put(None)  # type: ignore[arg-type]
-                break
-            batch.append(item)
-            if budget:
-                weight += weigh(item)
-        return batch
-
-    def _handle(self, lane: _Lane, batch: list[Delivery], run=None) -> list[Outcome]:
-        """Outcomes of ``batch`` by ``run`` (default: the handler's ``handle``), never raising."""
-        try:
-            outcomes = (run or lane.handler.handle)(batch)
-            if len(outcomes) != len(batch):
-                raise RuntimeError("handler returned the wrong number of outcomes")
-            return outcomes
-        except TransientError as exc:
-            log.warning("%s: transient failure on a batch of %d: %s", lane.handler.queue, len(batch), exc)
-            time.sleep(1.0)  # don't spin on a database that is down
-            return [self._transient(d, str(exc)) for d in batch]
-        except Exception as exc:  # a bug or an input nobody foresaw
-            if len(batch) > 1:
-                # Isolate the message that breaks the batch: one bad message must not sink others.
-                return [o for d in batch for o in self._handle(lane, [d])]
-            log.exception("%s: unexpected error on one message", lane.handler.queue)
-            return [self._transient(batch[0], f"unexpected error: {exc!r}", poison=True)]
-
-    def _transient(self, delivery: Delivery, reason: str, poison: bool = False) -> Outcome:
-        """Requeue, unless this message has failed too often: then dead-letter it. The count
-        is the broker's (``attempts_before``), so a restart or another consumer sees it too."""
-        count = attempts_before(delivery) + 1
-        limit = POISON_ATTEMPTS if poison else TRANSIENT_ATTEMPTS
-        if count >= limit:
-            return Outcome.dead(f"failed {count} times, last: {reason}")
-        return Outcome.requeue(reason)
-
-    def _exhausted(self, lane: _Lane, batch: list[Delivery]) -> list[Delivery]:
-        """``batch`` without the deliveries the broker has delivered more often than any
-        message may fail: on a quorum queue, ``x-delivery-count`` also counts the deliveries
-        whose consumer died on them, which no outcome of ours ever counted. Those are
-        dead-lettered unread, so a message that kills its consumer cannot do it forever."""
-        kept, spent = [], []
-        for delivery in batch:
-            (spent if attempts_before(delivery) >= TRANSIENT_ATTEMPTS else kept).append(delivery)
-        if spent:
-            if kept:
-                lane.track(+1)  # settled on their own; the batch's count goes with the rest
-            self._settle_threadsafe(lane, spent, [Outcome.dead(
-                f"delivered {attempts_before(d)} times without an outcome (did its consumer "
-                "die on it?)") for d in spent])
-        return kept
-
-    def _settle_threadsafe(self, lane: _Lane, batch: list[Delivery], outcomes: list[Outcome]) -> None:
+    def _settle_threadsafe(self, lane: Lane, batch: list[Delivery], outcomes: list[Outcome]) -> None:
         connection = self._connection
         if connection is None:
             lane.track(-1)
@@ -332,7 +179,7 @@ class Runner:
         except Exception:  # the connection died meanwhile: the broker will redeliver
             lane.track(-1)
 
-    def _settle(self, lane: _Lane, batch: list[Delivery], outcomes: list[Outcome]) -> None:
+    def _settle(self, lane: Lane, batch: list[Delivery], outcomes: list[Outcome]) -> None:
         """Runs on the I/O thread: dead-letter, requeue, then ack — in that order."""
         try:
             channel = lane.channel
@@ -355,7 +202,7 @@ class Runner:
         finally:
             lane.track(-1)
 
-    def _requeue(self, lane: _Lane, channel, delivery: Delivery) -> None:
+    def _requeue(self, lane: Lane, channel, delivery: Delivery) -> None:
         """Back to its queue for another attempt, counted where every consumer sees it. A
         quorum queue counts a returned delivery itself (``x-delivery-count``); on a classic
         queue the message is published again with its attempts in a header, confirmed, and
@@ -372,7 +219,7 @@ class Runner:
         self._publish_channel.basic_publish(broker.EXCHANGE, delivery.routing_key, delivery.body,
                                             properties, mandatory=True)
 
-    def _dead_letter(self, lane: _Lane, delivery: Delivery, reason: str) -> None:
+    def _dead_letter(self, lane: Lane, delivery: Delivery, reason: str) -> None:
         queue = lane.handler.queue
         log.error("%s: dead-lettering message %s: %s", queue,
                   delivery.properties.message_id or "-", reason)
@@ -388,28 +235,6 @@ class Runner:
         self._publish_channel.basic_publish(broker.EXCHANGE, broker.ROUTING_KEYS[broker.DEAD],
                                             delivery.body, properties, mandatory=True)
         metrics.dead_lettered.labels(queue=queue).inc()
-
-
-def attempts_before(delivery: Delivery) -> int:
-    """How many times this message was delivered and failed before, by the broker's count:
-    a quorum queue's ``x-delivery-count``, or the header a requeue on a classic queue carries."""
-    headers = delivery.headers
-    value = headers.get("x-delivery-count", headers.get(broker.H_ATTEMPTS, 0))
-    try:
-        return max(0, int(value))
-    except (TypeError, ValueError):
-        return 0
-
-
-def _safe_weigh(weigh):
-    """A handler's ``weigh`` that never raises: a job it cannot read weighs nothing, and the
-    handler's own check dead-letters it with the reason."""
-    def safe(delivery: Delivery) -> int:
-        try:
-            return max(0, int(weigh(delivery)))
-        except Exception:  # noqa: BLE001
-            return 0
-    return safe
 
 
 def _drain(inbox: queue_mod.Queue) -> None:

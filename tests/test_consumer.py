@@ -218,7 +218,7 @@ def test_a_job_committed_before_is_an_acknowledged_duplicate(settings, redeliver
     unique key or the lookup of a missing file."""
     from consumer.inbound import InboundHandler
     from mailferry.contracts import InboundJob, now_iso
-    from consumer.runner import Delivery
+    from consumer.handler import Delivery
 
     add_user("bob@example.org")
     handler = InboundHandler(settings.replace(parse_process="off"))

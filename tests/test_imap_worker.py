@@ -15,7 +15,7 @@ from mailferry import broker, tasks
 from mailferry.contracts import FetchJob
 from mailferry.errors import TransientError
 from mailferry.models import EmailMessage, EmailTask, MailboxState, TaskSource, TaskStatus
-from consumer.runner import Delivery
+from consumer.handler import Delivery
 from devstack.ports import free_port
 from tests.imap_fixtures import *  # noqa: F401,F403
 from tests.imap_fixtures import FakePublisher, append, generated, stop_dovecot

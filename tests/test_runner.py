@@ -179,7 +179,8 @@ class Pipelined(Handler):
 
 def test_a_pipelined_worker_prepares_two_batches_ahead_and_commits_in_order(tmp_path):
     from mailferry.config import Settings
-    from consumer.runner import Delivery, Runner
+    from consumer.handler import Delivery
+    from consumer.runner import Runner
 
     handler = Pipelined(prefetch=8)  # batches of 2
     runner = Runner(Settings(var_dir=tmp_path), [handler])
@@ -213,7 +214,8 @@ class Weighing(Pipelined):
 
 def test_a_batch_closes_once_the_mail_it_stands_for_reaches_the_handlers_byte_budget(tmp_path):
     from mailferry.config import Settings
-    from consumer.runner import Delivery, Runner
+    from consumer.handler import Delivery
+    from consumer.runner import Runner
 
     handler = Weighing(prefetch=40)  # batches of up to 10 by count
     runner = Runner(Settings(var_dir=tmp_path), [handler])
