@@ -9,6 +9,7 @@ everything.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import subprocess
@@ -35,7 +36,9 @@ def start_rabbitmq(var: Path) -> RabbitMQServer | None:
         print(f"RabbitMQ: already listening on 127.0.0.1:{AMQP_PORT}, using it")
         return None
     server = RabbitMQServer(var / "rabbitmq")
-    server.node = "mailferry@localhost"  # a fixed name keeps the data of earlier runs
+    # A name fixed for this var/ keeps the data of earlier runs; two checkouts (or a soak
+    # beside a test) each get their own node instead of finding the other's.
+    server.node = f"mailferry-{hashlib.sha1(str(var).encode()).hexdigest()[:8]}@localhost"
     server.amqp_port, server.management_port = AMQP_PORT, MANAGEMENT_PORT
     server.start()
     return server
