@@ -16,8 +16,8 @@ from mailferry.inject import Injector  # noqa: E402
 from mailferry.users import add_user  # noqa: E402
 from mailferry.config import Settings  # noqa: E402
 from mailferry.db import close_database, open_database  # noqa: E402
-from tests import mailgen  # noqa: E402
-from tests.pipeline import wait_for  # noqa: E402
+from devstack import mailgen  # noqa: E402
+from devstack.consumers import wait_for  # noqa: E402
 
 
 def message_mix(count: int, to: str = "bob@example.org", seed: int = 7) -> list[bytes]:

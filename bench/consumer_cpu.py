@@ -25,7 +25,7 @@ from common import ROOT, descendants, inject_backlog, message_mix, stop_consumer
 from mailferry.config import Settings
 from mailferry.models import InboundReceipt
 from devstack.rabbitmq import RabbitMQServer
-from tests.pipeline import consumer_process, settings_env, wait_for
+from devstack.consumers import consumer_process, settings_env, wait_for
 
 TICK = os.sysconf("SC_CLK_TCK")
 

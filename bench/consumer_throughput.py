@@ -35,7 +35,7 @@ from mailferry.config import Settings
 from mailferry.db import close_database, open_database
 from mailferry.models import InboundReceipt
 from devstack.rabbitmq import RabbitMQServer
-from tests.pipeline import consumer_process, wait_for
+from devstack.consumers import consumer_process, wait_for
 
 
 PARSE_PROCESS = "auto"

@@ -50,10 +50,10 @@ from mailferry.users import add_user  # noqa: E402
 from mailferry.config import Settings  # noqa: E402
 from mailferry.db import close_database, open_database  # noqa: E402
 from mailferry.models import InboundReceipt  # noqa: E402
-from tests import mailgen  # noqa: E402
+from devstack import mailgen  # noqa: E402
 from devstack.haraka import HarakaServer  # noqa: E402
 from devstack.rabbitmq import RabbitMQServer  # noqa: E402
-from tests.pipeline import consumer_process, queue_depth, wait_for  # noqa: E402
+from devstack.consumers import consumer_process, queue_depth, wait_for  # noqa: E402
 
 SMTP_SOURCE = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
 RCPT = "bob@example.org"

@@ -17,7 +17,7 @@ from imapclient import IMAPClient
 from mailferry.config import Settings
 from mailferry.mailbox_config import EmailConfigManager, ImapConfig
 from mailferry.models import User
-from tests import mailgen
+from devstack import mailgen
 from devstack.ports import terminate_pids
 
 __all__ = ["ImapUser", "FakePublisher", "client_for", "append", "flags_of", "generated",

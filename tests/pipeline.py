@@ -1,34 +1,18 @@
-"""Helpers for tests that run the pipeline: a consumer in a thread or a process, waiting,
-and reading the dead-letter queue."""
+"""Helpers for tests that run the pipeline: a consumer in a thread of the test process; the
+helpers the benchmarks share (a consumer process, waiting, the dead letters) are
+``devstack.consumers``, re-exported here."""
 
 from __future__ import annotations
 
 import contextlib
-import os
-import subprocess
-import sys
 import threading
-import time
-from pathlib import Path
-
-import pika
 
 from consumer.main import build_handlers
-from mailferry import broker
-from mailferry.config import Settings, env_name
+from devstack.consumers import (  # noqa: F401 (the tests import them from here)
+    ROOT, consumer_process, dead_letters, queue_depth, settings_env, wait_for,
+)
 from consumer.runner import Runner
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def wait_for(predicate, timeout: float = 30.0, interval: float = 0.05, message: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {message}")
+from mailferry.config import Settings
 
 
 @contextlib.contextmanager
@@ -46,41 +30,3 @@ def consumer_thread(settings: Settings, handlers=None):
         assert not thread.is_alive(), "consumer did not stop"
 
 
-def settings_env(settings: Settings) -> dict[str, str]:
-    env = dict(os.environ)
-    for name in ("var_dir", "amqp_url", "database_url", "spool_dir", "storage_dir", "prefetch",
-                 "queue_type", "consumer_metrics_port", "task_timeout", "fetch_job_ttl", "parse_process"):
-        value = getattr(settings, name)
-        if str(value) not in ("", "."):
-            env[env_name(name)] = str(value)
-    env["PYTHONPATH"] = str(ROOT)
-    return env
-
-
-def consumer_process(settings: Settings, log_path: Path) -> subprocess.Popen:
-    log = open(log_path, "ab")
-    return subprocess.Popen([sys.executable, "-m", "consumer"], env=settings_env(settings),
-                            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-
-
-def dead_letters(amqp_url: str) -> list[tuple[dict, bytes]]:
-    """Drain mailferry.dead: (headers, body) of each message."""
-    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
-    try:
-        channel = connection.channel()
-        found = []
-        while True:
-            method, properties, body = channel.basic_get(broker.DEAD, auto_ack=True)
-            if method is None:
-                return found
-            found.append((dict(properties.headers or {}), body))
-    finally:
-        connection.close()
-
-
-def queue_depth(amqp_url: str, queue: str) -> int:
-    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
-    try:
-        return connection.channel().queue_declare(queue, passive=True).method.message_count
-    finally:
-        connection.close()

@@ -78,3 +78,19 @@ def test_a_process_refuses_to_start_on_a_world_readable_key_and_makes_private_fi
                              env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2
     assert "secret.key: mode 0644" in refused.stderr and "chmod 600" in refused.stderr
+
+
+def test_layers_point_one_way():
+    """Nothing outside tests/ imports tests/ (bench/fidelity.py reads the fidelity suite's
+    cases, which #14 put there), and the shared core imports no process package."""
+    import re
+    from devstack.consumers import ROOT
+    offenders = []
+    for folder in ("mailferry", "consumer", "scheduler", "devstack", "scripts", "bench"):
+        for path in (ROOT / folder).rglob("*.py"):
+            text = path.read_text()
+            if re.search(r"^\s*(from|import) tests\b", text, re.M) and path.name != "fidelity.py":
+                offenders.append(f"{path.relative_to(ROOT)} imports tests")
+            if folder == "mailferry" and re.search(r"^\s*(from|import) (consumer|scheduler)\b", text, re.M):
+                offenders.append(f"{path.relative_to(ROOT)} imports a process package")
+    assert offenders == []

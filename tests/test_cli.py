@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from tests import mailgen
+from devstack import mailgen
 from tests.pipeline import ROOT, consumer_thread, settings_env, wait_for
 
 

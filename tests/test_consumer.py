@@ -16,7 +16,7 @@ from mailferry.errors import EmailParseError
 from mailferry.models import EmailAttachment, EmailMessage, InboundReceipt, UnroutedMessage, User
 from mailferry.spool import Spool
 from mailferry.storage import BlobStore
-from tests import mailgen
+from devstack import mailgen
 from tests.pipeline import consumer_thread, dead_letters, wait_for
 
 

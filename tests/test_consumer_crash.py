@@ -8,7 +8,7 @@ from mailferry.inject import Injector
 from mailferry.users import add_user
 from mailferry.models import EmailMessage, InboundReceipt
 from mailferry.spool import Spool
-from tests import mailgen
+from devstack import mailgen
 from tests.pipeline import consumer_process, wait_for
 
 COUNT = 500

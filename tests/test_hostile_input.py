@@ -23,7 +23,7 @@ from consumer.runner import Runner
 from mailferry.spool import Spool
 from scheduler.sweep import sweep_spool
 from scheduler.tick import run_tick
-from tests import mailgen
+from devstack import mailgen
 from tests.pipeline import consumer_thread, dead_letters, wait_for
 from tests.test_scheduler_sweep import spool_file
 from tests.test_smtp_pipeline import Smtp, haraka_for, haraka_installed, queue_id  # noqa: F401

@@ -15,7 +15,7 @@ import pytest
 from consumer.parse import Limits
 from consumer.parse_pool import ParsePool, parse_many
 from mailferry.errors import TransientError
-from tests import mailgen
+from devstack import mailgen
 from devstack.ports import pid_alive, terminate_pids, wait_until
 from tests.imap_fixtures import nested_too_deep
 from tests.pipeline import ROOT

@@ -15,7 +15,7 @@ from mailferry.errors import (
 )
 from mailferry.models import EmailAttachment, EmailMessage, MailboxState
 from mailferry.spool import Spool
-from tests import mailgen
+from devstack import mailgen
 from tests.imap_fixtures import *  # noqa: F401,F403
 from tests.imap_fixtures import (
     append, client_for, corpus_messages, flags_of, generated, nested_too_deep, stop_dovecot,

@@ -18,7 +18,7 @@ from mailferry.users import add_user
 from mailferry.models import EmailMessage, EmailTask, InboundReceipt, TaskSource, UnroutedMessage, utcnow
 from mailferry.spool import Spool
 from mailferry.tasks import complete_task, create_task, fail_task, start_task
-from tests import mailgen
+from devstack import mailgen
 from tests.harness.fixtures import require_service, running
 from devstack.ports import free_port
 from devstack.rabbitmq import management_request, rabbitmq_available

@@ -14,7 +14,7 @@ from mailferry.contracts import TaskRef
 from mailferry.models import EmailMessage, InboundReceipt
 from mailferry.replay import H_REPLAYS, Replayer
 from mailferry.spool import Spool
-from tests import mailgen
+from devstack import mailgen
 from tests.ops_helpers import run_cli
 from tests.pipeline import consumer_thread, dead_letters, queue_depth, wait_for
 

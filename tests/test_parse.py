@@ -8,7 +8,7 @@ import pytest
 
 from consumer.parse import Limits, parse_email
 from mailferry.errors import EmailParseError
-from tests import mailgen
+from devstack import mailgen
 
 CORPUS = mailgen.CORPUS
 

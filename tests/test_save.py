@@ -13,7 +13,7 @@ from consumer.save import SaveRequest, save_for_users, save_many, store_files
 from mailferry.users import add_user
 from mailferry.models import EmailAttachment, EmailMessage, db
 from mailferry.storage import BlobStore
-from tests import mailgen
+from devstack import mailgen
 
 
 def _request(settings, raw: bytes, users, envelope=None) -> SaveRequest:

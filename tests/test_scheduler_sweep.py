@@ -13,7 +13,7 @@ from mailferry.contracts import InboundJob
 from mailferry.models import EmailMessage, EmailTask, InboundReceipt, TaskSource, TaskStatus, User
 from mailferry.spool import Spool
 from scheduler.sweep import sweep_spool
-from tests import mailgen
+from devstack import mailgen
 from tests.pipeline import consumer_thread, queue_depth, wait_for
 from tests.task_fixtures import drain
 

@@ -18,7 +18,7 @@ from mailferry import broker
 from mailferry.users import add_user
 from mailferry.models import EmailAttachment, EmailMessage, InboundReceipt
 from mailferry.storage import BlobStore
-from tests import mailgen
+from devstack import mailgen
 from tests.harness.fixtures import require_service
 from devstack.haraka import HarakaServer, haraka_available
 from tests.pipeline import consumer_process, consumer_thread, dead_letters, wait_for

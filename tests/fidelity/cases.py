@@ -24,7 +24,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.mailgen import CORPUS
+from devstack.mailgen import CORPUS
 
 HERE = Path(__file__).resolve().parent
 SOURCES = ("corpus", "rfc", "clients", "generated")
