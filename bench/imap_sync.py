@@ -1,6 +1,6 @@
 """Benchmark: Mailferry's IMAP first sync and empty incremental runs, against Dovecot.
 
-One run, on a throwaway Dovecot (tests/harness) with a 5,000-message folder of the benchmark
+One run, on a throwaway Dovecot (devstack/) with a 5,000-message folder of the benchmark
 mix: (1) the fetch ceiling — the folder fetched raw with imapclient (BODY.PEEK[]) in batches
 of 500, login to logout; (2) the parse ceiling — the parse-only rate of the same messages, as
 the server returned them, in one process; (3) Mailferry's first sync of the folder as

@@ -174,7 +174,7 @@ class DovecotServer:
             if self.ssl
             else "  inet_listener imaps {\n    port = 0\n  }\n"
         )
-        return f"""# Throwaway test server written by tests/harness/dovecot.py
+        return f"""# Throwaway test server written by devstack/dovecot.py
 instance_name = {self.instance}
 base_dir = {r}/run
 state_dir = {r}/state

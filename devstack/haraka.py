@@ -59,7 +59,7 @@ def _set_ini_key(text: str, key: str, value: str) -> str:
 
 
 def _ini(sections: dict[str, dict[str, object]]) -> str:
-    out = ["; Rendered by tests/harness/haraka.py: overrides over haraka_plugin/config/mailferry.ini"]
+    out = ["; Rendered by devstack/haraka.py: overrides over haraka_plugin/config/mailferry.ini"]
     for name, values in sections.items():
         out.append(f"\n[{name}]")
         out.extend(f"{k}={v}" for k, v in values.items())

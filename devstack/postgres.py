@@ -270,7 +270,7 @@ class PostgresServer(PostgresAdmin):
             "timezone": "'UTC'",
         }
         with open(self.datadir / "postgresql.conf", "a") as conf:
-            conf.write("\n# tests/harness\n")
+            conf.write("\n# devstack\n")
             for key, value in settings.items():
                 conf.write(f"{key} = {value}\n")
 

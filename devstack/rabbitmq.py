@@ -231,7 +231,7 @@ class RabbitMQServer:
             )
         )
         (w / "enabled_plugins").write_text("[%s].\n" % ",".join(self.plugins))
-        (w / "rabbitmq-env.conf").write_text("# intentionally empty: see tests/harness\n")
+        (w / "rabbitmq-env.conf").write_text("# intentionally empty: see devstack/\n")
         (w / "advanced.config").write_text("[].\n")
         cookie = w / ".erlang.cookie"
         if not cookie.exists():
