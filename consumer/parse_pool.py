@@ -117,9 +117,12 @@ class InProcess:
         pass
 
 
-def parser_for(setting: str) -> "ParsePool | InProcess":
+def parser_for(setting: str) -> "ParsePool | InProcess | StdlibPool":
     """The parser a consumer uses: ``on`` a helper process, ``off`` in process, ``auto`` a
-    helper when there is a second core (MAILFERRY_PARSE_PROCESS)."""
+    helper when there is a second core (MAILFERRY_PARSE_PROCESS); ``stdlib`` the helper on
+    ProcessPoolExecutor, for comparison."""
+    if setting == "stdlib":
+        return StdlibPool()
     wanted = {"on": True, "off": False}.get(setting, worth_a_helper())
     return ParsePool() if wanted else InProcess()
 
@@ -305,3 +308,42 @@ class ParsePool:
             if process.is_alive():
                 process.kill()
                 process.join(CLOSE_TIMEOUT)
+
+
+class StdlibPool:
+    """``ParsePool``'s interface on the standard library's ``ProcessPoolExecutor`` (one
+    forkserver worker): kept to measure the hand-made protocol against, as issue #15 asks
+    (``MAILFERRY_PARSE_PROCESS=stdlib``; docs/BENCHMARKS.md has the paired runs)."""
+
+    def __init__(self) -> None:
+        self._executor = None
+
+    def start(self, wait: bool = False) -> None:
+        if self._executor is None:
+            from concurrent.futures import ProcessPoolExecutor
+            self._executor = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("forkserver"))
+        if wait:
+            self._executor.submit(worth_a_helper).result()
+
+    def ready(self) -> bool:
+        return self._executor is not None
+
+    def submit(self, raws: list[bytes], limits: Limits):
+        self.start()
+        return self._executor.submit(parse_many, raws, limits)
+
+    def submit_files(self, paths: list[str], limits: Limits):
+        self.start()
+        return self._executor.submit(parse_files, paths, limits)
+
+    def collect(self, future) -> list[Parsed]:
+        try:
+            return future.result()
+        except Exception as exc:  # BrokenProcessPool: the worker died
+            self._executor = None
+            raise TransientError(f"parser process failed: {exc!r}") from exc
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None

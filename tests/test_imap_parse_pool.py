@@ -120,3 +120,28 @@ def test_large_requests_and_replies_never_wait_for_each_other(pool):
         [parsed] = collected[name]
         assert parsed.email.attachments[0].filename == f"big-{n}.bin"
         assert len(parsed.email.attachments[0].data) == 3_000_000
+
+
+@pytest.mark.parametrize("kind", ["InProcess", "StdlibPool"])
+def test_every_parser_gives_what_parsing_here_gives(kind, tmp_path):
+    """The other implementations of the parser interface: the same outcomes, in order, for
+    bytes and for files (a missing file is told from a refused message)."""
+    import consumer.parse_pool as parse_pool
+    parser = getattr(parse_pool, kind)()
+    raws = [mailgen.plain(1), nested_too_deep(1), mailgen.with_attachment(2, "a.pdf", b"%PDF")]
+    paths = []
+    for n, raw in enumerate(raws):
+        paths.append(tmp_path / f"{n}.eml")
+        paths[-1].write_bytes(raw)
+    paths.append(tmp_path / "gone.eml")
+    try:
+        parser.start(wait=True)
+        from_bytes = parser.collect(parser.submit(raws, Limits()))
+        from_files = parser.collect(parser.submit_files([str(p) for p in paths], Limits()))
+    finally:
+        parser.close()
+    here = parse_many(raws, Limits())
+    for got in (from_bytes, from_files[:3]):
+        assert [(p.email.subject if p.email else None, p.error) for p in got] == \
+            [(p.email.subject if p.email else None, p.error) for p in here]
+    assert from_files[3].missing and from_files[3].email is None
