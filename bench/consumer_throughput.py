@@ -126,7 +126,7 @@ def main() -> int:
     parser.add_argument("--count", type=int, default=5000)
     parser.add_argument("--rounds", type=int, default=7,
                         help="rounds of (ceiling, one, two); medians are reported")
-    parser.add_argument("--parse-process", choices=("auto", "on", "off", "stdlib"), default="auto",
+    parser.add_argument("--parse-process", choices=("auto", "on", "off"), default="auto",
                         help="MAILFERRY_PARSE_PROCESS of the consumers")
     parser.add_argument("--prefetch", type=int, default=PREFETCH,
                         help="MAILFERRY_PREFETCH (default: its default)")

@@ -6,19 +6,17 @@ process stores and commits batch n−1, and two cores work. The helper runs the 
 ``parse_email``; each outcome (the value, or the reason it was refused) comes back whole, and
 the caller logs the warnings and observes the metric (``consumer.save.observe_parse``).
 
-Owner and helper share one pipe and no threads of the owner's: ``submit`` pickles a request
-onto the pipe and returns a ``Ticket``; ``collect`` reads replies off the pipe — they come in
-the order of the requests, each request's in replies of ``REPLY_CHUNK`` messages — until its
-ticket's last has come. (concurrent.futures would add a feeder thread and a result thread
-to the owner, each woken for every batch: on two cores those hand-offs cost as much CPU as
-the rest of a batch's bookkeeping.) In the helper a reader thread takes requests off the
-pipe as they arrive, so a large request never waits for the owner to read a large reply: the
-two would wait for each other.
+Two implementations of one interface (``start``, ``ready``, ``submit``, ``submit_files``,
+``collect``, ``close``): ``ParsePool``, one worker of the standard library's
+``ProcessPoolExecutor``, and ``InProcess``, for one core. Until 2026-12-02 the helper spoke a
+hand-made pipe protocol (tickets, replies of 32, a reader thread), written to spare the owner
+the executor's feeder and result threads; paired runs of the consumer benchmark showed it
+gained nothing over the executor (docs/BENCHMARKS.md), so the executor it is.
 
-The helper is started with ``forkserver`` (never ``fork``: the consumer has threads) when
-first needed and kept until ``close()``. A helper that died (killed, out of memory) is a
-TransientError; the next ``submit`` starts a new one. A helper whose owner died reads the
-end of its pipe and leaves. Like every multiprocessing child it imports the parent's main
+The worker is started with ``forkserver`` (never ``fork``: the consumer has threads), which
+imports the parser once. A worker that died (killed, out of memory) is a TransientError; the
+next ``submit`` starts a new one. A worker whose owner died finds its queue closed and leaves,
+and so does the fork server. Like every multiprocessing child it imports the parent's main
 script unless that is a package's ``__main__`` (``python -m consumer``) — a script that uses
 it must keep its work under ``if __name__ == "__main__"``.
 """
@@ -27,22 +25,16 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import queue
-import signal
-import threading
 import time
-from collections import deque
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
 from consumer.parse import Limits, ParsedEmail, parse_email
 from mailferry.errors import EmailParseError, TransientError
 from mailferry.spool import message_of, read_regular
 
-CLOSE_TIMEOUT = 5.0  # seconds a helper may take to leave before it is killed
-# The helper answers a request in replies of at most this many messages: holding a whole
-# batch of 128 parsed messages before sending any made its parsing 5–8 % slower per message
-# than batches of 32 (a larger live heap for the garbage collector and the caches).
-REPLY_CHUNK = 32
+CLOSE_TIMEOUT = 5.0  # seconds a worker may take to leave before it is killed
 
 
 @dataclass
@@ -86,9 +78,6 @@ def parse_files(paths: list[str], limits: Limits) -> list[Parsed]:
     return out
 
 
-WORK = {"raws": parse_many, "files": parse_files}
-
-
 def worth_a_helper() -> bool:
     """A helper only pays off with a second core to run on."""
     return (os.cpu_count() or 1) > 1
@@ -117,233 +106,115 @@ class InProcess:
         pass
 
 
-def parser_for(setting: str) -> "ParsePool | InProcess | StdlibPool":
+def parser_for(setting: str) -> "ParsePool | InProcess":
     """The parser a consumer uses: ``on`` a helper process, ``off`` in process, ``auto`` a
-    helper when there is a second core (MAILFERRY_PARSE_PROCESS); ``stdlib`` the helper on
-    ProcessPoolExecutor, for comparison."""
-    if setting == "stdlib":
-        return StdlibPool()
+    helper when there is a second core (MAILFERRY_PARSE_PROCESS)."""
     wanted = {"on": True, "off": False}.get(setting, worth_a_helper())
     return ParsePool() if wanted else InProcess()
 
 
-# -- the helper's side -------------------------------------------------------------------------
-
-
-def _serve(conn) -> None:
-    """The helper's main: answer requests in order until the owner closes the pipe."""
-    # Ctrl-C in `mailferry fetch` reaches the whole process group; the owner handles it.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    requests: queue.SimpleQueue = queue.SimpleQueue()
-    threading.Thread(target=_read_requests, args=(conn, requests), daemon=True,
-                     name="requests").start()
-    while (request := requests.get()) is not None:
-        try:
-            _answer(conn, *request)
-        except OSError:  # the owner is gone
-            break
-    os._exit(0)  # nothing to flush; don't wait for the reader thread
-
-
-def _answer(conn, work: str, items: list, limits: Limits) -> None:
-    """Send the outcomes of ``items`` in replies of ``REPLY_CHUNK``: (ok, value, last)."""
-    start = 0
-    while True:
-        chunk = items[start:start + REPLY_CHUNK]
-        start += REPLY_CHUNK
-        try:
-            reply = (True, WORK[work](chunk, limits), start >= len(items))
-        except Exception as exc:  # a bug, not a verdict on a message: the owner decides
-            reply = (False, f"{type(exc).__name__}: {exc}", True)
-        conn.send(reply)
-        if reply[2]:
-            return
-
-
-def _read_requests(conn, requests: queue.SimpleQueue) -> None:
-    try:
-        while True:
-            requests.put(conn.recv())
-    except (EOFError, OSError):  # the owner closed the pipe, or died
-        requests.put(None)
-
-
-# -- the owner's side --------------------------------------------------------------------------
-
-
-class Ticket:
-    """A request sent to the helper; ``collect`` turns it into its reply."""
-
-    __slots__ = ("done", "ok", "value")
-
-    def __init__(self) -> None:
-        self.done = False
-        self.ok = True
-        self.value: object = []
-
-    def take(self, ok: bool, value: object, last: bool) -> None:
-        """One reply: outcomes to add, or the failure of the request; ``last`` settles it."""
-        if not ok:
-            self.ok, self.value = False, value
-        elif self.ok:
-            self.value.extend(value)  # type: ignore[union-attr]
-        self.done = last
-
-    def settle(self, ok: bool, value: object) -> None:
-        self.ok, self.value, self.done = ok, value, True
-
-
 class ParsePool:
-    """One helper process, started by ``start()`` or the first ``submit``.
-
-    ``submit`` and ``collect`` may be called from different threads (an IMAP run submits on
-    its fetching thread and collects on its writing thread); replies are matched to tickets
-    in the order the requests were sent.
-    """
+    """One helper process (a ``ProcessPoolExecutor`` of one worker), started by ``start()``
+    or the first ``submit``. ``submit`` and ``collect`` may be called from different threads
+    (an IMAP run submits on its fetching thread and collects on its writing thread)."""
 
     def __init__(self) -> None:
-        self._process: multiprocessing.process.BaseProcess | None = None
-        self._conn = None
-        self._pending: deque[Ticket] = deque()  # sent, reply not read yet; pipe order
-        self._send_lock = threading.Lock()
-        self._recv_lock = threading.Lock()
-        self._warm: Ticket | None = None
+        self._executor: ProcessPoolExecutor | None = None
+        self._warm: Future | None = None
 
     @property
     def pid(self) -> int | None:
-        return self._process.pid if self._process is not None else None
+        processes = getattr(self._executor, "_processes", None) or {}
+        return next(iter(processes), None)
 
     def start(self, wait: bool = False) -> None:
         """Start the helper (it takes a while to import flanker); ``wait``: until it is up."""
-        if self._process is None:
+        if self._executor is None:
             if "forkserver" in multiprocessing.get_all_start_methods():
                 context = multiprocessing.get_context("forkserver")
                 # The fork server imports the parser once; each helper forked from it starts warm.
                 context.set_forkserver_preload([__name__])
             else:
                 context = multiprocessing.get_context("spawn")
-            ours, theirs = context.Pipe()
-            process = context.Process(target=_serve, args=(theirs,), daemon=True,
-                                      name="mailferry-parser")
-            process.start()
-            theirs.close()  # the helper holds the only other end: it sees our exit as EOF
-            self._process, self._conn = process, ours
-            self._warm = self._submit("raws", [], Limits())  # answered once it is up
+            self._executor = ProcessPoolExecutor(1, mp_context=context, initializer=_watch_owner,
+                                                 initargs=(os.getpid(),))
+            self._warm = self._executor.submit(worth_a_helper)  # answered once it is up
         if wait:
             self.collect(self._warm)
 
     def ready(self) -> bool:
         """True once the helper is up: until then a batch is better parsed here."""
         warm = self._warm
-        if warm is None:
-            return False
-        if not warm.done and self._recv_lock.acquire(blocking=False):
-            try:
-                while not warm.done and self._conn is not None and self._conn.poll(0):
-                    self._receive_one()
-            except TransientError:
-                return False
-            finally:
-                self._recv_lock.release()
-        return warm.done and warm.ok
+        return warm is not None and warm.done() and warm.exception() is None
 
-    def submit(self, raws: list[bytes], limits: Limits) -> Ticket:
-        return self._submit("raws", raws, limits)
+    def submit(self, raws: list[bytes], limits: Limits) -> Future:
+        return self._submit(parse_many, raws, limits)
 
-    def submit_files(self, paths: list[str], limits: Limits) -> Ticket:
-        return self._submit("files", paths, limits)
+    def submit_files(self, paths: list[str], limits: Limits) -> Future:
+        return self._submit(parse_files, paths, limits)
 
-    def _submit(self, work: str, items: list, limits: Limits) -> Ticket:
-        if self._process is None:
-            self.start()
-        ticket = Ticket()
-        with self._send_lock:
-            conn = self._conn
-            self._pending.append(ticket)  # under the lock: the order of the pipe
-            try:
-                conn.send((work, items, limits))
-            except (OSError, ValueError) as exc:  # ValueError: closed meanwhile
-                self._broken(exc)
-        return ticket
-
-    def collect(self, ticket: Ticket) -> list[Parsed]:
-        with self._recv_lock:
-            while not ticket.done:
-                self._receive_one()
-        if isinstance(ticket.value, TransientError):
-            raise ticket.value
-        if not ticket.ok:
-            raise RuntimeError(f"the parser process failed: {ticket.value}")
-        return ticket.value  # type: ignore[return-value]
-
-    def _receive_one(self) -> None:
-        """Read one reply into the oldest ticket, and settle it with its last reply (holding
-        the receive lock)."""
-        try:
-            ok, value, last = self._conn.recv()
-        except (EOFError, OSError, AttributeError) as exc:  # AttributeError: no pipe any more
-            self._broken(exc)
-        self._pending[0].take(ok, value, last)
-        if last:
-            self._pending.popleft()
-
-    def _broken(self, exc: BaseException) -> None:
-        """The helper died: fail what it held, forget it (the next submit starts another)."""
-        error = TransientError(f"the parser process died: {exc!r}")
-        self._stop(error)
-        raise error
-
-    def close(self) -> None:
-        self._stop(TransientError("the parser process was closed"))
-
-    def _stop(self, error: TransientError) -> None:
-        process, conn = self._process, self._conn
-        self._process = self._conn = self._warm = None
-        while self._pending:
-            self._pending.popleft().settle(False, error)
-        if conn is not None:
-            conn.close()  # the helper reads EOF and leaves
-        if process is not None:
-            process.join(CLOSE_TIMEOUT)
-            if process.is_alive():
-                process.kill()
-                process.join(CLOSE_TIMEOUT)
-
-
-class StdlibPool:
-    """``ParsePool``'s interface on the standard library's ``ProcessPoolExecutor`` (one
-    forkserver worker): kept to measure the hand-made protocol against, as issue #15 asks
-    (``MAILFERRY_PARSE_PROCESS=stdlib``; docs/BENCHMARKS.md has the paired runs)."""
-
-    def __init__(self) -> None:
-        self._executor = None
-
-    def start(self, wait: bool = False) -> None:
+    def _submit(self, work, items: list, limits: Limits) -> Future:
         if self._executor is None:
-            from concurrent.futures import ProcessPoolExecutor
-            self._executor = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("forkserver"))
-        if wait:
-            self._executor.submit(worth_a_helper).result()
+            self.start()
+        try:
+            return self._executor.submit(work, items, limits)
+        except (BrokenProcessPool, RuntimeError) as exc:  # RuntimeError: shut down meanwhile
+            self._broken()
+            raise TransientError(f"the parser process died: {exc!r}") from exc
 
-    def ready(self) -> bool:
-        return self._executor is not None
-
-    def submit(self, raws: list[bytes], limits: Limits):
-        self.start()
-        return self._executor.submit(parse_many, raws, limits)
-
-    def submit_files(self, paths: list[str], limits: Limits):
-        self.start()
-        return self._executor.submit(parse_files, paths, limits)
-
-    def collect(self, future) -> list[Parsed]:
+    def collect(self, future: Future) -> list[Parsed]:
         try:
             return future.result()
-        except Exception as exc:  # BrokenProcessPool: the worker died
-            self._executor = None
-            raise TransientError(f"parser process failed: {exc!r}") from exc
+        except BrokenProcessPool as exc:
+            self._broken()
+            raise TransientError(f"the parser process died: {exc!r}") from exc
+
+    def _broken(self) -> None:
+        """Forget a pool whose worker died: the next submit starts another."""
+        executor, self._executor, self._warm = self._executor, None, None
+        if executor is not None:
+            executor.shutdown(wait=False, cancel_futures=True)
 
     def close(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=True, cancel_futures=True)
-            self._executor = None
+        executor, self._executor, self._warm = self._executor, None, None
+        if executor is None:
+            return
+        pids = list(getattr(executor, "_processes", None) or {})
+        executor.shutdown(wait=False, cancel_futures=True)
+        deadline = time.monotonic() + CLOSE_TIMEOUT
+        for pid in pids:  # a worker busy with a large batch is not waited for long
+            while time.monotonic() < deadline and _alive(pid):
+                time.sleep(0.02)
+            if _alive(pid):
+                os.kill(pid, 9)
+
+
+def _watch_owner(owner: int) -> None:
+    """In the worker: leave when the owner is gone. The worker holds both ends of its call
+    queue's pipe, so it would never see the owner's death as an end of file; a consumer
+    killed outright (out of memory) must not leave its parser behind."""
+    import signal
+    import threading
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C in `mailferry fetch` is the owner's
+
+    def watch() -> None:
+        while _alive(owner):
+            time.sleep(OWNER_CHECK)
+        os._exit(0)
+
+    threading.Thread(target=watch, daemon=True, name="owner-watch").start()
+
+
+OWNER_CHECK = 0.5  # seconds between the worker's looks at its owner
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    try:  # a zombie is gone for our purposes
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True

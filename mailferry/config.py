@@ -49,9 +49,8 @@ class Settings:
         ", and at most 16 MB of mail",
         minimum=1, maximum=10_000))
     parse_process: str = field(default="auto", metadata=_meta(
-        "parse inbound mail in a helper process: on, off, or auto (on with two or more cores); "
-        "stdlib: the helper on ProcessPoolExecutor, for comparison",
-        choices=("auto", "on", "off", "stdlib")))
+        "parse inbound mail in a helper process: on, off, or auto (on with two or more cores)",
+        choices=("auto", "on", "off")))
     log_level: str = field(default="INFO", metadata=_meta("log level", choices=LOG_LEVELS))
     # Parse limits: a message over one of them is quarantined with the reason.
     max_message_bytes: int = field(default=50 * 1024 * 1024, metadata=_meta(

@@ -45,13 +45,10 @@ def test_the_helper_parses_as_this_process_does(pool):
         assert theirs.seconds > 0
 
 
-def test_requests_longer_than_a_reply_come_back_whole_in_order_and_to_their_own_tickets(pool):
-    from consumer.parse_pool import REPLY_CHUNK
-
-    big = [mailgen.plain(n) for n in range(2 * REPLY_CHUNK + 5)]  # three replies
+def test_requests_in_flight_come_back_whole_and_to_their_own_caller(pool):
+    big = [mailgen.plain(n) for n in range(69)]
     small = [mailgen.plain(1000 + n) for n in range(3)]
     first, second = pool.submit(big, Limits()), pool.submit(small, Limits())
-    # Collecting the second reads the first's replies on the way and keeps them for it.
     assert [p.email.message_id for p in pool.collect(second)] == [
         f"<test-{1000 + n}@example.net>" for n in range(3)]
     assert [p.email.message_id for p in pool.collect(first)] == [
@@ -76,8 +73,7 @@ def test_a_helper_whose_owner_was_killed_leaves_with_its_fork_server(tmp_path):
         if __name__ == "__main__":
             pool = ParsePool()
             pool.start()
-            while not pool.ready():
-                time.sleep(0.05)
+            pool.start(wait=True)
             print(pool.pid, fs._forkserver._forkserver_pid, flush=True)
             time.sleep(600)
     """)
@@ -122,7 +118,7 @@ def test_large_requests_and_replies_never_wait_for_each_other(pool):
         assert len(parsed.email.attachments[0].data) == 3_000_000
 
 
-@pytest.mark.parametrize("kind", ["InProcess", "StdlibPool"])
+@pytest.mark.parametrize("kind", ["InProcess", "ParsePool"])
 def test_every_parser_gives_what_parsing_here_gives(kind, tmp_path):
     """The other implementations of the parser interface: the same outcomes, in order, for
     bytes and for files (a missing file is told from a refused message)."""
