@@ -208,9 +208,10 @@ def _plain_header_text(data: bytes, charset: str | None = None) -> str:
     text = utf8(data)
     if text is not None:
         return text
-    if charset is not None and codec_for(charset) != "utf-8":
+    codec = codec_for(charset) if charset is not None else "utf-8"
+    if codec != "utf-8":
         try:
-            return data.decode(codec_for(charset), errors=_errors_for(codec_for(charset)))
+            return data.decode(codec, errors=_errors_for(codec))
         except (UnicodeError, LookupError, ValueError):
             pass
     detected = detect(data) if _enough_to_detect(data) else None

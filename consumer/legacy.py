@@ -93,9 +93,9 @@ _RUN = 0x90
 def unbinhex(data: bytes) -> tuple[str, bytes] | None:
     """The file name and data fork of a BinHex 4.0 body, or None if it is not one (or a CRC
     does not match). The resource fork, Mac-only, is dropped."""
-    start = data.find(b"\n:") + 1 if not data.startswith(b":") else 0
+    start = 0 if data.startswith(b":") else data.find(b"\n:") + 1
     if start == 0 and not data.startswith(b":"):
-        return None
+        return None  # no line begins the encoded stream
     end = data.find(b":", start + 1)
     if end < 0:
         return None

@@ -15,7 +15,7 @@ import datetime as dt
 import hashlib
 import re
 from dataclasses import dataclass, field
-from email import message_from_bytes, message_from_string
+from email import message_from_string
 from email.parser import BytesHeaderParser
 from email.policy import compat32
 from email.utils import getaddresses, parsedate_to_datetime
@@ -117,8 +117,9 @@ def _parse(raw: bytes, limits: Limits) -> ParsedEmail:
         raise EmailParseError(
             f"header block is {header_size} bytes, over the limit of {limits.max_header_bytes}")
     sha256, size = hashlib.sha256(raw).hexdigest(), len(raw)
-    raw = tidy_header_block(raw, header_end)  # for the parsers' eyes; the hash is of what came
-    header_end = _HEADER_END.search(raw)
+    tidied = tidy_header_block(raw, header_end)  # for the parsers' eyes; the hash is of what came
+    if tidied is not raw:
+        raw, header_end = tidied, _HEADER_END.search(tidied)
     headers = BytesHeaderParser(policy=compat32).parsebytes(raw)
     charset = declared_charset(raw)
 
@@ -272,16 +273,15 @@ def _recovered(raw: bytes, headers, header_end, limits: Limits, broken: str, cha
             return text, html, attachments, nested, [why, *warnings]
     if headers.get_content_maintype() not in ("text", "multipart") and header_end is not None:
         why = f"MIME structure broken ({broken}); body kept as its {headers.get_content_type()} attachment"
-        return "", "", [_whole_body_attachment(raw)], [], [why]
+        return "", "", [_whole_body_attachment(raw, headers, header_end)], [], [why]
     why = f"MIME structure broken ({broken}); body kept as plain text"
     return _plain_fallback(raw, headers, header_end), "", [], [], [why]
 
 
-def _whole_body_attachment(raw: bytes) -> ParsedAttachment:
+def _whole_body_attachment(raw: bytes, headers, header_end) -> ParsedAttachment:
     """A one-part message that is not text (a bare message/delivery-status flanker cannot
     read): its name and type as the standard library's email package reads them."""
-    headers = message_from_bytes(raw, policy=compat32)
-    body = raw[_HEADER_END.search(raw).end():]
+    body = raw[header_end.end():]
     return ParsedAttachment(filename=decode_header_value(headers.get_filename() or ""),
                             content_type=headers.get_content_type()[:255],
                             data=decode_body(str(headers.get("Content-Transfer-Encoding", "7bit")), body))
