@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -32,6 +33,7 @@ from dataclasses import dataclass
 
 from consumer.parse import Limits, ParsedEmail, parse_email
 from mailferry.errors import EmailParseError, TransientError
+from mailferry.pids import pid_alive
 from mailferry.spool import message_of, read_regular
 
 CLOSE_TIMEOUT = 5.0  # seconds a worker may take to leave before it is killed
@@ -183,22 +185,21 @@ class ParsePool:
         executor.shutdown(wait=False, cancel_futures=True)
         deadline = time.monotonic() + CLOSE_TIMEOUT
         for pid in pids:  # a worker busy with a large batch is not waited for long
-            while time.monotonic() < deadline and _alive(pid):
+            while time.monotonic() < deadline and pid_alive(pid):
                 time.sleep(0.02)
-            if _alive(pid):
-                os.kill(pid, 9)
+            if pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)
 
 
 def _watch_owner(owner: int) -> None:
     """In the worker: leave when the owner is gone. The worker holds both ends of its call
     queue's pipe, so it would never see the owner's death as an end of file; a consumer
     killed outright (out of memory) must not leave its parser behind."""
-    import signal
     import threading
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C in `mailferry fetch` is the owner's
 
     def watch() -> None:
-        while _alive(owner):
+        while pid_alive(owner):
             time.sleep(OWNER_CHECK)
         os._exit(0)
 
@@ -206,15 +207,3 @@ def _watch_owner(owner: int) -> None:
 
 
 OWNER_CHECK = 0.5  # seconds between the worker's looks at its owner
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except OSError:
-        return False
-    try:  # a zombie is gone for our purposes
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True

@@ -15,22 +15,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable
 
-
-def pid_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # it exists; it is just not ours
-    # A zombie is dead for our purposes: its parent just has not reaped it yet.
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        return state != "Z"
-    except (OSError, IndexError):
-        return True
+from mailferry.pids import pid_alive  # noqa: F401  (the launchers import it from here)
 
 
 LOOPBACK = "127.0.0.1"
