@@ -187,8 +187,6 @@ class Lane:
         return kept
 
 
-
-
 @dataclass
 class _Settled:
     """A batch whose outcomes are known before the commit stage (prepare failed)."""

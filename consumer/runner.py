@@ -205,36 +205,36 @@ class Runner:
     def _requeue(self, lane: Lane, channel, delivery: Delivery) -> None:
         """Back to its queue for another attempt, counted where every consumer sees it. A
         quorum queue counts a returned delivery itself (``x-delivery-count``); on a classic
-        queue the message is published again with its attempts in a header, confirmed, and
-        the original acked by the caller (a crash in between doubles it, never loses it)."""
+        queue the message is published again with its attempts in a header, and the original
+        acked by the caller."""
         if self._quorum:
             channel.basic_nack(delivery.tag, requeue=True)
             return
-        headers = dict(delivery.headers)
-        headers[broker.H_ATTEMPTS] = attempts_before(delivery) + 1
-        properties = pika.BasicProperties(
-            delivery_mode=pika.DeliveryMode.Persistent, content_type=delivery.properties.content_type,
-            headers=headers, message_id=delivery.properties.message_id,
-            expiration=delivery.properties.expiration)
-        self._publish_channel.basic_publish(broker.EXCHANGE, delivery.routing_key, delivery.body,
-                                            properties, mandatory=True)
+        self._publish_again(delivery, delivery.routing_key,
+                            {broker.H_ATTEMPTS: attempts_before(delivery) + 1}, keep_expiration=True)
 
     def _dead_letter(self, lane: Lane, delivery: Delivery, reason: str) -> None:
         queue = lane.handler.queue
         log.error("%s: dead-lettering message %s: %s", queue,
                   delivery.properties.message_id or "-", reason)
-        headers = dict(delivery.properties.headers or {})
-        headers.update({broker.H_REASON: reason[:1000], broker.H_QUEUE: queue,
-                        broker.H_ROUTING_KEY: delivery.routing_key, broker.H_FAILED_AT: now_iso()})
+        self._publish_again(delivery, broker.ROUTING_KEYS[broker.DEAD], {
+            broker.H_REASON: reason[:1000], broker.H_QUEUE: queue,
+            broker.H_ROUTING_KEY: delivery.routing_key, broker.H_FAILED_AT: now_iso()},
+            keep_expiration=False)  # a dead letter waits for a person, it does not expire
+        metrics.dead_lettered.labels(queue=queue).inc()
+
+    def _publish_again(self, delivery: Delivery, routing_key: str, headers: dict, *,
+                       keep_expiration: bool) -> None:
+        """``delivery`` published again (persistent, confirmed) with ``headers`` added. The
+        caller acks the original only after this returned: a crash in between doubles the
+        message, never loses it."""
         properties = pika.BasicProperties(
             delivery_mode=pika.DeliveryMode.Persistent,
-            content_type=delivery.properties.content_type, headers=headers,
-            message_id=delivery.properties.message_id)
-        # Confirmed before the ack that follows: a crash in between duplicates the dead
-        # letter, never loses it.
-        self._publish_channel.basic_publish(broker.EXCHANGE, broker.ROUTING_KEYS[broker.DEAD],
-                                            delivery.body, properties, mandatory=True)
-        metrics.dead_lettered.labels(queue=queue).inc()
+            content_type=delivery.properties.content_type, headers={**delivery.headers, **headers},
+            message_id=delivery.properties.message_id,
+            expiration=delivery.properties.expiration if keep_expiration else None)
+        self._publish_channel.basic_publish(broker.EXCHANGE, routing_key, delivery.body,
+                                            properties, mandatory=True)
 
 
 def _drain(inbox: queue_mod.Queue) -> None:
