@@ -12,9 +12,6 @@ from __future__ import annotations
 import sys
 import time
 
-from consumer import imap_client
-from consumer.imap_sync import MailboxSync
-from consumer.imap_worker import run_fetch_task
 from mailferry import tasks
 from mailferry.cli.common import open_app
 from mailferry.cli.imap import find_user
@@ -49,6 +46,7 @@ def _run() -> int:
 
 
 def imap_test(args) -> int:
+    from consumer import imap_client  # here, not at import: every mailferry command loads this module
     settings = open_app()
     config = EmailConfigManager(settings).get_imap_config(find_user(args.email))
     started = time.perf_counter()
@@ -67,6 +65,8 @@ def imap_test(args) -> int:
 
 
 def fetch_command(args) -> int:
+    from consumer.imap_sync import MailboxSync  # the parser's import (flanker) is 0.3 s
+    from consumer.imap_worker import run_fetch_task
     settings = open_app()
     user = find_user(args.email)
     configs = EmailConfigManager(settings)
