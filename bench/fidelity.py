@@ -15,23 +15,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from consumer.charsets import decode_text  # noqa: E402
-from consumer.parse import parse_email  # noqa: E402
-from mailferry.errors import EmailParseError  # noqa: E402
 from tests.fidelity import generated  # noqa: E402
-from tests.fidelity.cases import SOURCES, load  # noqa: E402
+from tests.fidelity.cases import SOURCES, differences, load, outcome  # noqa: E402
 from tests.fidelity.differential import SOURCES as SECOND_OPINION, disagreements  # noqa: E402
-
-
-def outcome(raw: bytes):
-    try:
-        return parse_email(raw)
-    except EmailParseError as exc:
-        return str(exc)
 
 
 def score(cases) -> dict[str, list[int]]:
     """matched/total per measure; a case counts for a measure it has an expectation for."""
-    from tests.fidelity.cases import differences
     totals = {"subjects": [0, 0], "text": [0, 0], "attachments": [0, 0]}
     for case in cases:
         wrong = differences(case, outcome(case.raw))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import re
+import sys
 import time
 from typing import TYPE_CHECKING
 
@@ -74,7 +75,6 @@ def terminal(stream) -> "Console | None":
 def print_table(headers: list[str], rows: list[list], stream=None) -> None:
     """Rows under their headers: a rich table on a terminal, aligned plain text otherwise
     (what scripts parse). A cell is one line: a newline in a subject does not start a row."""
-    import sys
     stream = stream or sys.stdout
     cells = [["" if c is None else escape(str(c)) for c in row] for row in rows]
     console = terminal(stream)

@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import hashlib
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+from consumer.parse import parse_email
 from devstack.mailgen import CORPUS
+from mailferry.errors import EmailParseError
 
 HERE = Path(__file__).resolve().parent
 SOURCES = ("corpus", "rfc", "clients", "generated")
@@ -102,12 +104,12 @@ def _from_toml(source: str, path: Path, folder: Path) -> list[Case]:
     return out
 
 
-@dataclass
-class Score:
-    """matched/total of one source, for each of the three measures."""
-    subjects: list[int] = field(default_factory=lambda: [0, 0])
-    text: list[int] = field(default_factory=lambda: [0, 0])
-    attachments: list[int] = field(default_factory=lambda: [0, 0])
+def outcome(raw: bytes):
+    """What the parser makes of ``raw``: its ParsedEmail, or the reason it refused it."""
+    try:
+        return parse_email(raw)
+    except EmailParseError as exc:
+        return str(exc)
 
 
 def differences(case: Case, parsed, status: str | None = None) -> dict[str, str]:

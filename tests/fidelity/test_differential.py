@@ -3,9 +3,8 @@ corpus, the RFC examples, the client layouts), each disagreement decided (differ
 
 from __future__ import annotations
 
-from tests.fidelity.cases import load
+from tests.fidelity.cases import load, outcome
 from tests.fidelity.differential import SOURCES, decisions, disagreements
-from tests.fidelity.test_fidelity import outcome
 
 
 def test_every_disagreement_with_the_standard_library_is_decided():

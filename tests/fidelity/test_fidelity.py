@@ -4,18 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from consumer.parse import parse_email
-from mailferry.errors import EmailParseError
-from tests.fidelity.cases import all_cases, differences
+from tests.fidelity.cases import all_cases, differences, outcome
 
 CASES = all_cases()
-
-
-def outcome(raw: bytes):
-    try:
-        return parse_email(raw)
-    except EmailParseError as exc:
-        return str(exc)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
