@@ -17,8 +17,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -28,6 +26,7 @@ from consumer import imap_client
 from consumer.imap_client import FolderState, ImapSession
 from consumer.parse import Limits, ParsedEmail
 from consumer.parse_pool import InProcess, Parsed, ParsePool, worth_a_helper
+from consumer.pipeline import PIPELINE_DEPTH, STOP, run_ahead
 from consumer.route import Route
 from consumer.save import (
     REFUSED, SaveRequest, SaveResult, commit_batch, observe_parse, save_for_users,
@@ -97,8 +96,10 @@ class _Item:
 class _Batch:
     uids: list[int]
     final: bool  # the last batch of the run: its commit also stores HIGHESTMODSEQ
+    present: list[tuple[int, bytes]] = field(default_factory=list)  # (uid, raw) fetched
+    parser: object = None  # the parser its parse was handed to
+    parsing: object = None  # what that parser's collect() turns into the parsed messages
     items: list[_Item] = field(default_factory=list)  # parsed, to save
-    ready: Future | None = None  # done when parsed and its files are written
     counts: Counts = field(default_factory=Counts)
     keep: list[int] = field(default_factory=list)  # saved or already there: safe to mark/move
 
@@ -152,13 +153,19 @@ class MailboxSync:
         # The read timeout is per read: a server that sends a byte every few seconds passes
         # it forever. The deadline closes the socket under the reader, whatever it waits on.
         deadline = self.settings.imap_fetch_deadline if deadline is None else max(1.0, deadline)
-        timer = threading.Timer(deadline, session.abort)
+        cut_off = threading.Event()  # set before the socket is closed: the reader may wake first
+
+        def cut() -> None:
+            cut_off.set()
+            session.abort()
+
+        timer = threading.Timer(deadline, cut)
         timer.daemon = True
         timer.start()
         try:
             self._sync(session, user, config, result, keep_going, progress or (lambda r, d: None))
         except TransientError as exc:
-            if timer.finished.is_set():
+            if cut_off.is_set():
                 raise EmailFetchError(f"fetch stopped at its deadline of {deadline:.0f} s "
                                       f"(committed batches are kept): {exc}") from exc
             raise
@@ -202,13 +209,12 @@ class MailboxSync:
         self._fetch_all(run, uids, keep_going)
 
     def _fetch_all(self, run: _Run, uids: list[int], keep_going: Callable[[], bool]) -> None:
-        """Batch by batch, in a pipeline: while batch n is parsed, the next one is fetched
-        and the previous one's files are written; then the previous one is committed.
-
-        Parsing is the CPU-bound step and holds the GIL; fetching and writing files mostly
-        wait on sockets and disks, so in one process they overlap its pauses. A long run is
-        parsed in a helper process instead, so this one stores and commits batch n−1 on the
-        other core meanwhile. Commits stay in order, in this thread.
+        """Batch by batch, through the stage loop the inbound lane uses
+        (``consumer.pipeline.run_ahead``): fetch a batch and start its parse, and while the
+        parser process parses the next ones, this thread stores and commits the oldest, in
+        order. Fetching and storing mostly wait on sockets and disks; parsing is the
+        CPU-bound step, on the other core. A few batches are parsed here instead: a helper
+        would cost more to start than it saves.
         """
         sizes = _timed(run.result, lambda: run.session.sizes(uids))
         # Over the size limit: never fetched. The checkpoint still moves past it (it stays in
@@ -224,51 +230,38 @@ class MailboxSync:
         in_helper = self.parse_pool is not None and len(chunks) >= HELPER_MIN_BATCHES
         if in_helper:
             self.parse_pool.start()  # batches are parsed here until it is up
-        # Batches prepared and not yet committed. With the helper, two: it parses the next
-        # while the writer flushes one and this thread commits the one before.
-        depth = 2 if in_helper else 1
-        staged: deque[_Batch] = deque()
-        # mark_seen/move_to use the session between batches: no fetching ahead then.
-        fetched = [[uid for uid in chunk if uid not in run.skip] for chunk in chunks]
-        with _Fetcher(run.session, fetched, ahead=not run.config.changes_server) as fetcher, \
-                ThreadPoolExecutor(1, thread_name_prefix="blob-writer") as writer:
-            for number, chunk in enumerate(chunks):
-                if number and not keep_going():
-                    # What is staged is dropped: nothing more is committed for a cancelled
-                    # task. Its files are harmless; the next run fetches it again.
-                    run.result.cancelled = True
-                    log.info("%s: stopped after %d batch(es): the task is no longer running",
-                             run.where, run.result.batches)
-                    return
-                batch = _Batch(chunk, final=number == len(chunks) - 1)
-                try:
-                    raw = _timed(run.result, fetcher.next)
-                    batch.ready = self._prepare(run, batch, raw, writer, in_helper)
-                except BaseException:
-                    while staged:  # keep what is done before the error goes up
-                        self._commit_quietly(run, staged.popleft())
-                    raise
-                staged.append(batch)
-                while len(staged) > depth:
-                    self._commit(run, staged.popleft())
-            while staged:
-                self._commit(run, staged.popleft())
+        planned = enumerate(chunks)
 
-    def _prepare(self, run: _Run, batch: _Batch, raw: dict[int, bytes],
-                 writer: ThreadPoolExecutor, in_helper: bool) -> Future:
-        """Start parsing the batch and writing its files; the future is done when both are."""
-        present = [(uid, raw[uid]) for uid in batch.uids if uid in raw]  # others: expunged
-        batch.counts.fetched = len(present)
-        # In the helper once it is up; until then here, in this thread (the writer overlaps
-        # the next batch).
-        parser = self.parse_pool if in_helper and self.parse_pool.ready() else IN_PROCESS
-        ticket = parser.submit([data for _, data in present], self.limits)
-        return writer.submit(lambda: self._store(run, batch, present, parser.collect(ticket)))
+        def take(_wait: bool) -> _Batch | object:
+            number, chunk = next(planned, (None, None))
+            if chunk is None:
+                return STOP
+            if number and not keep_going():
+                # What is prepared is dropped (``_commit``): nothing more is committed for a
+                # cancelled task. The next run fetches it again.
+                run.result.cancelled = True
+                log.info("%s: stopped after %d batch(es): the task is no longer running",
+                         run.where, run.result.batches)
+                return STOP
+            return _Batch(chunk, final=number == len(chunks) - 1)
 
-    def _store(self, run: _Run, batch: _Batch, present: list[tuple[int, bytes]],
-               parsed: list[Parsed]) -> None:
-        """In the writer thread: quarantine the refused, write the files of the others."""
-        for (uid, data), outcome in zip(present, parsed):
+        run_ahead(take, lambda batch: self._prepare(run, batch, in_helper),
+                  lambda batch: self._commit(run, batch), depth=PIPELINE_DEPTH if in_helper else 0)
+
+    def _prepare(self, run: _Run, batch: _Batch, in_helper: bool) -> _Batch:
+        """Fetch the batch and start parsing it."""
+        wanted = [uid for uid in batch.uids if uid not in run.skip]
+        raw = _timed(run.result, lambda: run.session.fetch_raw(wanted)) if wanted else {}
+        batch.present = [(uid, raw[uid]) for uid in wanted if uid in raw]  # others: expunged
+        batch.counts.fetched = len(batch.present)
+        # In the helper once it is up; until then here.
+        batch.parser = self.parse_pool if in_helper and self.parse_pool.ready() else IN_PROCESS
+        batch.parsing = batch.parser.submit([data for _, data in batch.present], self.limits)
+        return batch
+
+    def _store(self, run: _Run, batch: _Batch, parsed: list[Parsed]) -> None:
+        """Quarantine the refused, write the files of the others."""
+        for (uid, data), outcome in zip(batch.present, parsed):
             if outcome.email is None:
                 self._quarantine(run, uid, data, outcome.error)
                 batch.counts.failed += 1
@@ -280,8 +273,11 @@ class MailboxSync:
             item.request = SaveRequest(item.parsed, stored, [run.route], SOURCE)
 
     def _commit(self, run: _Run, batch: _Batch) -> None:
-        """Once its files are durable: the batch's rows and the checkpoint, one transaction."""
-        batch.ready.result()
+        """Its files first, then the batch's rows and the checkpoint in one transaction, then
+        what the user asked to happen on the server."""
+        if run.result.cancelled:
+            return
+        self._store(run, batch, batch.parser.collect(batch.parsing))
         outcomes = commit_batch(
             f"{run.where}: committing a batch",
             fast=lambda: _save_fast(batch.items),
@@ -300,12 +296,6 @@ class MailboxSync:
         run.result.last_uid = batch.uids[-1]
         self._after_save(run, batch)
         run.progress(run.result, batch.counts)
-
-    def _commit_quietly(self, run: _Run, batch: _Batch) -> None:
-        try:
-            self._commit(run, batch)
-        except Exception as exc:  # noqa: BLE001 - the error being raised matters more
-            log.warning("%s: batch up to UID %d not committed: %s", run.where, batch.uids[-1], exc)
 
     def _save_one(self, run: _Run, item: _Item) -> SaveResult | None:
         request = item.request
@@ -366,47 +356,6 @@ def plan_batches(uids: list[int], sizes: dict[int, int], max_count: int,
 
 def _save_fast(items: list[_Item]) -> list[SaveResult]:
     return save_many([item.request for item in items]) if items else []
-
-
-class _Fetcher:
-    """Fetches the batches in order; with ``ahead``, the next one while this one is saved.
-
-    The session is used by one thread at a time: the fetch thread while a fetch is in
-    flight, and nobody else (mark_seen/move_to turn ``ahead`` off).
-    """
-
-    def __init__(self, session: ImapSession, batches: list[list[int]], *, ahead: bool):
-        self.session = session
-        self.batches = iter(batches)
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="imap-fetch") if ahead else None
-        self.pending: Future | None = None
-
-    def __enter__(self) -> "_Fetcher":
-        if self.pool:
-            self._submit()
-        return self
-
-    def _submit(self) -> None:
-        uids = next(self.batches, None)
-        if uids is None:
-            self.pending = None
-        elif not uids:  # a batch of messages all over the size limit: nothing to fetch
-            self.pending = Future()
-            self.pending.set_result({})
-        else:
-            self.pending = self.pool.submit(self.session.fetch_raw, uids)
-
-    def next(self) -> dict[int, bytes]:
-        if self.pool is None:
-            uids = next(self.batches)
-            return self.session.fetch_raw(uids) if uids else {}
-        current = self.pending
-        self._submit()
-        return current.result()
-
-    def __exit__(self, *exc) -> None:
-        if self.pool:
-            self.pool.shutdown(wait=True)  # a fetch in flight ends before the session does
 
 
 def _unchanged(state: MailboxState, folder: FolderState, refetch: bool) -> bool:

@@ -117,8 +117,7 @@ def parser_for(setting: str) -> "ParsePool | InProcess":
 
 class ParsePool:
     """One helper process (a ``ProcessPoolExecutor`` of one worker), started by ``start()``
-    or the first ``submit``. ``submit`` and ``collect`` may be called from different threads
-    (an IMAP run submits on its fetching thread and collects on its writing thread)."""
+    or the first ``submit``. ``submit`` and ``collect`` may be called from different threads."""
 
     def __init__(self) -> None:
         self._executor: ProcessPoolExecutor | None = None

@@ -7,7 +7,8 @@ The stages of a batch, in the lane's one worker thread:
    closed by count or by the bytes of mail it stands for (``Handler.weigh``); deliveries the
    broker has delivered too often are dead-lettered unread (``_exhausted``);
 2. **prepare** — the handler checks each job and starts its parse (in the parser process);
-   a pipelined lane keeps ``PIPELINE_DEPTH`` batches prepared ahead of the one it commits;
+   a pipelined lane keeps ``PIPELINE_DEPTH`` batches prepared ahead of the one it commits
+   (``run_ahead``, the stage loop an IMAP run uses too, with fetched batches);
 3. **commit** — the handler stores the files and commits the rows (``consumer.save``);
 4. **settle** — the outcomes go to the broker loop (``consumer.runner``), which acks only
    now, after the commit, requeues with the broker's count, or dead-letters with the reason.
@@ -35,7 +36,7 @@ log = logging.getLogger(__name__)
 TRANSIENT_ATTEMPTS = 5  # deliveries of one message failing transiently before it is dead
 POISON_ATTEMPTS = 2  # deliveries of one message raising what no handler expected
 PIPELINE_DEPTH = 2  # batches a pipelined handler has prepared ahead of the one it commits
-_STOP = object()  # what _next_batch returns at shutdown
+STOP = object()  # what a stage loop's ``take`` returns when there is nothing more
 
 
 @dataclass
@@ -72,37 +73,28 @@ class Lane:
         if self.pipelined:
             self._work_pipelined()
             return
-        while (batch := self._next_batch(wait=True)) is not _STOP:
+        while (batch := self._next_batch(wait=True)) is not STOP:
             if batch := self._exhausted(batch):
                 self.settle(batch, self._handle(batch))
 
     def _work_pipelined(self) -> None:
-        """Keep ``PIPELINE_DEPTH`` batches prepared (their parsing started elsewhere, in the
-        parser process) ahead of the one this thread commits: the parser always has the next
-        batch while this thread commits, and no batch changes threads on its way (each
-        hand-off between threads costs both of them CPU). At shutdown, what was prepared is
-        still committed."""
-        prepared: deque[tuple[list[Delivery], object]] = deque()
-        stopping = False
-        while prepared or not stopping:
-            while not stopping and len(prepared) <= PIPELINE_DEPTH:
-                # Wait for the broker only when there is nothing else to do.
-                batch = self._next_batch(wait=not prepared)
-                if batch is None:
-                    break
-                if batch is _STOP:
-                    stopping = True
-                    break
-                if batch := self._exhausted(batch):
-                    prepared.append((batch, self._prepare(batch)))
-            if not prepared:
-                continue
-            batch, state = prepared.popleft()
+        """Batches through ``run_ahead``: while this thread commits one, the parser process
+        has the next ones. At shutdown, what was prepared is still committed."""
+        def take(wait: bool):
+            batch = self._next_batch(wait)
+            if batch is None or batch is STOP:
+                return batch
+            return self._exhausted(batch) or None
+
+        def commit(prepared: tuple[list[Delivery], object]) -> None:
+            batch, state = prepared
             if isinstance(state, _Settled):
                 outcomes = state.outcomes
             else:
                 outcomes = self._handle(batch, run=lambda _batch: self.handler.commit(state))
             self.settle(batch, outcomes)
+
+        run_ahead(take, lambda batch: (batch, self._prepare(batch)), commit)
 
     def _prepare(self, batch: list[Delivery]) -> object:
         try:
@@ -111,7 +103,7 @@ class Lane:
             return _Settled(self._handle(batch))
 
     def _next_batch(self, wait: bool) -> list[Delivery] | object | None:
-        """Up to a batch of deliveries; None if ``wait`` is false and none is there, _STOP at
+        """Up to a batch of deliveries; None if ``wait`` is false and none is there, STOP at
         shutdown."""
         try:
             if wait:
@@ -124,7 +116,7 @@ class Lane:
         except queue_mod.Empty:
             return None
         if first is None:
-            return _STOP
+            return STOP
         self.track(+1)
         batch = [first]
         budget = self.handler.batch_bytes
@@ -185,6 +177,49 @@ class Lane:
                 f"delivered {attempts_before(d)} times without an outcome (did its consumer "
                 "die on it?)") for d in spent])
         return kept
+
+
+def run_ahead(take: Callable[[bool], object], prepare: Callable[[object], object],
+              commit: Callable[[object], None], depth: int = PIPELINE_DEPTH) -> None:
+    """The stage loop both workers share (the inbound lane and an IMAP run): keep ``depth``
+    batches prepared, their parsing started in the parser process, ahead of the one this
+    thread commits, and commit them in order. The parser always has the next batch while
+    this thread stores and commits, and no batch changes threads on its way (each hand-off
+    between threads costs both of them CPU).
+
+    ``take(wait)`` gives the next batch, None when there is none yet (waiting only if
+    ``wait``: when nothing is prepared), or ``STOP``. When ``take`` or ``prepare`` raises,
+    what was prepared is committed before the error goes up. When ``commit`` raises, nothing
+    after it is: a later batch must not be stored past an earlier one that was not (an IMAP
+    checkpoint would skip it).
+    """
+    prepared: deque = deque()
+    stopping = False
+    while prepared or not stopping:
+        try:
+            while not stopping and len(prepared) <= depth:
+                batch = take(not prepared)
+                if batch is None:
+                    break
+                if batch is STOP:
+                    stopping = True
+                    break
+                prepared.append(prepare(batch))
+        except BaseException:
+            _commit_quietly(prepared, commit)
+            raise
+        if prepared:
+            commit(prepared.popleft())
+
+
+def _commit_quietly(prepared: deque, commit: Callable[[object], None]) -> None:
+    """Commit what is prepared while an error is on its way up; a failure ends it (see
+    ``run_ahead``) and is logged, since the error being raised matters more."""
+    try:
+        while prepared:
+            commit(prepared.popleft())
+    except Exception as exc:  # noqa: BLE001
+        log.warning("%d prepared batch(es) not committed: %s", len(prepared) + 1, exc)
 
 
 @dataclass

@@ -203,6 +203,53 @@ def test_a_pipelined_worker_prepares_two_batches_ahead_and_commits_in_order(tmp_
     assert lane.in_flight == 0  # every batch taken was settled (here: no connection to ack on)
 
 
+def _stage_loop(batches, *, fail_take_at=None, fail_commit_at=None, depth=2):
+    """Run consumer.pipeline.run_ahead over ``batches``; (calls, the error it raised)."""
+    from consumer.pipeline import STOP, run_ahead
+
+    calls, source = [], iter(batches)
+
+    def take(_wait):
+        batch = next(source, STOP)
+        if batch == fail_take_at:
+            raise TransientError(f"cannot take {batch}")
+        return batch
+
+    def prepare(batch):
+        calls.append(("prepare", batch))
+        return batch
+
+    def commit(batch):
+        if batch == fail_commit_at:
+            raise TransientError(f"cannot commit {batch}")
+        calls.append(("commit", batch))
+
+    try:
+        run_ahead(take, prepare, commit, depth=depth)
+    except TransientError as exc:
+        return calls, str(exc)
+    return calls, None
+
+
+def test_the_stage_loop_commits_in_order_what_it_prepared_before_a_failure_to_take():
+    calls, error = _stage_loop([1, 2, 3, 4], fail_take_at=4)
+    assert error == "cannot take 4"
+    assert calls == [("prepare", 1), ("prepare", 2), ("prepare", 3),
+                     ("commit", 1), ("commit", 2), ("commit", 3)]
+
+
+def test_the_stage_loop_commits_nothing_after_a_batch_that_failed_to_commit():
+    # An IMAP checkpoint moved past batch 2 by committing batch 3 would skip batch 2's mail.
+    calls, error = _stage_loop([1, 2, 3, 4, 5], fail_commit_at=2)
+    assert error == "cannot commit 2"
+    assert ("commit", 3) not in calls and ("commit", 1) in calls
+
+
+def test_the_stage_loop_without_depth_commits_each_batch_before_taking_the_next():
+    calls, error = _stage_loop([1, 2], depth=0)
+    assert (calls, error) == ([("prepare", 1), ("commit", 1), ("prepare", 2), ("commit", 2)], None)
+
+
 class Weighing(Pipelined):
     """A pipelined handler whose deliveries weigh what their body says (b"12" weighs 12)."""
 
