@@ -32,7 +32,7 @@ from consumer.save import (
     REFUSED, SaveRequest, SaveResult, commit_batch, observe_parse, save_for_users,
     save_many, store_batch,
 )
-from mailferry import metrics
+from mailferry import metrics, outbox
 from mailferry.config import Settings
 from mailferry.db import translated
 from mailferry.errors import EmailFetchError, TransientError
@@ -317,6 +317,9 @@ class MailboxSync:
         # A name made of the message's place on the server: a re-fetch overwrites, not piles up.
         name = f"imap-{run.route.user_id}-{run.folder.uidvalidity}-{uid}.eml"
         log.warning("%s uid=%d quarantined as spool/failed/%s: %s", run.where, uid, name, reason)
+        outbox.write([outbox.NewEvent(outbox.QUARANTINED, name, {
+            "source": SOURCE, "user_id": run.route.user_id, "folder": run.folder.name,
+            "uid": uid, "file": f"spool/failed/{name}", "reason": reason}, run.route.user_id)])
         try:
             self.spool.quarantine(self.spool.failed / name, reason, raw=raw, name=name)
         except OSError as exc:

@@ -23,7 +23,7 @@ from consumer.save import (
     SaveRequest, SaveResult, StoredFiles, commit_batch, observe_parse, save_for_users, save_many,
     store_batch,
 )
-from mailferry import broker, metrics
+from mailferry import broker, metrics, outbox
 from mailferry.config import Settings
 from mailferry.contracts import InboundJob
 from mailferry.errors import PermanentError
@@ -204,6 +204,11 @@ class InboundHandler(Handler):
 
     def _quarantine(self, job: InboundJob, path, reason: str) -> Outcome:
         log.warning("queue_id=%s quarantined: %s", job.queue_id, reason)
+        # The event first: if the database is down, the job is requeued with its file still
+        # in place; a second quarantine of the same job is the same event, written once.
+        outbox.write([outbox.NewEvent(outbox.QUARANTINED, job.queue_id, {
+            "source": SOURCE, "queue_id": job.queue_id, "mail_from": job.mail_from,
+            "rcpt_to": job.rcpt_to, "file": f"spool/failed/{path.name}", "reason": reason})])
         try:
             self.spool.quarantine(path, reason)
         except OSError as exc:  # the message's outcome stays the same; say where it is
@@ -249,6 +254,7 @@ class InboundHandler(Handler):
             receipts.append((item.job.queue_id, "unrouted", 0, now))
         if unrouted:
             bulk_insert(UnroutedMessage, [self._unrouted_row(item) for item in unrouted])
+            outbox.add([_unrouted_event(item) for item in unrouted])
         insert_rows(InboundReceipt, RECEIPT_COLUMNS, receipts)
         return counts
 
@@ -271,6 +277,7 @@ class InboundHandler(Handler):
                 if not item.routes:
                     outcome, counts, stored_count = "unrouted", [("unrouted", 1)], 0
                     UnroutedMessage.create(**self._unrouted_row(item))
+                    outbox.add([_unrouted_event(item)])
                     self._log_unrouted(item)
                 else:
                     result = save_for_users(item.parsed, item.files, item.routes, source=SOURCE,
@@ -296,6 +303,13 @@ class InboundHandler(Handler):
             self.spool.remove(self.spool.resolve(job.spool_path))
         except PermanentError:
             pass
+
+
+def _unrouted_event(item: _Prepared) -> outbox.NewEvent:
+    job = item.job
+    return outbox.NewEvent(outbox.UNROUTED, job.queue_id, {
+        "queue_id": job.queue_id, "message_id": item.parsed.message_id,
+        "mail_from": job.mail_from, "rcpt_to": job.rcpt_to, "size": item.parsed.size})
 
 
 def _outcome_of(result: SaveResult) -> tuple[str, list[tuple[str, int]]]:

@@ -23,7 +23,7 @@ import peewee
 
 from consumer.parse import ParsedEmail
 from consumer.route import Route
-from mailferry import metrics
+from mailferry import metrics, outbox
 from mailferry.db import insert_rows, translated, write_transaction
 from mailferry.errors import TransientError
 from mailferry.models import EmailAttachment, EmailMessage, db, json_text, utcnow
@@ -128,6 +128,7 @@ def save_many(requests: list[SaveRequest]) -> list[SaveResult]:
         request = requests[index]
         attachments.extend(_attachment_values(message_id, key[0], request.parsed, request.files))
     insert_rows(EmailAttachment, ATTACHMENT_COLUMNS, attachments)
+    outbox.add(outbox.stored([(id_, user_id) for id_, user_id, _ in inserted]))
     return results
 
 
@@ -171,6 +172,7 @@ def save_for_users(parsed: ParsedEmail, files: StoredFiles, routes: list[Route],
                                               returning=("id",))
                 insert_rows(EmailAttachment, ATTACHMENT_COLUMNS,
                             _attachment_values(message_id, route.user_id, parsed, files))
+                outbox.add(outbox.stored([(message_id, route.user_id)]))
         except peewee.IntegrityError:
             result.duplicates += 1
             continue

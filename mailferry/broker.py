@@ -23,6 +23,8 @@ IMAP_FETCH = "mailferry.imap_fetch"
 IMAP_EXPIRED = "mailferry.imap_fetch.expired"
 TASK_TIMEOUTS = "mailferry.task_timeouts"
 DEAD = "mailferry.dead"
+EVENTS = "mailferry.events"  # a topic exchange: routing key = event type
+WEBHOOKS = "mailferry.webhooks"  # every event, for the webhook worker
 
 # queue -> routing key on the "mailferry" exchange
 ROUTING_KEYS = {
@@ -102,6 +104,20 @@ def declare_topology(channel, settings: Settings) -> None:
         channel.queue_declare(queue, durable=True, arguments=arguments)
         channel.queue_bind(queue, EXCHANGE, routing_key=ROUTING_KEYS[queue])
     declare_watchdog(channel, settings, settings.task_timeout)
+    channel.exchange_declare(EVENTS, exchange_type="topic", durable=True)
+    channel.queue_declare(WEBHOOKS, durable=True, arguments=_queue_args(settings, **dead_letter_to))
+    channel.queue_bind(WEBHOOKS, EVENTS, routing_key="#")
+    for seconds in set(settings.webhook_delays):
+        channel.queue_declare(webhook_wait_queue(seconds), durable=True, arguments=_queue_args(
+            settings, **{"x-message-ttl": seconds * 1000, "x-dead-letter-exchange": "",
+                         "x-dead-letter-routing-key": WEBHOOKS}))
+
+
+def webhook_wait_queue(seconds: int) -> str:
+    """The delay queue a webhook retry waits ``seconds`` in (one TTL per queue, as for the
+    watchdog), published to through the default exchange; it dead-letters back to
+    ``mailferry.webhooks``."""
+    return f"mailferry.webhooks.wait.{seconds}s"
 
 
 def declare_watchdog(channel, settings: Settings, seconds: int) -> str:

@@ -103,6 +103,34 @@ class Settings:
     scheduler_metrics_port: int = field(default=9102, metadata=_meta(
         "scheduler /metrics port (0 turns it off)", minimum=0, maximum=65_535))
 
+    relay_metrics_port: int = field(default=9103, metadata=_meta(
+        "relay /metrics port (0 turns it off)", minimum=0, maximum=65_535))
+    relay_poll_ms: int = field(default=100, metadata=_meta(
+        "milliseconds the relay waits when the outbox is empty", minimum=10, maximum=60_000))
+    # Webhooks and the read API.
+    webhook_schedule: str = field(default="5,30,120,600,1800,3600,7200,10800,10800",
+                                  metadata=_meta(
+        "seconds before each retry of a failed webhook delivery (comma-separated); one more "
+        "attempt than delays"))
+    webhook_timeout: int = field(default=10, metadata=_meta(
+        "seconds a webhook POST may take", minimum=1, maximum=300))
+    webhook_body_limit: int = field(default=256 * 1024, metadata=_meta(
+        "characters of text and of HTML a payload carries; longer bodies are cut and flagged",
+        minimum=0))
+    api_host: str = field(default="127.0.0.1", metadata=_meta("address the read API listens on"))
+    api_port: int = field(default=8025, metadata=_meta(
+        "port of the read API", minimum=1, maximum=65_535))
+    api_base_url: str = field(default="", metadata=_meta(
+        "the read API's public URL, for the links in payloads; empty means http://<api_host>:<api_port>"))
+
+    @property
+    def webhook_delays(self) -> tuple[int, ...]:
+        return tuple(int(part) for part in self.webhook_schedule.split(",") if part.strip())
+
+    @property
+    def resolved_api_base_url(self) -> str:
+        return (self.api_base_url or f"http://{self.api_host}:{self.api_port}").rstrip("/")
+
     @property
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.var_dir / 'mailferry.db').resolve()}"

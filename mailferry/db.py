@@ -49,9 +49,15 @@ def _v2_attachment_nesting(database: peewee.Database) -> None:
     migrate(*steps)
 
 
+def _v3_events(database: peewee.Database) -> None:
+    database.create_tables([models.Event, models.WebhookEndpoint, models.WebhookAttempt,
+                            models.ApiToken], safe=True)  # v1 made them in a new database
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[peewee.Database], None]]] = [
     (1, "initial schema", _v1_initial),
     (2, "attachments: position and the forwarded message they came in", _v2_attachment_nesting),
+    (3, "events outbox, webhook endpoints and attempts, API tokens", _v3_events),
 ]
 
 

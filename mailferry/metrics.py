@@ -42,6 +42,34 @@ def record(source: str, outcome: str, count: int = 1) -> None:
     emails.labels(source, outcome).inc(count)
     if outcome == "stored":
         last_success.labels(source).set_to_current_time()
+events_published = Counter(
+    "mailferry_events_published", "Events the relay published to mailferry.events, by type",
+    ["type"])
+webhook_deliveries = Counter(
+    "mailferry_webhook_deliveries", "Webhook POSTs by outcome (delivered, retry, dead, gone)",
+    ["outcome"])
+webhook_seconds = Histogram(
+    "mailferry_webhook_seconds", "Time of one webhook POST, answered or not",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+webhook_failing_since = Gauge(
+    "mailferry_webhook_failing_since_timestamp_seconds",
+    "When an endpoint's current run of failed attempts began (0: its last attempt succeeded)",
+    ["endpoint"])
+
+
+def register_outbox_backlog(count) -> None:
+    """``mailferry_outbox_backlog``: events written and not yet published, read at scrape."""
+    Gauge("mailferry_outbox_backlog", "Events in the outbox not yet published").set_function(
+        lambda: _quiet(count))
+
+
+def _quiet(count) -> float:
+    try:
+        return float(count())
+    except Exception:  # noqa: BLE001 - a scrape must not fail on a database hiccup
+        return float("nan")
+
+
 dead_lettered = Counter(
     "mailferry_dead_lettered", "Messages published to mailferry.dead, by the queue they left",
     ["queue"])

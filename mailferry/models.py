@@ -281,7 +281,70 @@ class SchedulerLease(BaseModel):
     renewed_at = DateTimeField(default=utcnow)
 
 
+class Event(BaseModel):
+    """The outbox: one row per event, written in the transaction that made it happen, and
+    published to ``mailferry.events`` by the relay, which then sets ``published_at``.
+
+    ``event_id`` is stable: a UUID made from what happened (``mailferry.outbox.event_id``),
+    so the same happening written twice is one row, and a row published twice (the relay
+    died between the broker's confirm and its update) carries one id both times.
+    """
+
+    event_id = CharField(max_length=36, unique=True)
+    type = CharField(max_length=32)  # message.stored | message.unrouted | ...
+    user = IntegerField(null=True)  # whose it is, for user-scoped webhooks; no FK: outlives it
+    data = JSONField(default=dict)
+    created_at = DateTimeField(default=utcnow)
+    published_at = DateTimeField(null=True)
+
+    class Meta:
+        indexes = ((("published_at", "id"), False),)
+
+
+class WebhookEndpoint(BaseModel):
+    """Where an application wants events POSTed, signed with its own secret (encrypted)."""
+
+    url = TextField()
+    secret = TextField()  # Fernet-encrypted "whsec_…", as IMAP passwords are
+    events = JSONField(default=list)  # event types wanted; empty: all
+    user = ForeignKeyField(User, null=True, backref="webhooks", on_delete="CASCADE")
+    enabled = BooleanField(default=True)
+    disabled_reason = TextField(null=True)
+    failing_since = DateTimeField(null=True)  # first failed attempt since the last success
+    created_at = DateTimeField(default=utcnow)
+
+
+class WebhookAttempt(BaseModel):
+    """One POST of one event to one endpoint: what the endpoint answered, and how fast."""
+
+    endpoint = ForeignKeyField(WebhookEndpoint, backref="attempts", on_delete="CASCADE")
+    event_id = CharField(max_length=36)
+    event_type = CharField(max_length=32)
+    attempt = IntegerField()
+    outcome = CharField(max_length=16)  # delivered | retry | dead | gone | skipped
+    status = IntegerField(null=True)  # the HTTP status; None when there was no answer
+    latency_ms = IntegerField(default=0)
+    error = TextField(null=True)
+    created_at = DateTimeField(default=utcnow)
+
+    class Meta:
+        indexes = ((("event_id", "endpoint"), False), (("endpoint", "created_at"), False))
+
+
+class ApiToken(BaseModel):
+    """A bearer token of the read API, kept as its SHA-256 only; ``user`` None sees all."""
+
+    token_hash = CharField(max_length=64, unique=True)
+    prefix = CharField(max_length=16)  # the token's first characters, to tell tokens apart
+    name = CharField(max_length=100, default="")
+    user = ForeignKeyField(User, null=True, backref="api_tokens", on_delete="CASCADE")
+    created_at = DateTimeField(default=utcnow)
+    last_used_at = DateTimeField(null=True)
+    revoked_at = DateTimeField(null=True)
+
+
 ALL_MODELS = [
     SchemaVersion, User, EmailAlias, Settings, MailboxState, EmailTask, TaskLog,
     EmailMessage, EmailAttachment, UnroutedMessage, InboundReceipt, AuditLog, SchedulerLease,
+    Event, WebhookEndpoint, WebhookAttempt, ApiToken,
 ]

@@ -23,7 +23,7 @@ from typing import Iterable
 
 import peewee
 
-from mailferry import metrics
+from mailferry import metrics, outbox
 from mailferry.contracts import TaskRef
 from mailferry.db import translated
 from mailferry.errors import InvalidTransition, PermanentError, TransientError
@@ -224,6 +224,10 @@ def update_status(task_id: str, new_status: str, *, error_message: str | None = 
             if changed:
                 text = f"→ {new_status}" + (f": {error_message}" if error_message else "")
                 _log(row.id, "status", text, _level_for(new_status))
+                if new_status == S.FAILED:
+                    outbox.add([outbox.NewEvent(outbox.TASK_FAILED, task_id, {
+                        "task_id": task_id, "source": row.email_source, "user_id": row.user_id,
+                        "error": error_message or ""}, row.user_id)])
         if changed:
             _observe_end(task_id, row, new_status, values["completed_at"], error_message)
             return True

@@ -1,0 +1,1 @@
+"""The read API process: stored mail over HTTP for the application."""

@@ -1,0 +1,123 @@
+"""What an application gets for a stored message: one JSON shape for the webhook's
+``message.stored`` and the API's ``GET /v1/messages/{id}``, shaped like the hosted
+inbound-parse services' (Postmark, Mailgun): addresses, subject, bodies, the headers as a
+list, attachments by URL only.
+
+Fields a later issue fills are here already and null today: ``reply_text`` (the new text of
+a reply, quotes and signature cut), ``auto_reply`` (an out-of-office or bounce verdict) and
+``thread_id``.
+"""
+
+from __future__ import annotations
+
+import email.parser
+import email.policy
+import os
+
+from mailferry.config import Settings
+from mailferry.models import EmailAttachment, EmailMessage, User
+from mailferry.spool import ENVELOPE_MARK, ENVELOPE_MAX, split_envelope
+from mailferry.storage import BlobStore
+
+HEADER_READ_LIMIT = 1024 * 1024  # bytes of a raw source read for its header block
+
+
+def message_payload(message: EmailMessage, settings: Settings, store: BlobStore) -> dict:
+    base = f"{settings.resolved_api_base_url}/v1/messages/{message.id}"
+    limit = settings.webhook_body_limit
+    text, text_cut = _cut(message.text_content or "", limit)
+    html, html_cut = _cut(message.html_content or "", limit)
+    envelope = message.envelope or {}
+    user = User.get_or_none(User.id == message.user_id)
+    return {
+        "id": message.id,
+        "user": {"id": message.user_id, "email": user.email if user else None},
+        "message_id": message.message_id,
+        "source": message.source,
+        "envelope": {"mail_from": envelope.get("mail_from"), "rcpt_to": envelope.get("rcpt_to", [])},
+        "from": message.sender,
+        "to": message.recipients,
+        "cc": message.cc,
+        "reply_to": message.reply_to,
+        "subject": message.subject,
+        "date": _iso(message.sent_at),
+        "received_at": _iso(message.received_at),
+        "plus_tag": message.plus_tag,
+        "text": text,
+        "html": html,
+        "truncated": {"text": text_cut, "html": html_cut},
+        "headers": headers_of(store, message.raw_path),
+        "attachments": [attachment_payload(a, base) for a in _attachments(message)],
+        "raw_url": f"{base}/raw",
+        "size": message.size,
+        "sha256": message.sha256,
+        "status": message.status,
+        "in_reply_to": message.in_reply_to,
+        "references": message.references,
+        "reply_text": None,
+        "auto_reply": None,
+        "thread_id": None,
+    }
+
+
+def attachment_payload(attachment: EmailAttachment, base: str) -> dict:
+    return {
+        "position": attachment.position,
+        "name": attachment.filename,
+        "safe_name": attachment.safe_filename,
+        "content_type": attachment.content_type,
+        "size": attachment.file_size,
+        "sha256": attachment.sha256,
+        "content_id": attachment.content_id,
+        "inline": attachment.is_inline,
+        "enclosed_by": attachment.enclosed_by,
+        "url": f"{base}/attachments/{attachment.position}",
+    }
+
+
+def _attachments(message: EmailMessage) -> list[EmailAttachment]:
+    return list(EmailAttachment.select().where(EmailAttachment.email_message == message.id)
+                .order_by(EmailAttachment.position, EmailAttachment.id))
+
+
+def raw_span(store: BlobStore, relative: str) -> tuple[str, int, int]:
+    """(path, offset, length) of a stored raw source's message: a source linked from a spool
+    file starts with its envelope record, which is not the sender's message."""
+    path = str(store.path_of(relative))
+    with open(path, "rb") as handle:
+        head = handle.read(len(ENVELOPE_MARK))
+        if head == ENVELOPE_MARK:  # only then is the rest of the record read
+            head += handle.read(ENVELOPE_MAX)
+        size = os.fstat(handle.fileno()).st_size
+    _, start = split_envelope(head)
+    return path, start, size - start
+
+
+def headers_of(store: BlobStore, relative: str) -> list[list[str]]:
+    """The message's header fields, in order, as [name, decoded value] pairs; [] if the raw
+    source is gone (retention) or unreadable."""
+    try:
+        path, offset, _ = raw_span(store, relative)
+        with open(path, "rb") as handle:
+            handle.seek(offset)
+            head = handle.read(HEADER_READ_LIMIT)
+    except OSError:
+        return []
+    end = min((i for i in (head.find(b"\r\n\r\n"), head.find(b"\n\n")) if i >= 0), default=len(head))
+    parsed = email.parser.BytesHeaderParser(policy=email.policy.default).parsebytes(head[:end])
+    out = []
+    for name, value in parsed.raw_items():
+        try:
+            value = str(parsed.policy.header_factory(name, value))
+        except Exception:  # noqa: BLE001 - a header nobody can decode is shown as it came
+            value = str(value)
+        out.append([name, value])
+    return out
+
+
+def _cut(text: str, limit: int) -> tuple[str, bool]:
+    return (text[:limit], True) if limit and len(text) > limit else (text, False)
+
+
+def _iso(value) -> str | None:
+    return None if value is None else value.isoformat(timespec="seconds") + "Z"

@@ -1,0 +1,1 @@
+"""The events relay: the outbox's rows, published to ``mailferry.events``."""

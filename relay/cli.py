@@ -1,0 +1,14 @@
+"""The relay's command, registered with the ``mailferry`` CLI (pyproject.toml):
+``mailferry relay`` (as ``python -m relay``)."""
+
+from __future__ import annotations
+
+
+def register(sub, groups: dict) -> None:
+    cmd = sub.add_parser("relay", help="publish the events outbox (same as python -m relay)")
+    cmd.set_defaults(func=lambda args: _run())
+
+
+def _run() -> int:
+    from relay.main import main
+    return main()
