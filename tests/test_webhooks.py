@@ -4,6 +4,8 @@ the ``standardwebhooks`` package, not with our signer."""
 
 from __future__ import annotations
 
+import json
+import os
 import time
 
 from standardwebhooks.webhooks import Webhook
@@ -136,3 +138,27 @@ def test_unrouted_and_quarantined_mail_are_events_too(sqlite_broker_settings):
             wait_for(lambda: len(receiver.got()) >= 2, timeout=20, message="two events")
         types = sorted(g.event["type"] for g in receiver.got())
     assert types == ["message.quarantined", "message.unrouted"]
+
+
+def test_the_webhooks_commands_add_list_test_and_show_deliveries(sqlite_settings, capsys):
+    from mailferry.cli import main
+
+    with Receiver([204]) as receiver:
+        os.environ["MAILFERRY_VAR_DIR"] = str(sqlite_settings.var_dir)
+        try:
+            assert main(["webhooks", "add", receiver.url, "--events", "message.stored"]) == 0
+            out = capsys.readouterr().out
+            secret = out.split("signing secret")[1].split(": ", 1)[1].strip()
+            assert secret.startswith("whsec_")
+            assert main(["webhooks", "list", "--json"]) == 0
+            listed = json.loads(capsys.readouterr().out)
+            assert [(e["url"], e["events"]) for e in listed] == [(receiver.url, ["message.stored"])]
+            assert main(["webhooks", "test", str(listed[0]["id"])]) == 0
+            assert capsys.readouterr().out.startswith("delivered: status 204")
+            [got] = receiver.got()
+            assert Webhook(secret).verify(got.body, got.headers)["type"] == "webhook.test"
+            assert main(["webhooks", "add", receiver.url, "--events", "nonsense"]) == 1
+            assert main(["webhooks", "remove", str(listed[0]["id"])]) == 0
+            assert WebhookEndpoint.select().count() == 0
+        finally:
+            del os.environ["MAILFERRY_VAR_DIR"]

@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "mailferry.cli.imap",
     "mailferry.cli.tasks",
     "mailferry.cli.ops",
+    "mailferry.cli.webhooks",
 ]
 
 
