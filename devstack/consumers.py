@@ -31,7 +31,8 @@ def wait_for(predicate, timeout: float = 30.0, interval: float = 0.05, message: 
 def settings_env(settings: Settings) -> dict[str, str]:
     env = dict(os.environ)
     for name in ("var_dir", "amqp_url", "database_url", "spool_dir", "storage_dir", "prefetch",
-                 "queue_type", "consumer_metrics_port", "task_timeout", "fetch_job_ttl", "parse_process"):
+                 "queue_type", "consumer_metrics_port", "task_timeout", "fetch_job_ttl", "parse_process",
+                 "relay_metrics_port", "webhook_schedule"):
         value = getattr(settings, name)
         if str(value) not in ("", "."):
             env[env_name(name)] = str(value)
@@ -39,9 +40,10 @@ def settings_env(settings: Settings) -> dict[str, str]:
     return env
 
 
-def consumer_process(settings: Settings, log_path: Path) -> subprocess.Popen:
+def consumer_process(settings: Settings, log_path: Path, module: str = "consumer") -> subprocess.Popen:
+    """``python -m consumer`` (or another process package: ``relay``) on ``settings``."""
     log = open(log_path, "ab")
-    return subprocess.Popen([sys.executable, "-m", "consumer"], env=settings_env(settings),
+    return subprocess.Popen([sys.executable, "-m", module], env=settings_env(settings),
                             stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
 
 
