@@ -22,6 +22,7 @@ A PNG of the samples is written with ``--plot`` (matplotlib, the `bench` extra).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -47,7 +48,7 @@ from devstack.ports import free_port  # noqa: E402
 USER = "soak@example.org"
 PROCESS_NAMES = {  # a word of the command line -> the name in the report (first match)
     "beam.smp": "rabbitmq", "parse_pool": "parser", "-m consumer": "consumer",
-    "-m scheduler": "scheduler", "run_stack": "supervisor", "haraka": "haraka",
+    "-m scheduler": "scheduler", "-m relay": "relay", "run_stack": "supervisor", "haraka": "haraka",
 }
 
 
@@ -69,6 +70,7 @@ class Sender:
     port: int
     rate: float
     accepted: list[str] = field(default_factory=list)  # Message-IDs answered 250
+    accepted_at: dict[str, float] = field(default_factory=dict)  # … and when (monotonic)
     deferred: int = 0  # 4xx answers (retried)
     errors: list[str] = field(default_factory=list)
     stop: threading.Event = field(default_factory=threading.Event)
@@ -97,6 +99,7 @@ class Sender:
                     try:
                         smtp.sendmail("sender@soak.example", [USER], message(message_id, number))
                         self.accepted.append(message_id)
+                        self.accepted_at[message_id] = time.monotonic()
                     except smtplib.SMTPResponseException as exc:
                         if 400 <= exc.smtp_code < 500:
                             self.deferred += 1
@@ -265,9 +268,18 @@ def main() -> int:
     parser.add_argument("--warm-up", type=float, default=300, help="seconds left out of the drift")
     parser.add_argument("--plot", type=Path, help="write a PNG of the samples here")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="soak-") as tmp:
+    with running_stack("soak-") as (stack, var, ports, env, log_path):
+        return soak(args, stack, var, ports, env, log_path)
+
+
+@contextlib.contextmanager
+def running_stack(prefix: str):
+    """`make run` on a fresh var/ and free ports, until it says it is running: (the make
+    process, var, ports, its environment, its log). Stopped on the way out."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
         var = Path(tmp) / "var"
-        ports = {name: free_port() for name in ("amqp", "management", "smtp", "consumer", "scheduler")}
+        ports = {name: free_port() for name in ("amqp", "management", "smtp", "consumer",
+                                                "scheduler", "relay")}
         env = {k: v for k, v in os.environ.items() if not k.startswith("MAILFERRY_")}
         env.update({
             "MAILFERRY_VAR_DIR": str(var), "MAILFERRY_RUN_AMQP_PORT": str(ports["amqp"]),
@@ -275,12 +287,20 @@ def main() -> int:
             "MAILFERRY_RUN_SMTP_PORT": str(ports["smtp"]),
             "MAILFERRY_CONSUMER_METRICS_PORT": str(ports["consumer"]),
             "MAILFERRY_SCHEDULER_METRICS_PORT": str(ports["scheduler"]),
+            "MAILFERRY_RELAY_METRICS_PORT": str(ports["relay"]),
         })
-        log = open(Path(tmp) / "make-run.log", "w")
+        log_path = Path(tmp) / "make-run.log"
+        log = open(log_path, "w")
         stack = subprocess.Popen(["make", "--no-print-directory", "run"], cwd=ROOT, env=env,
                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            return soak(args, stack, var, ports, env, Path(tmp) / "make-run.log")
+            deadline = time.monotonic() + 180
+            while "Mailferry is running" not in log_path.read_text(errors="replace"):
+                if stack.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("the stack did not start:\n" +
+                                       log_path.read_text(errors="replace")[-3000:])
+                time.sleep(0.5)
+            yield stack, var, ports, env, log_path
         finally:
             os.killpg(stack.pid, signal.SIGTERM)
             try:
@@ -291,12 +311,6 @@ def main() -> int:
 
 
 def soak(args, stack: subprocess.Popen, var: Path, ports: dict, env: dict, log_path: Path) -> int:
-    deadline = time.monotonic() + 180
-    while "Mailferry is running" not in log_path.read_text(errors="replace"):
-        if stack.poll() is not None or time.monotonic() > deadline:
-            print(log_path.read_text(errors="replace")[-3000:])
-            return 2
-        time.sleep(0.5)
     subprocess.run([sys.executable, "-m", "mailferry.cli", "users", "add", USER], cwd=ROOT,
                    env=dict(env, PYTHONPATH=str(ROOT)), check=True, capture_output=True)
     sender = Sender(ports["smtp"], args.rate)

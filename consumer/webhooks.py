@@ -74,13 +74,16 @@ class WebhookHandler(Handler):
         outcomes: list[Outcome] = [Outcome.ack()] * len(deliveries)
         jobs: list[_Job] = []
         with translated("reading webhook endpoints"):
+            endpoints = list(WebhookEndpoint.select().where(WebhookEndpoint.enabled == True))  # noqa: E712
             for index, delivery in enumerate(deliveries):
                 try:
                     event = _event_of(delivery.body)
                 except ValueError as exc:
                     outcomes[index] = Outcome.dead(f"malformed event: {exc}")
                     continue
-                jobs.extend(self._jobs_for(index, delivery, event))
+                jobs.extend(self._jobs_for(index, delivery, event, endpoints))
+            done = webhooks.delivered_to(sorted({job.event["id"] for job in jobs}))
+            jobs = [job for job in jobs if (job.event["id"], job.endpoint.id) not in done]
             bodies: dict[str, bytes] = {}
             for job in jobs:  # one body per event, whatever the number of its endpoints
                 if job.event["id"] not in bodies:
@@ -91,17 +94,17 @@ class WebhookHandler(Handler):
         self._settle(jobs)
         return outcomes
 
-    def _jobs_for(self, index: int, delivery: Delivery, event: dict) -> list[_Job]:
+    def _jobs_for(self, index: int, delivery: Delivery, event: dict,
+                  endpoints: list[WebhookEndpoint]) -> list[_Job]:
         headers = delivery.headers
         if H_ENDPOINT in headers:  # a retry, or a replay: that endpoint alone
-            endpoint = WebhookEndpoint.get_or_none(WebhookEndpoint.id == int(headers[H_ENDPOINT]))
-            targets = [endpoint] if endpoint is not None and endpoint.enabled else []
+            wanted = int(headers[H_ENDPOINT])
+            targets = [e for e in endpoints if e.id == wanted]  # none if removed or disabled
             attempt = int(headers.get(H_ATTEMPT, 1))
         else:
-            targets = webhooks.endpoints_for(event["type"], event.get("user_id"))
+            targets = webhooks.wanted_by(endpoints, event["type"], event.get("user_id"))
             attempt = 1
-        done = webhooks.delivered_to(event["id"]) if targets else set()
-        return [_Job(index, event, e, attempt) for e in targets if e.id not in done]
+        return [_Job(index, event, e, attempt) for e in targets]
 
     def _body(self, event: dict) -> bytes:
         """What is POSTed: the event, and for a stored message its whole payload (as the
@@ -125,18 +128,17 @@ class WebhookHandler(Handler):
     def _settle(self, jobs: list[_Job]) -> None:
         """Record every attempt, then publish the retries and the dead: an attempt that is
         recorded delivered is never made again by a redelivery of its event."""
+        for job in jobs:
+            if job.result.outcome == webhooks.RETRY and job.attempt >= self.attempts:
+                job.result.outcome = webhooks.DEAD
         with translated("recording webhook attempts"), db.atomic():
-            for job in jobs:
-                outcome = job.result.outcome
-                if outcome == webhooks.RETRY and job.attempt >= self.attempts:
-                    outcome = webhooks.DEAD
-                webhooks.record(job.endpoint, job.event, job.attempt, job.result, outcome)
-                job.result.outcome = outcome
+            webhooks.record([(job.endpoint, job.event, job.attempt, job.result) for job in jobs])
         for job in jobs:
             outcome = job.result.outcome
             metrics.webhook_deliveries.labels(outcome).inc()
+            since = job.endpoint.failing_since
             metrics.webhook_failing_since.labels(str(job.endpoint.id)).set(
-                0 if outcome == webhooks.DELIVERED else _failing_since(job.endpoint))
+                since.replace(tzinfo=dt.timezone.utc).timestamp() if since else 0)
             if outcome == webhooks.RETRY:
                 self._retry(job)
             elif outcome == webhooks.DEAD:
@@ -180,9 +182,3 @@ def _event_body(event: dict) -> bytes:
     """The event as the relay published it (without what this worker added)."""
     return json.dumps({k: v for k, v in event.items() if k != "user_id"},
                       ensure_ascii=False).encode("utf-8")
-
-
-def _failing_since(endpoint: WebhookEndpoint) -> float:
-    row = WebhookEndpoint.get_or_none(WebhookEndpoint.id == endpoint.id)
-    since = row.failing_since if row is not None else None
-    return since.replace(tzinfo=dt.timezone.utc).timestamp() if since else 0

@@ -68,17 +68,13 @@ def secret_of(settings: Settings, endpoint: WebhookEndpoint) -> str:
     return load_fernet(settings).decrypt(endpoint.secret.encode("ascii")).decode("ascii")
 
 
-def endpoints_for(event_type: str, user_id: int | None) -> list[WebhookEndpoint]:
-    """The enabled endpoints that want ``event_type`` of ``user_id``: an endpoint with a user
-    gets only that user's events."""
-    out = []
-    for endpoint in WebhookEndpoint.select().where(WebhookEndpoint.enabled == True):  # noqa: E712
-        if endpoint.events and event_type not in endpoint.events:
-            continue
-        if endpoint.user_id is not None and endpoint.user_id != user_id:
-            continue
-        out.append(endpoint)
-    return out
+def wanted_by(endpoints: list[WebhookEndpoint], event_type: str,
+              user_id: int | None) -> list[WebhookEndpoint]:
+    """Those of ``endpoints`` that want ``event_type`` of ``user_id``: an endpoint with a
+    user gets only that user's events."""
+    return [e for e in endpoints
+            if (not e.events or event_type in e.events)
+            and (e.user_id is None or e.user_id == user_id)]
 
 
 # -- one POST --------------------------------------------------------------------------------
@@ -113,25 +109,36 @@ def _ms(started: float) -> int:
     return int((time.perf_counter() - started) * 1000)
 
 
-def record(endpoint: WebhookEndpoint, event: dict, attempt: int, result: Result,
-           outcome: str) -> None:
-    """The attempt's row, and what it means for the endpoint: a success ends its failing
-    run; 410 disables it."""
-    WebhookAttempt.create(endpoint=endpoint.id, event_id=event["id"], event_type=event["type"],
-                          attempt=attempt, outcome=outcome, status=result.status,
-                          latency_ms=result.latency_ms, error=result.error)
-    if outcome == DELIVERED:
-        if endpoint.failing_since is not None:
-            WebhookEndpoint.update(failing_since=None).where(WebhookEndpoint.id == endpoint.id).execute()
-    elif outcome == GONE:
-        WebhookEndpoint.update(enabled=False, disabled_reason=f"410 Gone at {utcnow():%Y-%m-%d %H:%M:%S} UTC") \
-            .where(WebhookEndpoint.id == endpoint.id).execute()
-    else:
-        WebhookEndpoint.update(failing_since=utcnow()).where(
-            (WebhookEndpoint.id == endpoint.id) & WebhookEndpoint.failing_since.is_null()).execute()
+def record(attempts: list[tuple[WebhookEndpoint, dict, int, Result]]) -> None:
+    """The attempts' rows (one INSERT), and what they mean for their endpoints: a success
+    ends an endpoint's failing run; 410 disables it; a failure starts a run."""
+    if not attempts:
+        return
+    now = utcnow()
+    WebhookAttempt.insert_many([
+        {"endpoint": endpoint.id, "event_id": event["id"], "event_type": event["type"],
+         "attempt": attempt, "outcome": result.outcome, "status": result.status,
+         "latency_ms": result.latency_ms, "error": result.error, "created_at": now}
+        for endpoint, event, attempt, result in attempts]).execute()
+    for endpoint, _, _, result in attempts:
+        row = WebhookEndpoint.id == endpoint.id
+        if result.outcome == DELIVERED:
+            if endpoint.failing_since is not None:
+                WebhookEndpoint.update(failing_since=None).where(row).execute()
+                endpoint.failing_since = None
+        elif result.outcome == GONE:
+            WebhookEndpoint.update(enabled=False, disabled_reason=f"410 Gone at {now:%Y-%m-%d %H:%M:%S} UTC") \
+                .where(row).execute()
+        elif endpoint.failing_since is None:
+            WebhookEndpoint.update(failing_since=now).where(row & WebhookEndpoint.failing_since.is_null()).execute()
+            endpoint.failing_since = now
 
 
-def delivered_to(event_id: str) -> set[int]:
-    """The endpoints that took ``event_id`` already (a redelivered event skips them)."""
-    return {row.endpoint_id for row in WebhookAttempt.select(WebhookAttempt.endpoint)
-            .where((WebhookAttempt.event_id == event_id) & (WebhookAttempt.outcome == DELIVERED))}
+def delivered_to(event_ids: list[str]) -> set[tuple[str, int]]:
+    """(event id, endpoint id) of each of ``event_ids`` that an endpoint took already (a
+    redelivered event skips it)."""
+    if not event_ids:
+        return set()
+    return {(row.event_id, row.endpoint_id) for row in
+            WebhookAttempt.select(WebhookAttempt.event_id, WebhookAttempt.endpoint)
+            .where(WebhookAttempt.event_id.in_(event_ids) & (WebhookAttempt.outcome == DELIVERED))}

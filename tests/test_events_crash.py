@@ -12,7 +12,7 @@ from mailferry.inject import Injector
 from mailferry.models import EmailMessage
 from mailferry.users import add_user
 from tests.pipeline import consumer_process, wait_for
-from tests.webhook_receiver import Receiver
+from devstack.webhook_receiver import Receiver
 
 
 def _inject(settings, count: int) -> None:

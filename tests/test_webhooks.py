@@ -17,7 +17,7 @@ from mailferry.replay import Replayer
 from mailferry.users import add_user
 from tests.imap_fixtures import nested_too_deep
 from tests.pipeline import consumer_thread, queue_depth, wait_for
-from tests.webhook_receiver import Receiver, relay_thread
+from devstack.webhook_receiver import Receiver, relay_thread
 
 MESSAGE = (b"From: Alice <alice@example.net>\r\nTo: bob@example.org\r\nSubject: Hello\r\n"
            b"Message-ID: <hook-1@example.net>\r\nContent-Type: text/plain\r\n\r\nHi Bob.\r\n")

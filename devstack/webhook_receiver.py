@@ -1,4 +1,4 @@
-"""A webhook receiver on loopback, started by a test: it answers each POST with the next
+"""A webhook receiver on loopback, started by a test or a benchmark: it answers each POST with the next
 status of its script (then the last one, for ever) and keeps what it got."""
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ class Receiver:
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, as a production receiver does
+
             def do_POST(self):  # noqa: N802
                 body = self.rfile.read(int(self.headers.get("content-length", 0)))
                 with receiver.lock:
@@ -64,7 +66,7 @@ class Receiver:
 def relay_thread(settings):
     """The relay (relay.main.Relay) in a thread of the test process."""
     from relay.main import Relay
-    relay = Relay(settings)
+    relay = Relay(settings)  # imported here: devstack's other users need no relay
     thread = threading.Thread(target=relay.run, daemon=True, name="test-relay")
     thread.start()
     try:
