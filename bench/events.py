@@ -9,8 +9,9 @@
    once (each about a stored message, so each POST carries a whole payload); from the write
    to the last POST received.
 3. **Consumer throughput with an endpoint**: `bench/consumer_throughput.py`'s one-consumer
-   drain of ``--count`` messages, without and with one endpoint (and the relay running),
-   interleaved over ``--rounds``. Goal: with ≥ 0.9 × without, in the same round.
+   drain of ``--count`` messages, without and with one endpoint (the relay and the webhook
+   worker running), interleaved over ``--rounds``. Goal: with ≥ 0.9 × without, in the same
+   round.
 
     .venv/bin/python bench/events.py [--seconds 30] [--rate 50] [--events 2000] [--count 3000] [--rounds 2]
 """
@@ -93,34 +94,32 @@ def with_and_without(args) -> list[tuple[float, float, float]]:
             pairs = [(backlog(rabbit, tmp / f"plain-{n}", messages),
                       backlog(rabbit, tmp / f"hooked-{n}", messages)) for n in range(args.rounds)]
             for plain, hooked in pairs:
-                without = drain(plain, len(messages), 1, rabbit).rate
-                hooked = hooked.replace(relay_metrics_port=0)
+                plain_drain = drain(plain, len(messages), 1, rabbit)
+                without = plain_drain.rate
+                hooked = hooked.replace(relay_metrics_port=0, webhook_metrics_port=0)
                 with Receiver([200]) as receiver:
                     open_database(hooked.resolved_database_url)
                     webhooks.add_endpoint(hooked, receiver.url)
                     close_database()
-                    relay = consumer_process(hooked, hooked.var_dir / "relay.log", module="relay")
-                    finisher = None
+                    helpers = [consumer_process(hooked, hooked.var_dir / f"{m}.log", module=m)
+                               for m in ("relay", "consumer.webhook_worker")]
                     try:
                         result = drain(hooked, len(messages), 1, rabbit)
                         during = len(receiver.got())
                         ended = time.monotonic()
-                        # The webhook worker is a lane of the consumer, which the drain
-                        # stopped: a consumer finishes the deliveries still queued.
-                        finisher = consumer_process(hooked, hooked.var_dir / "finisher.log")
                         wait_for(lambda: len(receiver.got()) >= len(messages), timeout=600,
                                  interval=0.1, message="every webhook")
                         lag = receiver.got()[-1].at - ended
                     finally:
-                        for process in (relay, finisher):
-                            if process is not None:
-                                process.terminate()
-                                process.wait(40)
+                        for process in helpers:
+                            process.terminate()
+                            process.wait(40)
                 rows.append((without, result.rate, lag))
                 print(f"  round {len(rows)}: without {without:.0f} msg/s, with one endpoint "
                       f"{result.rate:.0f} msg/s ({result.rate / without:.2f} ×); "
                       f"{during} of {len(messages)} webhooks received by the last receipt, the "
-                      f"last {max(0.0, lag):.1f} s after it", flush=True)
+                      f"last {max(0.0, lag):.1f} s after it\n    without: {plain_drain.cpu}\n"
+                      f"    with:    {result.cpu}", flush=True)
         finally:
             rabbit.stop()
     return rows

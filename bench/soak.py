@@ -47,7 +47,8 @@ from devstack.ports import free_port  # noqa: E402
 
 USER = "soak@example.org"
 PROCESS_NAMES = {  # a word of the command line -> the name in the report (first match)
-    "beam.smp": "rabbitmq", "parse_pool": "parser", "-m consumer": "consumer",
+    "beam.smp": "rabbitmq", "parse_pool": "parser", "consumer.webhook_worker": "webhooks",
+    "-m consumer": "consumer",
     "-m scheduler": "scheduler", "-m relay": "relay", "run_stack": "supervisor", "haraka": "haraka",
 }
 
@@ -279,7 +280,7 @@ def running_stack(prefix: str):
     with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
         var = Path(tmp) / "var"
         ports = {name: free_port() for name in ("amqp", "management", "smtp", "consumer",
-                                                "scheduler", "relay")}
+                                                "scheduler", "relay", "webhooks")}
         env = {k: v for k, v in os.environ.items() if not k.startswith("MAILFERRY_")}
         env.update({
             "MAILFERRY_VAR_DIR": str(var), "MAILFERRY_RUN_AMQP_PORT": str(ports["amqp"]),
@@ -288,6 +289,7 @@ def running_stack(prefix: str):
             "MAILFERRY_CONSUMER_METRICS_PORT": str(ports["consumer"]),
             "MAILFERRY_SCHEDULER_METRICS_PORT": str(ports["scheduler"]),
             "MAILFERRY_RELAY_METRICS_PORT": str(ports["relay"]),
+            "MAILFERRY_WEBHOOK_METRICS_PORT": str(ports["webhooks"]),
         })
         log_path = Path(tmp) / "make-run.log"
         log = open(log_path, "w")

@@ -7,7 +7,6 @@ import logging
 from consumer.expiry import build_handlers as expiry_handlers
 from consumer.imap_worker import build_handlers as imap_handlers
 from consumer.inbound import InboundHandler
-from consumer.webhooks import WebhookHandler
 from mailferry.app import bootstrap
 from mailferry.config import Settings
 from consumer.runner import Runner
@@ -16,10 +15,9 @@ log = logging.getLogger(__name__)
 
 
 def build_handlers(settings: Settings) -> list:
-    """Every queue this process consumes: inbound mail, IMAP fetch jobs, task timeouts, and
-    the events to POST to webhooks."""
-    return [InboundHandler(settings), *imap_handlers(settings), *expiry_handlers(settings),
-            WebhookHandler(settings)]
+    """Every queue this process consumes: inbound mail, IMAP fetch jobs, task timeouts (the
+    webhooks have a process of their own: consumer/webhook_worker.py)."""
+    return [InboundHandler(settings), *imap_handlers(settings), *expiry_handlers(settings)]
 
 
 def main(settings: Settings | None = None) -> int:

@@ -32,7 +32,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
     env = dict(os.environ)
     for name in ("var_dir", "amqp_url", "database_url", "spool_dir", "storage_dir", "prefetch",
                  "queue_type", "consumer_metrics_port", "task_timeout", "fetch_job_ttl", "parse_process",
-                 "relay_metrics_port", "webhook_schedule"):
+                 "relay_metrics_port", "webhook_schedule", "webhook_metrics_port"):
         value = getattr(settings, name)
         if str(value) not in ("", "."):
             env[env_name(name)] = str(value)

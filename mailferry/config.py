@@ -112,6 +112,12 @@ class Settings:
                                   metadata=_meta(
         "seconds before each retry of a failed webhook delivery (comma-separated); one more "
         "attempt than delays"))
+    webhook_metrics_port: int = field(default=9104, metadata=_meta(
+        "webhook worker /metrics port (0 turns it off)", minimum=0, maximum=65_535))
+    webhook_nice: int = field(default=10, metadata=_meta(
+        "how much lower the CPU priority of the relay and the webhook worker is (nice): "
+        "storing mail comes first",
+        minimum=0, maximum=19))
     webhook_timeout: int = field(default=10, metadata=_meta(
         "seconds a webhook POST may take", minimum=1, maximum=300))
     webhook_body_limit: int = field(default=256 * 1024, metadata=_meta(

@@ -61,7 +61,7 @@ def main() -> int:
         # The consumer declares the queues; Haraka's plugin only checks the exchange.
         subprocess.run([sys.executable, "-c", "from mailferry.app import bootstrap; "
                         "bootstrap(topology=True, quiet=True)"], env=env, check=True)
-        for name in ("consumer", "scheduler", "relay"):
+        for name in ("consumer", "scheduler", "relay", "consumer.webhook_worker", "api"):
             processes.append(Supervised(name, [sys.executable, "-m", name], env))
         print("starting Haraka …", flush=True)
         haraka = HarakaServer(var / "haraka", amqp_url, settings.resolved_spool_dir, port=SMTP_PORT)
@@ -145,6 +145,9 @@ def print_banner(settings, amqp_url: str) -> None:
         f"  Consumer metrics         http://{host}:{settings.consumer_metrics_port}/metrics",
         f"  Scheduler metrics        http://{host}:{settings.scheduler_metrics_port}/metrics",
         f"  Relay (events) metrics   http://{host}:{settings.relay_metrics_port}/metrics",
+        f"  Webhook worker metrics   http://{host}:{settings.webhook_metrics_port}/metrics",
+        f"  Read API (+ /docs)       {settings.resolved_api_base_url}  "
+        "(token: .venv/bin/mailferry api-tokens create)",
         f"  Database                 {redact_url(settings.resolved_database_url)}",
         f"  Spool / storage          {settings.resolved_spool_dir} / {settings.resolved_storage_dir}",
         "",

@@ -26,7 +26,7 @@ def settings(tmp_path, database_url) -> Settings:
         var_dir=tmp_path / "var", database_url=database_url,
         amqp_url="amqp://guest:guest@127.0.0.1:1/%2F",  # no broker unless broker_settings
         secret_key="", prefetch=32, consumer_metrics_port=0, scheduler_metrics_port=0,
-        relay_metrics_port=0)
+        relay_metrics_port=0, webhook_metrics_port=0)
     settings.var_dir.mkdir(parents=True, exist_ok=True)
     open_database(settings.resolved_database_url)
     yield settings
@@ -37,7 +37,7 @@ def settings(tmp_path, database_url) -> Settings:
 def sqlite_settings(tmp_path) -> Settings:
     """Like ``settings`` but on SQLite only: for tests where the backend does not matter."""
     settings = Settings(var_dir=tmp_path / "var", consumer_metrics_port=0,
-                        scheduler_metrics_port=0, relay_metrics_port=0,
+                        scheduler_metrics_port=0, relay_metrics_port=0, webhook_metrics_port=0,
                         amqp_url="amqp://guest:guest@127.0.0.1:1/%2F")
     settings.var_dir.mkdir(parents=True, exist_ok=True)
     open_database(settings.resolved_database_url)

@@ -12,6 +12,8 @@ from mailferry.inject import Injector
 from mailferry.models import EmailMessage
 from mailferry.users import add_user
 from tests.pipeline import consumer_process, wait_for
+
+WEBHOOKS = "consumer.webhook_worker"  # the webhook worker's module
 from devstack.webhook_receiver import Receiver
 
 
@@ -47,6 +49,7 @@ def test_consumer_and_relay_killed_mid_stream_give_each_message_one_event(broker
         _inject(broker_settings, count)
         consumer = consumer_process(broker_settings, tmp_path / "consumer1.log")
         relay = consumer_process(broker_settings, tmp_path / "relay1.log", module="relay")
+        hooks = consumer_process(broker_settings, tmp_path / "hooks.log", module=WEBHOOKS)
         try:
             wait_for(lambda: len(receiver.got()) >= 30, timeout=90, message="first webhooks")
             for process in (consumer, relay):  # between commits and publishes, somewhere
@@ -65,6 +68,7 @@ def test_consumer_and_relay_killed_mid_stream_give_each_message_one_event(broker
         finally:
             _stop(consumer, tmp_path / "consumer2.log")
             _stop(relay, tmp_path / "relay2.log")
+            _stop(hooks, tmp_path / "hooks.log")
         ids = _ids_by_message(receiver)
     assert EmailMessage.select().count() == count
     assert set(ids) == {m.id for m in EmailMessage.select(EmailMessage.id)}
@@ -80,16 +84,18 @@ def test_rabbitmq_restarted_mid_stream_gives_500_distinct_events(settings, resta
         _inject(broker_settings, count)
         consumer = consumer_process(broker_settings, tmp_path / "consumer.log")
         relay = consumer_process(broker_settings, tmp_path / "relay.log", module="relay")
+        hooks = consumer_process(broker_settings, tmp_path / "hooks.log", module=WEBHOOKS)
         try:
             wait_for(lambda: len(receiver.got()) >= 20, timeout=90, message="first webhooks")
             restartable_rabbitmq.restart()
             assert len(receiver.got()) < count, "the restart should land mid-stream"
             wait_for(lambda: len(_ids_by_message(receiver)) >= count, timeout=240,
                      message="an event for every message")
-            assert consumer.poll() is None and relay.poll() is None, "both survive the restart"
+            assert [p.poll() for p in (consumer, relay, hooks)] == [None] * 3, "all survive it"
         finally:
             _stop(consumer, tmp_path / "consumer.log")
             _stop(relay, tmp_path / "relay.log")
+            _stop(hooks, tmp_path / "hooks.log")
         ids = _ids_by_message(receiver)
     distinct = set().union(*ids.values())
     assert len(distinct) == count

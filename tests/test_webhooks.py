@@ -16,11 +16,18 @@ from mailferry.models import Event, WebhookAttempt, WebhookEndpoint
 from mailferry.replay import Replayer
 from mailferry.users import add_user
 from tests.imap_fixtures import nested_too_deep
+from consumer.main import build_handlers
+from consumer.webhooks import WebhookHandler
 from tests.pipeline import consumer_thread, queue_depth, wait_for
 from devstack.webhook_receiver import Receiver, relay_thread
 
 MESSAGE = (b"From: Alice <alice@example.net>\r\nTo: bob@example.org\r\nSubject: Hello\r\n"
            b"Message-ID: <hook-1@example.net>\r\nContent-Type: text/plain\r\n\r\nHi Bob.\r\n")
+
+
+def mail_and_webhooks(settings):
+    """The consumer's lanes and the webhook worker's, in one runner in a thread."""
+    return consumer_thread(settings, [*build_handlers(settings), WebhookHandler(settings)])
 
 
 def _setup(settings, receiver, **endpoint):
@@ -41,7 +48,7 @@ def test_a_stored_message_is_posted_signed_with_its_payload(sqlite_broker_settin
     settings = sqlite_broker_settings
     with Receiver([200]) as receiver:
         _, secret = _setup(settings, receiver)
-        with consumer_thread(settings), relay_thread(settings):
+        with mail_and_webhooks(settings), relay_thread(settings):
             _inject(settings)
             wait_for(lambda: receiver.got(), timeout=20, message="the webhook")
         [got] = receiver.got()
@@ -60,7 +67,7 @@ def test_two_failures_then_success_deliver_once_with_one_id_at_the_configured_sp
     settings = sqlite_broker_settings.replace(webhook_schedule="1,2,30")
     with Receiver([500, 500, 200]) as receiver:
         _, secret = _setup(settings, receiver)
-        with consumer_thread(settings), relay_thread(settings):
+        with mail_and_webhooks(settings), relay_thread(settings):
             _inject(settings)
             wait_for(lambda: len(receiver.got()) >= 3, timeout=30, message="three attempts")
             time.sleep(1.5)  # nothing more may come
@@ -80,7 +87,7 @@ def test_410_gone_disables_the_endpoint(sqlite_broker_settings):
     settings = sqlite_broker_settings.replace(webhook_schedule="1")
     with Receiver([410]) as receiver:
         _setup(settings, receiver)
-        with consumer_thread(settings), relay_thread(settings):
+        with mail_and_webhooks(settings), relay_thread(settings):
             _inject(settings)
             wait_for(lambda: not WebhookEndpoint.get().enabled, timeout=20, message="disabled")
             time.sleep(1.5)  # no retry
@@ -94,7 +101,7 @@ def test_a_receiver_down_past_the_last_attempt_is_dead_lettered_and_replay_deliv
     settings = sqlite_broker_settings.replace(webhook_schedule="1,1")
     with Receiver([503]) as receiver:
         _, secret = _setup(settings, receiver)
-        with consumer_thread(settings), relay_thread(settings):
+        with mail_and_webhooks(settings), relay_thread(settings):
             _inject(settings)
             wait_for(lambda: queue_depth(settings.amqp_url, broker.DEAD) == 1, timeout=30,
                      message="the delivery in mailferry.dead")
@@ -118,7 +125,7 @@ def test_an_endpoint_for_one_user_gets_only_that_users_events(sqlite_broker_sett
         carol = add_user("carol@example.org")
         webhooks.add_endpoint(settings, mine.url, user=bob)
         webhooks.add_endpoint(settings, theirs.url, user=carol, events=["message.stored"])
-        with consumer_thread(settings), relay_thread(settings):
+        with mail_and_webhooks(settings), relay_thread(settings):
             _inject(settings)
             wait_for(lambda: mine.got(), timeout=20, message="bob's webhook")
             time.sleep(1.0)
@@ -130,7 +137,7 @@ def test_unrouted_and_quarantined_mail_are_events_too(sqlite_broker_settings):
     with Receiver([200]) as receiver:
         webhooks.add_endpoint(settings, receiver.url)
         add_user("bob@example.org")
-        with consumer_thread(settings), relay_thread(settings):
+        with mail_and_webhooks(settings), relay_thread(settings):
             injector = Injector(settings)
             injector.inject(MESSAGE, ["nobody@example.org"], "alice@example.net")
             injector.inject(nested_too_deep(1), ["bob@example.org"], "alice@example.net")
