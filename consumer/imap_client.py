@@ -108,6 +108,22 @@ class ImapSession:
                                   int(response.get(b"EXISTS") or 0), _int(modseq))
         return self.folder
 
+    def syncable_folders(self, skip: Iterable[str] = ()) -> list[str]:
+        """Every folder that can be selected, but the SPECIAL-USE ones no inbound mail is in
+        (RFC 6154: \\Trash, \\Junk, \\Sent, \\Drafts, \\All) and ``skip``. imapclient
+        decodes the names from modified UTF-7 (RFC 3501), or takes them as UTF-8 (RFC 6855)."""
+        skipped = set(skip)
+        with translated("list folders", self.where):
+            listed = self.client.list_folders()
+        out = []
+        for flags, _, name in listed:
+            if isinstance(name, bytes):
+                name = name.decode("utf-8", "replace")
+            if {f.lower() for f in flags} & _NOT_SYNCED or name in skipped:
+                continue
+            out.append(name)
+        return out
+
     def uids_after(self, last_uid: int) -> list[int]:
         """UIDs above ``last_uid``, ascending.
 
@@ -192,6 +208,11 @@ class ImapSession:
                 self.client.shutdown()
             except Exception:  # noqa: BLE001
                 pass
+
+
+# LIST flags of folders never synced: not selectable, or SPECIAL-USE without inbound mail.
+_NOT_SYNCED = {b"\\noselect", b"\\nonexistent", b"\\trash", b"\\junk", b"\\sent",
+               b"\\drafts", b"\\all"}
 
 
 def uid_ranges(uids: Iterable[int]) -> str:

@@ -140,6 +140,14 @@ class MailboxSync:
         if self.parse_pool is not None:
             self.parse_pool.close()
 
+    def folders(self, config: ImapConfig) -> list[str]:
+        """Every folder of the mailbox a fetch of ``"*"`` syncs (``syncable_folders``)."""
+        session = self.connect(config, float(self.settings.imap_timeout))
+        try:
+            return session.syncable_folders(skip=[config.move_to] if config.move_to else [])
+        finally:
+            session.close()
+
     def run(self, user: User, config: ImapConfig, folder: str | None = None, *,
             keep_going: Callable[[], bool] = lambda: True,
             progress: Progress | None = None, deadline: float | None = None) -> SyncResult:

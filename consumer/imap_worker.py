@@ -27,7 +27,7 @@ from mailferry.contracts import FetchJob
 from mailferry.errors import (
     ContractError, EmailConfigError, MailferryError, PermanentError, TransientError,
 )
-from mailferry.mailbox_config import EmailConfigManager
+from mailferry.mailbox_config import ALL_FOLDERS, EmailConfigManager
 from mailferry.models import EmailTask, TaskSource, TaskStatus, User, utcnow
 from consumer.handler import Delivery, Handler, Outcome
 
@@ -106,9 +106,9 @@ def run_fetch_task(task: EmailTask, folder: str | None, *, sync: MailboxSync,
         config = configs.get_imap_config(user)
     except EmailConfigError as exc:
         return _fail(task_id, f"unusable IMAP configuration: {exc}")
-    folder = folder or config.folder
     tasks.add_execution_log(task_id, "fetch", f"Email fetch started: user={user.email}, "
-                            f"source={TaskSource.IMAP}, folder={folder}, "
+                            f"source={TaskSource.IMAP}, folder="
+                            f"{','.join(config.folders) if config.folders else folder or config.folder}, "
                             f"server={config.host}:{config.port} ({config.security})")
     totals = Counts()
 
@@ -143,9 +143,15 @@ def run_fetch_task(task: EmailTask, folder: str | None, *, sync: MailboxSync,
         retry=retry_if_exception_type(TransientError), stop=stop_after_attempt(attempts),
         wait=wait_exponential(multiplier=backoff, max=FETCH_BACKOFF_MAX),
         before_sleep=before_retry, reraise=True, sleep=_sleep_unless_cancelled(task_id))
+    results: list[SyncResult] = []
     try:
-        result = retrying(lambda: _sync_unless_cancelled(sync, user, config, folder, task_id,
-                                                         on_progress, attempt_deadline))
+        for name in retrying(lambda: _folders_to_sync(sync, config, folder)):
+            result = retrying(lambda: _sync_unless_cancelled(sync, user, config, name, task_id,
+                                                             on_progress, attempt_deadline))
+            if result is None or result.cancelled:
+                log.info("task=%s ended by someone else (watchdog?): stopped, outcome kept", task_id)
+                return tasks.get_task(task_id).status
+            results.append(result)
     except PermanentError as exc:  # wrong password, missing folder, bad certificate …
         return _fail(task_id, str(exc))
     except TransientError as exc:
@@ -153,9 +159,11 @@ def run_fetch_task(task: EmailTask, folder: str | None, *, sync: MailboxSync,
     except Exception as exc:  # a bug: record it on the task before the job is acked
         log.exception("task=%s: unexpected error", task_id)
         return _fail(task_id, f"unexpected error: {exc!r}")
-    if result is None or result.cancelled:
-        log.info("task=%s ended by someone else (watchdog?): stopped, outcome kept", task_id)
-        return tasks.get_task(task_id).status
+    if not results:
+        return _fail(task_id, "no folder to sync: the server lists none that is not excluded")
+    result = results[0]
+    result.seconds = sum(r.seconds for r in results)
+    result.skipped = [s for r in results for s in r.skipped]
     tasks.add_execution_log(task_id, "complete",
                             f"Email fetch completed: user={user.email}, source={TaskSource.IMAP}, "
                             f"count={totals.saved} (fetched {totals.fetched}, duplicates "
@@ -163,12 +171,25 @@ def run_fetch_task(task: EmailTask, folder: str | None, *, sync: MailboxSync,
     if result.skipped:
         tasks.add_execution_log(task_id, "skipped", f"{len(result.skipped)} message(s) left on "
                                 f"the server: " + "; ".join(result.skipped[:20]), "WARNING")
-    details = {**(task.details or {}), "folder": folder, "uidvalidity": result.uidvalidity,
+    details = {**(task.details or {}), "folder": result.folder, "uidvalidity": result.uidvalidity,
                "last_uid": result.last_uid, "duplicates": totals.duplicates,
                "refetch": result.refetch, "skipped": result.skipped[:100]}
+    if len(results) > 1:
+        details["folders"] = {r.folder: {"uidvalidity": r.uidvalidity, "last_uid": r.last_uid,
+                                         "fetched": r.fetched} for r in results}
     if not tasks.update_status(task_id, TaskStatus.COMPLETED, details=details):
         return tasks.get_task(task_id).status
     return TaskStatus.COMPLETED
+
+
+def _folders_to_sync(sync: MailboxSync, config, folder: str | None) -> list[str]:
+    """The configured folders (all but the excluded ones for "*"), else the job's folder,
+    else the configured one."""
+    if config.folders == (ALL_FOLDERS,):
+        return sync.folders(config)
+    if config.folders:
+        return list(config.folders)
+    return [folder or config.folder]
 
 
 def _sync_unless_cancelled(sync: MailboxSync, user: User, config, folder: str, task_id: str,

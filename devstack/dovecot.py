@@ -195,6 +195,18 @@ mail_location = maildir:~/Maildir
 mail_fsync = never
 namespace inbox {{
   inbox = yes
+  mailbox Trash {{
+    special_use = \\Trash
+  }}
+  mailbox Junk {{
+    special_use = \\Junk
+  }}
+  mailbox Sent {{
+    special_use = \\Sent
+  }}
+  mailbox Drafts {{
+    special_use = \\Drafts
+  }}
 }}
 passdb {{
   driver = passwd-file

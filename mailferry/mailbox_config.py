@@ -31,7 +31,8 @@ SECURITY_CHOICES = ("ssl", "starttls", "none")
 DEFAULT_PORTS = {"ssl": 993, "starttls": 143, "none": 143}
 ENCRYPTED_PREFIX = "fernet:"
 # Options a user may change without giving the credentials again (update_fetch_config).
-FETCH_OPTIONS = ("folder", "mark_seen", "move_to")
+FETCH_OPTIONS = ("folder", "folders", "mark_seen", "move_to")
+ALL_FOLDERS = "*"  # imap_config.folders = ["*"]: every folder but Trash, Junk, Sent, Drafts, All
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,9 @@ class ImapConfig:
     mark_seen: bool = False  # after saving: set \\Seen on the server (off: the server is left as it was)
     move_to: str | None = None  # after saving: move the message to this folder
     ca_file: str | None = None  # extra CA bundle for a server with a private certificate
+    # The folders a fetch syncs, each with its own checkpoint; empty: ``folder`` alone;
+    # ("*",): all but the SPECIAL-USE \Trash, \Junk, \Sent, \Drafts, \All and ``move_to``.
+    folders: tuple[str, ...] = ()
 
     @property
     def changes_server(self) -> bool:
@@ -96,9 +100,30 @@ def validate_imap_config(cfg: dict[str, Any] | None) -> ImapConfig:
         if move_to == folder:
             raise EmailConfigError("imap_config.move_to: must differ from imap_config.folder")
     ca_file = cfg.get("ca_file") or None
+    folders = _folders(cfg.get("folders"), move_to)
     return ImapConfig(host=host, port=port, username=str(cfg["username"]),
                       password=str(cfg["password"]), security=security, folder=folder,
-                      mark_seen=mark_seen, move_to=move_to, ca_file=str(ca_file) if ca_file else None)
+                      mark_seen=mark_seen, move_to=move_to, ca_file=str(ca_file) if ca_file else None,
+                      folders=folders)
+
+
+def _folders(value, move_to: str | None) -> tuple[str, ...]:
+    if value in (None, "", []):
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise EmailConfigError(f"imap_config.folders: {value!r} must be a list of folder names")
+    names = tuple(dict.fromkeys(v.strip() for v in value))
+    for name in names:
+        if not name or any(c in name for c in "\r\n\0"):
+            raise EmailConfigError(f"imap_config.folders: {name!r} is not a folder name")
+    if ALL_FOLDERS in names and len(names) > 1:
+        raise EmailConfigError('imap_config.folders: "*" (all folders) stands alone')
+    if move_to is not None and move_to in names:
+        raise EmailConfigError("imap_config.folders: must not hold move_to (mail moved there "
+                               "would be fetched again)")
+    return names
 
 
 def load_fernet(settings: Settings) -> Fernet:

@@ -26,6 +26,9 @@ def register(sub) -> dict:
                           "the stored password is kept")
     cmd.add_argument("--security", choices=SECURITY_CHOICES, default="ssl")
     cmd.add_argument("--folder", default="INBOX")
+    cmd.add_argument("--folders", metavar="A,B,…", default="",
+                     help='sync these folders (each its own checkpoint) instead of --folder; '
+                          '"*": all but Trash, Junk, Sent, Drafts, All and --move-to')
     cmd.add_argument("--mark-seen", action="store_true",
                      help="set \\Seen on the server after saving (default: leave flags alone)")
     cmd.add_argument("--move-to", metavar="FOLDER", help="move messages there after saving")
@@ -67,9 +70,11 @@ def imap_set(args) -> int:
         "host": args.host, "port": args.port or DEFAULT_PORTS[args.security],
         "username": args.username, "password": password, "security": args.security,
         "folder": args.folder, "mark_seen": args.mark_seen, "move_to": args.move_to,
-        "ca_file": args.ca_file})
+        "ca_file": args.ca_file,
+        "folders": [f for f in args.folders.split(",") if f.strip()]})
+    folders = ", ".join(config.folders) if config.folders else config.folder
     print(f"IMAP mailbox of {user.email}: {config.username}@{config.host}:{config.port} "
-          f"({config.security}), folder {config.folder}; password stored encrypted")
+          f"({config.security}), folder(s) {folders}; password stored encrypted")
     return 0
 
 
