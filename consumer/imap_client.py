@@ -177,6 +177,18 @@ class ImapSession:
                 raise EmailConfigError(
                     f"{self.where}: move_to needs a server with MOVE or UIDPLUS; this one has neither")
 
+    def delete(self, uids: list[int]) -> None:
+        """\\Deleted + UID EXPUNGE of exactly ``uids`` (UIDPLUS): never a plain EXPUNGE,
+        which would also remove what the user had flagged \\Deleted."""
+        if not uids:
+            return
+        if b"UIDPLUS" not in self.capabilities:
+            raise EmailConfigError(f"{self.where}: delete needs a server with UIDPLUS (UID "
+                                   "EXPUNGE); this one has none")
+        with translated("delete", self.where):
+            self.client.add_flags(uid_ranges(uids), [b"\\Deleted"], silent=True)
+            self.client.uid_expunge(uid_ranges(uids))
+
     def limit_literals(self, max_bytes: int) -> None:
         """Refuse any literal the server announces larger than ``max_bytes`` before reading
         it: imaplib reads a ``{n}`` literal whole into memory, whatever n a server claims."""

@@ -35,7 +35,7 @@ from consumer.save import (
 from mailferry import metrics, outbox
 from mailferry.config import Settings
 from mailferry.db import translated
-from mailferry.errors import EmailFetchError, TransientError
+from mailferry.errors import EmailConfigError, EmailFetchError, TransientError
 from mailferry.mailbox_config import ImapConfig
 from mailferry.models import MailboxState, User, db, utcnow
 from mailferry.spool import Spool
@@ -79,6 +79,7 @@ class SyncResult(Counts):
     connect_seconds: float = 0.0  # of which: connecting and logging in
     seconds: float = 0.0
     skipped: list[str] = field(default_factory=list)  # UIDs not fetched, with the reason
+    action_errors: list[str] = field(default_factory=list)  # after-fetch actions that failed
 
 
 Progress = Callable[[SyncResult, "Counts | None"], None]
@@ -192,6 +193,9 @@ class MailboxSync:
         folder = _timed(result, lambda: session.select(result.folder, readonly=not config.changes_server))
         state = _checkpoint(user.id, result.folder)
         result.uidvalidity = folder.uidvalidity
+        if state.pending_action and state.uidvalidity == folder.uidvalidity and config.changes_server:
+            # Stored by an earlier run that ended before its action: done now, not refetched.
+            self._act(session, config, state, result, where)
         last_uid = state.last_uid
         if state.uidvalidity != folder.uidvalidity:
             if state.uidvalidity is not None:
@@ -286,18 +290,24 @@ class MailboxSync:
         if run.result.cancelled:
             return
         self._store(run, batch, batch.parser.collect(batch.parsing))
+        def kept(outcomes: list) -> list:
+            """The outcomes; ``batch.keep`` their UIDs saved or already there (the ones the
+            after-fetch action may touch: one the database refused stays where it is)."""
+            batch.keep = [item.uid for item, saved in zip(batch.items, outcomes) if saved is not None]
+            return outcomes
+
         outcomes = commit_batch(
             f"{run.where}: committing a batch",
-            fast=lambda: _save_fast(batch.items),
-            one_by_one=lambda: [self._save_one(run, item) for item in batch.items],
-            then=lambda: _save_checkpoint(run.state, run.folder, batch.uids[-1], final=batch.final))
-        for item, saved in zip(batch.items, outcomes):
+            fast=lambda: kept(_save_fast(batch.items)),
+            one_by_one=lambda: kept([self._save_one(run, item) for item in batch.items]),
+            then=lambda: _save_checkpoint(run.state, run.folder, batch.uids[-1], final=batch.final,
+                                          pending=batch.keep if run.config.changes_server else None))
+        for saved in outcomes:
             if saved is None:
                 batch.counts.failed += 1
                 continue
             batch.counts.saved += len(saved.stored)
             batch.counts.duplicates += saved.duplicates
-            batch.keep.append(item.uid)
         _count(batch.counts)
         run.result.add(batch.counts)
         run.result.batches += 1
@@ -315,11 +325,33 @@ class MailboxSync:
             return None
 
     def _after_save(self, run: _Run, batch: _Batch) -> None:
-        """What the user asked to happen on the server, only for what is safely stored."""
-        if run.config.mark_seen:
-            _timed(run.result, lambda: run.session.mark_seen(batch.keep))
-        if run.config.move_to:
-            _timed(run.result, lambda: run.session.move(batch.keep, run.config.move_to))
+        """What the user asked to happen on the server, only for what is safely stored: the
+        checkpoint's ``pending_action`` holds those UIDs from the commit until this is done."""
+        if run.config.changes_server:
+            self._act(run.session, run.config, run.state, run.result, run.where)
+
+    def _act(self, session: ImapSession, config: ImapConfig, state: MailboxState,
+             result: SyncResult, where: str) -> None:
+        """Do the pending action on ``state``'s UIDs and clear them; a refusal is logged on
+        the result (and so on the task) and left pending for the next run."""
+        uids = sorted(set(state.pending_action or []))
+        if not uids:
+            return
+        try:
+            if config.mark_seen:
+                _timed(result, lambda: session.mark_seen(uids))
+            if config.move_to:
+                _timed(result, lambda: session.move(uids, config.move_to))
+            if config.delete:
+                _timed(result, lambda: session.delete(uids))
+        except (EmailFetchError, EmailConfigError) as exc:
+            reason = f"after-fetch action on {len(uids)} message(s) failed, retried next run: {exc}"
+            log.warning("%s: %s", where, reason)
+            result.action_errors.append(reason)
+            return
+        with translated("clearing the pending IMAP action"):
+            MailboxState.update(pending_action=[]).where(MailboxState.id == state.id).execute()
+        state.pending_action = []
 
     def _quarantine(self, run: _Run, uid: int, raw: bytes, reason: str) -> None:
         # A name made of the message's place on the server: a re-fetch overwrites, not piles up.
@@ -392,12 +424,17 @@ def _checkpoint(user_id: int, folder: str) -> MailboxState:
     return state
 
 
-def _save_checkpoint(state: MailboxState, folder: FolderState, last_uid: int, *, final: bool) -> None:
-    """Move the checkpoint; HIGHESTMODSEQ only with the final batch of a run."""
+def _save_checkpoint(state: MailboxState, folder: FolderState, last_uid: int, *, final: bool,
+                     pending: list[int] | None = None) -> None:
+    """Move the checkpoint; HIGHESTMODSEQ only with the final batch of a run; ``pending``:
+    the batch's stored UIDs whose action is still to do (added to those not yet done)."""
     same_mailbox = state.uidvalidity == folder.uidvalidity
     modseq = folder.highestmodseq if final else (state.highestmodseq if same_mailbox else None)
     values = {"uidvalidity": folder.uidvalidity, "last_uid": last_uid,
               "highestmodseq": modseq, "last_fetch_at": utcnow()}
+    if pending is not None:
+        values["pending_action"] = sorted(set((state.pending_action or []) if same_mailbox else [])
+                                          | set(pending))
     with translated("moving the IMAP checkpoint"):
         MailboxState.update(**values).where(MailboxState.id == state.id).execute()
     for name, value in values.items():

@@ -168,6 +168,8 @@ def run_fetch_task(task: EmailTask, folder: str | None, *, sync: MailboxSync,
                             f"Email fetch completed: user={user.email}, source={TaskSource.IMAP}, "
                             f"count={totals.saved} (fetched {totals.fetched}, duplicates "
                             f"{totals.duplicates}, failed {totals.failed}, in {result.seconds:.1f} s)")
+    for reason in (r for each in results for r in each.action_errors):
+        tasks.add_execution_log(task_id, "after_fetch", reason, "WARNING")
     if result.skipped:
         tasks.add_execution_log(task_id, "skipped", f"{len(result.skipped)} message(s) left on "
                                 f"the server: " + "; ".join(result.skipped[:20]), "WARNING")

@@ -31,7 +31,7 @@ SECURITY_CHOICES = ("ssl", "starttls", "none")
 DEFAULT_PORTS = {"ssl": 993, "starttls": 143, "none": 143}
 ENCRYPTED_PREFIX = "fernet:"
 # Options a user may change without giving the credentials again (update_fetch_config).
-FETCH_OPTIONS = ("folder", "folders", "mark_seen", "move_to")
+FETCH_OPTIONS = ("folder", "folders", "mark_seen", "move_to", "delete")
 ALL_FOLDERS = "*"  # imap_config.folders = ["*"]: every folder but Trash, Junk, Sent, Drafts, All
 
 
@@ -47,6 +47,7 @@ class ImapConfig:
     folder: str = "INBOX"
     mark_seen: bool = False  # after saving: set \\Seen on the server (off: the server is left as it was)
     move_to: str | None = None  # after saving: move the message to this folder
+    delete: bool = False  # after saving: \\Deleted + UID EXPUNGE of exactly those messages
     ca_file: str | None = None  # extra CA bundle for a server with a private certificate
     # The folders a fetch syncs, each with its own checkpoint; empty: ``folder`` alone;
     # ("*",): all but the SPECIAL-USE \Trash, \Junk, \Sent, \Drafts, \All and ``move_to``.
@@ -54,7 +55,7 @@ class ImapConfig:
 
     @property
     def changes_server(self) -> bool:
-        return self.mark_seen or bool(self.move_to)
+        return self.mark_seen or bool(self.move_to) or self.delete
 
     def public(self) -> dict[str, Any]:
         """The settings without the password, for `imap show` and log lines."""
@@ -99,12 +100,17 @@ def validate_imap_config(cfg: dict[str, Any] | None) -> ImapConfig:
             raise EmailConfigError(f"imap_config.move_to: {move_to!r} is not a folder name")
         if move_to == folder:
             raise EmailConfigError("imap_config.move_to: must differ from imap_config.folder")
+    delete = cfg.get("delete", False)
+    if not isinstance(delete, bool):
+        raise EmailConfigError(f"imap_config.delete: {delete!r} must be true or false")
+    if delete and move_to:
+        raise EmailConfigError("imap_config.delete and move_to: choose one")
     ca_file = cfg.get("ca_file") or None
     folders = _folders(cfg.get("folders"), move_to)
     return ImapConfig(host=host, port=port, username=str(cfg["username"]),
                       password=str(cfg["password"]), security=security, folder=folder,
                       mark_seen=mark_seen, move_to=move_to, ca_file=str(ca_file) if ca_file else None,
-                      folders=folders)
+                      folders=folders, delete=delete)
 
 
 def _folders(value, move_to: str | None) -> tuple[str, ...]:

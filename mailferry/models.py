@@ -128,6 +128,9 @@ class MailboxState(BaseModel):
     last_uid = BigIntegerField(default=0)
     highestmodseq = BigIntegerField(null=True)
     last_fetch_at = DateTimeField(null=True)
+    # UIDs stored (in the transaction that moved the checkpoint) whose after-fetch action
+    # (mark_seen, move_to, delete) is not yet done: redone by the next run, never refetched.
+    pending_action = JSONField(default=list)
 
     class Meta:
         indexes = ((("user", "folder"), True),)

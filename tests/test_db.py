@@ -27,6 +27,16 @@ def test_a_database_made_before_attachment_nesting_gains_its_columns(settings):
     assert 2 in {row.version for row in SchemaVersion.select()}
 
 
+def test_a_database_made_before_pending_actions_gains_the_column(settings):
+    from mailferry.models import MailboxState
+    table = MailboxState._meta.table_name
+    dbmod.db.execute_sql(f'ALTER TABLE "{table}" DROP COLUMN "pending_action"')
+    SchemaVersion.delete().where(SchemaVersion.version == 4).execute()
+    dbmod.open_database(settings.resolved_database_url)
+    assert "pending_action" in {c.name for c in dbmod.db.get_columns(table)}
+    assert 4 in {row.version for row in SchemaVersion.select()}
+
+
 def test_a_new_migration_step_runs_once(settings, monkeypatch):
     calls = []
 
