@@ -95,3 +95,17 @@ def test_delete_and_move_to_together_are_refused(imap_user):
     from mailferry.errors import EmailConfigError
     with pytest.raises(EmailConfigError, match="choose one"):
         imap_user.configure(delete=True, move_to="Done")
+
+
+def test_imap_set_delete_is_stored(imap_user, monkeypatch, capsys):
+    import io
+    from mailferry.cli import main
+
+    account = imap_user.account
+    monkeypatch.setenv("MAILFERRY_VAR_DIR", str(imap_user.settings.var_dir))
+    monkeypatch.setenv("MAILFERRY_DATABASE_URL", imap_user.settings.resolved_database_url)
+    monkeypatch.setattr("sys.stdin", io.StringIO(account.password + "\n"))
+    assert main(["imap", "set", imap_user.user.email, "--host", account.host, "--port",
+                 str(account.port), "--username", account.username, "--password-stdin",
+                 "--security", "none", "--delete"]) == 0
+    assert imap_user.config.delete is True and imap_user.config.changes_server

@@ -32,6 +32,9 @@ def register(sub) -> dict:
     cmd.add_argument("--mark-seen", action="store_true",
                      help="set \\Seen on the server after saving (default: leave flags alone)")
     cmd.add_argument("--move-to", metavar="FOLDER", help="move messages there after saving")
+    cmd.add_argument("--delete", action="store_true",
+                     help="delete messages from the server after saving (UID EXPUNGE of "
+                          "exactly those)")
     cmd.add_argument("--ca-file", metavar="PATH", help="CA bundle for a private certificate")
     cmd.set_defaults(func=imap_set)
 
@@ -71,7 +74,7 @@ def imap_set(args) -> int:
         "username": args.username, "password": password, "security": args.security,
         "folder": args.folder, "mark_seen": args.mark_seen, "move_to": args.move_to,
         "ca_file": args.ca_file,
-        "folders": [f for f in args.folders.split(",") if f.strip()]})
+        "folders": [f for f in args.folders.split(",") if f.strip()], "delete": args.delete})
     folders = ", ".join(config.folders) if config.folders else config.folder
     print(f"IMAP mailbox of {user.email}: {config.username}@{config.host}:{config.port} "
           f"({config.security}), folder(s) {folders}; password stored encrypted")
