@@ -264,7 +264,14 @@ def connect(config: ImapConfig, timeout: float) -> ImapSession:
         with translated("login", where):
             if config.security == "starttls":
                 client.starttls(context)
-            client.login(config.username, config.password)
+            if config.oauth2:
+                mechanism = str(config.oauth2.get("mechanism", "XOAUTH2")).upper()
+                if mechanism == "OAUTHBEARER":
+                    client.oauthbearer_login(config.username, config.access_token or "")
+                else:
+                    client.oauth2_login(config.username, config.access_token or "")
+            else:
+                client.login(config.username, config.password)
             session.capabilities = frozenset(client.capabilities())
             if b"CONDSTORE" in session.capabilities and b"ENABLE" in session.capabilities:
                 # Makes SELECT report HIGHESTMODSEQ: the cheap "did anything change" check.

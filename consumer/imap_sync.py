@@ -14,6 +14,7 @@ The server is left exactly as it was (EXAMINE + BODY.PEEK[]) unless the user ask
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -135,15 +136,28 @@ class MailboxSync:
         self.spool = (spool or Spool(settings.resolved_spool_dir)).ensure()
         self.connect = connect
         self.parse_pool = ParsePool() if parse_in_helper and worth_a_helper() else None
+        self.tokens = None  # mailferry.oauth2.TokenSource, made for the first OAuth2 mailbox
+
+    def _with_token(self, user: User, config: ImapConfig) -> ImapConfig:
+        """``config`` with a live access token, for a mailbox that logs in with OAuth2."""
+        if not config.oauth2:
+            return config
+        if self.tokens is None:
+            from mailferry.mailbox_config import EmailConfigManager
+            from mailferry.oauth2 import TokenSource
+            self.tokens = TokenSource(EmailConfigManager(self.settings))
+        with translated("reading the OAuth2 token"):
+            token = self.tokens.access_token(user, config.oauth2)
+        return dataclasses.replace(config, access_token=token)
 
     def close(self) -> None:
         """Stop the parser helper process, if one was started."""
         if self.parse_pool is not None:
             self.parse_pool.close()
 
-    def folders(self, config: ImapConfig) -> list[str]:
+    def folders(self, user: User, config: ImapConfig) -> list[str]:
         """Every folder of the mailbox a fetch of ``"*"`` syncs (``syncable_folders``)."""
-        session = self.connect(config, float(self.settings.imap_timeout))
+        session = self.connect(self._with_token(user, config), float(self.settings.imap_timeout))
         try:
             return session.syncable_folders(skip=[config.move_to] if config.move_to else [])
         finally:
@@ -156,6 +170,7 @@ class MailboxSync:
         ``deadline`` seconds (default: ``imap_fetch_deadline``)."""
         started = time.perf_counter()
         result = SyncResult(folder=folder or config.folder)
+        config = self._with_token(user, config)
         session = _timed(result, lambda: self.connect(config, float(self.settings.imap_timeout)))
         result.connect_seconds = result.imap_seconds
         session.limit_literals(self.limits.max_message_bytes + LITERAL_SLACK)

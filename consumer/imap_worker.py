@@ -145,7 +145,7 @@ def run_fetch_task(task: EmailTask, folder: str | None, *, sync: MailboxSync,
         before_sleep=before_retry, reraise=True, sleep=_sleep_unless_cancelled(task_id))
     results: list[SyncResult] = []
     try:
-        for name in retrying(lambda: _folders_to_sync(sync, config, folder)):
+        for name in retrying(lambda: _folders_to_sync(sync, user, config, folder)):
             result = retrying(lambda: _sync_unless_cancelled(sync, user, config, name, task_id,
                                                              on_progress, attempt_deadline))
             if result is None or result.cancelled:
@@ -184,11 +184,11 @@ def run_fetch_task(task: EmailTask, folder: str | None, *, sync: MailboxSync,
     return TaskStatus.COMPLETED
 
 
-def _folders_to_sync(sync: MailboxSync, config, folder: str | None) -> list[str]:
+def _folders_to_sync(sync: MailboxSync, user: User, config, folder: str | None) -> list[str]:
     """The configured folders (all but the excluded ones for "*"), else the job's folder,
     else the configured one."""
     if config.folders == (ALL_FOLDERS,):
-        return sync.folders(config)
+        return sync.folders(user, config)
     if config.folders:
         return list(config.folders)
     return [folder or config.folder]

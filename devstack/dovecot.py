@@ -80,7 +80,11 @@ class DovecotServer:
     ``host``, ``port`` (plain IMAP, STARTTLS offered when ssl), ``ssl_port`` (IMAPS, or None),
     ``cert_path`` (the self-signed certificate, for clients that verify)."""
 
-    def __init__(self, workdir: Path, users: dict[str, str] | None = None, ssl: bool = True):
+    def __init__(self, workdir: Path, users: dict[str, str] | None = None, ssl: bool = True,
+                 oauth2_introspection_url: str | None = None):
+        # Set: a passdb ``oauth2`` before the password one, asking this URL (RFC 7662
+        # introspection) whether an XOAUTH2 / OAUTHBEARER token is live.
+        self.oauth2_introspection_url = oauth2_introspection_url
         self.workdir = Path(workdir).resolve()
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.users: dict[str, str] = {}
@@ -174,6 +178,15 @@ class DovecotServer:
             if self.ssl
             else "  inet_listener imaps {\n    port = 0\n  }\n"
         )
+        oauth2_mechanisms = " xoauth2 oauthbearer" if self.oauth2_introspection_url else ""
+        oauth2_passdb = ""
+        if self.oauth2_introspection_url:
+            (r / "oauth2.conf.ext").write_text(
+                f"introspection_mode = post\nintrospection_url = {self.oauth2_introspection_url}\n"
+                "force_introspection = yes\nusername_attribute = username\n"
+                "active_attribute = active\nactive_value = true\n")
+            oauth2_passdb = (f"passdb {{\n  driver = oauth2\n  mechanisms = xoauth2 oauthbearer\n"
+                             f"  args = {r}/oauth2.conf.ext\n}}\n")
         return f"""# Throwaway test server written by devstack/dovecot.py
 instance_name = {self.instance}
 base_dir = {r}/run
@@ -184,7 +197,7 @@ protocols = imap
 listen = {LOOPBACK}
 import_environment = TZ {MARKER}={self.instance}
 {ssl_lines}disable_plaintext_auth = no
-auth_mechanisms = plain login
+auth_mechanisms = plain login{oauth2_mechanisms}
 auth_failure_delay = 0
 default_login_user = dovenull
 default_internal_user = dovecot
@@ -208,7 +221,7 @@ namespace inbox {{
     special_use = \\Drafts
   }}
 }}
-passdb {{
+{oauth2_passdb}passdb {{
   driver = passwd-file
   args = scheme=PLAIN username_format=%u {r}/users.d/%u
 }}

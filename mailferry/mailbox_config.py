@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import stat
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ DEFAULT_PORTS = {"ssl": 993, "starttls": 143, "none": 143}
 ENCRYPTED_PREFIX = "fernet:"
 # Options a user may change without giving the credentials again (update_fetch_config).
 FETCH_OPTIONS = ("folder", "folders", "mark_seen", "move_to", "delete")
+OAUTH2_SECRETS = ("client_secret", "refresh_token")  # encrypted at rest, like the password
 ALL_FOLDERS = "*"  # imap_config.folders = ["*"]: every folder but Trash, Junk, Sent, Drafts, All
 
 
@@ -52,6 +53,10 @@ class ImapConfig:
     # The folders a fetch syncs, each with its own checkpoint; empty: ``folder`` alone;
     # ("*",): all but the SPECIAL-USE \Trash, \Junk, \Sent, \Drafts, \All and ``move_to``.
     folders: tuple[str, ...] = ()
+    # OAuth2 instead of the password (mailferry.oauth2): provider, client_id, client_secret,
+    # refresh_token, token_url, scopes, mechanism (XOAUTH2 or OAUTHBEARER).
+    oauth2: dict | None = field(default=None, repr=False)
+    access_token: str | None = field(default=None, repr=False, compare=False)  # never stored
 
     @property
     def changes_server(self) -> bool:
@@ -61,6 +66,10 @@ class ImapConfig:
         """The settings without the password, for `imap show` and log lines."""
         data = asdict(self)
         data["password"] = "(set)" if self.password else "(not set)"
+        data.pop("access_token", None)
+        if self.oauth2:
+            data["oauth2"] = {k: ("(set)" if k in OAUTH2_SECRETS and v else v)
+                              for k, v in self.oauth2.items()}
         return data
 
 
@@ -68,7 +77,15 @@ def validate_imap_config(cfg: dict[str, Any] | None) -> ImapConfig:
     """Check a raw ``imap_config`` dict; EmailConfigError names the first bad field."""
     if not isinstance(cfg, dict):
         raise EmailConfigError("imap_config: missing (expected host, port, username, password, security)")
-    for name in ("host", "port", "username", "password"):
+    oauth2 = cfg.get("oauth2") or None
+    if oauth2 is not None:
+        if not isinstance(oauth2, dict):
+            raise EmailConfigError("imap_config.oauth2: must be an object")
+        from mailferry.oauth2 import resolved  # checks what it needs
+        resolved(oauth2)
+        if str(oauth2.get("mechanism", "XOAUTH2")).upper() not in ("XOAUTH2", "OAUTHBEARER"):
+            raise EmailConfigError("imap_config.oauth2.mechanism: XOAUTH2 or OAUTHBEARER")
+    for name in ("host", "port", "username") + (() if oauth2 else ("password",)):
         value = cfg.get(name)
         if value is None or (isinstance(value, str) and not value.strip()):
             raise EmailConfigError(f"imap_config.{name}: required")
@@ -108,9 +125,9 @@ def validate_imap_config(cfg: dict[str, Any] | None) -> ImapConfig:
     ca_file = cfg.get("ca_file") or None
     folders = _folders(cfg.get("folders"), move_to)
     return ImapConfig(host=host, port=port, username=str(cfg["username"]),
-                      password=str(cfg["password"]), security=security, folder=folder,
+                      password=str(cfg.get("password") or ""), security=security, folder=folder,
                       mark_seen=mark_seen, move_to=move_to, ca_file=str(ca_file) if ca_file else None,
-                      folders=folders, delete=delete)
+                      folders=folders, delete=delete, oauth2=dict(oauth2) if oauth2 else None)
 
 
 def _folders(value, move_to: str | None) -> tuple[str, ...]:
@@ -205,6 +222,9 @@ class EmailConfigManager:
             imap = dict(value["imap_config"])
             if imap.get("password"):
                 imap["password"] = self._decrypt(imap["password"])
+            if isinstance(imap.get("oauth2"), dict):
+                imap["oauth2"] = {k: (self._decrypt(v) if k in OAUTH2_SECRETS and v else v)
+                                  for k, v in imap["oauth2"].items()}
             value["imap_config"] = imap
         return value
 
@@ -242,8 +262,11 @@ class EmailConfigManager:
         return config
 
     def _write(self, user: User | int, config: ImapConfig) -> None:
-        stored = {k: v for k, v in asdict(config).items() if v is not None}
-        stored["password"] = self._encrypt(config.password)
+        stored = {k: v for k, v in asdict(config).items() if v is not None and k != "access_token"}
+        stored["password"] = self._encrypt(config.password) if config.password else ""
+        if config.oauth2:
+            stored["oauth2"] = {k: (self._encrypt(v) if k in OAUTH2_SECRETS and v else v)
+                                for k, v in config.oauth2.items()}
         with translated("storing a mailbox configuration"), db.atomic():
             row = _row(user)
             if row is None:
@@ -255,6 +278,17 @@ class EmailConfigManager:
             value.setdefault("filter_config", {})
             (SettingsRow.update(value=value, is_active=True, updated_at=utcnow())
              .where(SettingsRow.id == row.id).execute())
+
+    def save_refresh_token(self, user: User | int, token: str) -> None:
+        """The provider rotated the mailbox's refresh token: keep the new one."""
+        config = self.get_imap_config(user)
+        self._write(user, replace(config, oauth2={**(config.oauth2 or {}), "refresh_token": token}))
+
+    def encrypt_secret(self, value: str) -> str:
+        return self._encrypt(value)
+
+    def decrypt_secret(self, stored: str) -> str:
+        return self._decrypt(stored)
 
     # -- the key ----------------------------------------------------------------------------
 

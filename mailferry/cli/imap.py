@@ -36,6 +36,14 @@ def register(sub) -> dict:
                      help="delete messages from the server after saving (UID EXPUNGE of "
                           "exactly those)")
     cmd.add_argument("--ca-file", metavar="PATH", help="CA bundle for a private certificate")
+    oauth = cmd.add_argument_group("OAuth2 instead of a password (the client secret and the "
+                                   "refresh token are read from stdin, a line each)")
+    oauth.add_argument("--oauth2", action="store_true", help="log in with SASL XOAUTH2")
+    oauth.add_argument("--provider", choices=("google", "microsoft", "custom"), default="custom")
+    oauth.add_argument("--client-id")
+    oauth.add_argument("--token-url", help="custom: the provider's token endpoint")
+    oauth.add_argument("--scopes", help="custom: the scopes to ask for (space-separated)")
+    oauth.add_argument("--mechanism", choices=("XOAUTH2", "OAUTHBEARER"), default="XOAUTH2")
     cmd.set_defaults(func=imap_set)
 
     cmd = imap.add_parser("show", help="show the IMAP configuration and checkpoint (never the password)")
@@ -53,8 +61,12 @@ def find_user(email: str) -> User:
 
 
 def read_password() -> str:
+    return read_secret("IMAP password: ")
+
+
+def read_secret(prompt: str) -> str:
     if sys.stdin.isatty():
-        return getpass.getpass("IMAP password: ")
+        return getpass.getpass(prompt)
     return sys.stdin.readline().rstrip("\r\n")
 
 
@@ -62,7 +74,16 @@ def imap_set(args) -> int:
     settings = open_app()
     user = find_user(args.email)
     configs = EmailConfigManager(settings)
-    if args.password_stdin:
+    oauth2 = None
+    if args.oauth2:
+        password = ""
+        secret = read_secret("OAuth2 client secret: ")
+        refresh = read_secret("OAuth2 refresh token: ")
+        oauth2 = {"provider": args.provider, "client_id": args.client_id, "client_secret": secret,
+                  "refresh_token": refresh, "token_url": args.token_url, "scopes": args.scopes,
+                  "mechanism": args.mechanism}
+        oauth2 = {k: v for k, v in oauth2.items() if v}
+    elif args.password_stdin:
         password = read_password()
     else:
         try:
@@ -74,10 +95,12 @@ def imap_set(args) -> int:
         "username": args.username, "password": password, "security": args.security,
         "folder": args.folder, "mark_seen": args.mark_seen, "move_to": args.move_to,
         "ca_file": args.ca_file,
-        "folders": [f for f in args.folders.split(",") if f.strip()], "delete": args.delete})
+        "folders": [f for f in args.folders.split(",") if f.strip()], "delete": args.delete,
+        "oauth2": oauth2})
     folders = ", ".join(config.folders) if config.folders else config.folder
+    secret = f"OAuth2 ({args.provider}) secrets" if oauth2 else "password"
     print(f"IMAP mailbox of {user.email}: {config.username}@{config.host}:{config.port} "
-          f"({config.security}), folder(s) {folders}; password stored encrypted")
+          f"({config.security}), folder(s) {folders}; {secret} stored encrypted")
     return 0
 
 

@@ -39,6 +39,7 @@ import pytest
 
 from devstack.containers import PostgresContainerService, RabbitMQContainerService, docker_available
 from devstack.dovecot import DovecotServer, dovecot_available
+from devstack.oauth2_server import OAuth2Server
 from devstack.postgres import PostgresAdmin, PostgresServer, postgres_available
 from devstack.rabbitmq import RabbitMQServer, management_request, rabbitmq_available
 
@@ -47,6 +48,7 @@ __all__ = [
     "ExternalRabbitMQ",
     "ExternalPostgres",
     "ImapAccount",
+    "oauth2_provider",
     "rabbitmq",
     "rabbitmq_vhost",
     "restartable_rabbitmq",
@@ -272,14 +274,27 @@ class ImapAccount(NamedTuple):
 
 
 @pytest.fixture(scope="session")
-def dovecot(tmp_path_factory):
+def dovecot(tmp_path_factory, request):
     """The session's Dovecot IMAP server (native; needs root)."""
     if not dovecot_available():
         reason = ("dovecot-imapd is not installed; " + INSTALL_HINT) if os.geteuid() == 0 \
             else "the test dovecot runs as root"
         require_service("Dovecot", reason)
-    server = DovecotServer(tmp_path_factory.mktemp("dovecot"), {})
+    # Its oauth2 passdb (XOAUTH2, OAUTHBEARER) asks the session's OAuth2 provider; password
+    # logins go to the passwd-file passdb as before. (Two Dovecots at once break each
+    # other's auth here, so the OAuth2 tests share this one.)
+    provider = request.getfixturevalue("oauth2_provider")
+    server = DovecotServer(tmp_path_factory.mktemp("dovecot"), {},
+                           oauth2_introspection_url=provider.introspection_url)
     with running(server, stop=server.close):
+        yield server
+
+
+@pytest.fixture(scope="session")
+def oauth2_provider():
+    """The session's OAuth2 token and introspection server on loopback
+    (devstack/oauth2_server.py); a test sets whose tokens it issues."""
+    with OAuth2Server("nobody") as server:
         yield server
 
 
