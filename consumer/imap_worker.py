@@ -161,21 +161,21 @@ def run_fetch_task(task: EmailTask, folder: str | None, *, sync: MailboxSync,
         return _fail(task_id, f"unexpected error: {exc!r}")
     if not results:
         return _fail(task_id, "no folder to sync: the server lists none that is not excluded")
-    result = results[0]
-    result.seconds = sum(r.seconds for r in results)
-    result.skipped = [s for r in results for s in r.skipped]
+    first = results[0]  # the folder the task's details name (the only one, unless `folders`)
+    seconds = sum(r.seconds for r in results)
+    skipped = [s for r in results for s in r.skipped]
     tasks.add_execution_log(task_id, "complete",
                             f"Email fetch completed: user={user.email}, source={TaskSource.IMAP}, "
                             f"count={totals.saved} (fetched {totals.fetched}, duplicates "
-                            f"{totals.duplicates}, failed {totals.failed}, in {result.seconds:.1f} s)")
+                            f"{totals.duplicates}, failed {totals.failed}, in {seconds:.1f} s)")
     for reason in (r for each in results for r in each.action_errors):
         tasks.add_execution_log(task_id, "after_fetch", reason, "WARNING")
-    if result.skipped:
-        tasks.add_execution_log(task_id, "skipped", f"{len(result.skipped)} message(s) left on "
-                                f"the server: " + "; ".join(result.skipped[:20]), "WARNING")
-    details = {**(task.details or {}), "folder": result.folder, "uidvalidity": result.uidvalidity,
-               "last_uid": result.last_uid, "duplicates": totals.duplicates,
-               "refetch": result.refetch, "skipped": result.skipped[:100]}
+    if skipped:
+        tasks.add_execution_log(task_id, "skipped", f"{len(skipped)} message(s) left on "
+                                f"the server: " + "; ".join(skipped[:20]), "WARNING")
+    details = {**(task.details or {}), "folder": first.folder, "uidvalidity": first.uidvalidity,
+               "last_uid": first.last_uid, "duplicates": totals.duplicates,
+               "refetch": any(r.refetch for r in results), "skipped": skipped[:100]}
     if len(results) > 1:
         details["folders"] = {r.folder: {"uidvalidity": r.uidvalidity, "last_uid": r.last_uid,
                                          "fetched": r.fetched} for r in results}

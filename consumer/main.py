@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import logging
-
 from consumer.expiry import build_handlers as expiry_handlers
 from consumer.imap_worker import build_handlers as imap_handlers
 from consumer.inbound import InboundHandler
 from mailferry.app import bootstrap
 from mailferry.config import Settings
-from consumer.runner import Runner
-
-log = logging.getLogger(__name__)
+from consumer.runner import serve
 
 
 def build_handlers(settings: Settings) -> list:
@@ -22,18 +18,4 @@ def build_handlers(settings: Settings) -> list:
 
 def main(settings: Settings | None = None) -> int:
     settings = bootstrap(settings)
-    from mailferry import health, metrics
-    from mailferry.overview import database_problem
-    runner = Runner(settings, build_handlers(settings))
-    metrics.register_database_collector(settings.resolved_spool_dir)
-    health.add_readiness_check("database", database_problem)
-    health.add_readiness_check(
-        "broker", lambda: None if runner.ready.is_set() else "not consuming from RabbitMQ")
-    health.add_readiness_check("workers", lambda: runner.crashed)
-    health.serve(settings, settings.consumer_metrics_port, role="consumer")
-    runner.install_signal_handlers()
-    runner.run()
-    if runner.crashed:
-        log.critical("consumer exits: %s", runner.crashed)
-        return 1
-    return 0
+    return serve(settings, build_handlers(settings), settings.consumer_metrics_port, "consumer")

@@ -243,3 +243,24 @@ def _drain(inbox: queue_mod.Queue) -> None:
             inbox.get_nowait()
         except queue_mod.Empty:
             return
+
+
+def serve(settings: Settings, handlers: list, port: int, role: str) -> int:
+    """Run ``handlers`` on one broker loop until SIGTERM, with /metrics and the readiness
+    checks on ``port``: the consumer process, and the webhook worker's. Returns the exit
+    code: 1 when a worker thread died of something no handler caught."""
+    from mailferry import health, metrics
+    from mailferry.overview import database_problem
+    runner = Runner(settings, handlers)
+    metrics.register_database_collector(settings.resolved_spool_dir)
+    health.add_readiness_check("database", database_problem)
+    health.add_readiness_check(
+        "broker", lambda: None if runner.ready.is_set() else "not consuming from RabbitMQ")
+    health.add_readiness_check("workers", lambda: runner.crashed)
+    health.serve(settings, port, role=role)
+    runner.install_signal_handlers()
+    runner.run()
+    if runner.crashed:
+        log.critical("%s exits: %s", role, runner.crashed)
+        return 1
+    return 0

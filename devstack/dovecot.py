@@ -142,10 +142,14 @@ class DovecotServer:
         self._root, self._root_outside = service_dir(self.workdir, "dovecot")
         dv = pwd.getpwnam("dovecot")
         uid, gid = dv.pw_uid, dv.pw_gid
+        # chmod after mkdir: mkdir's mode passes through the umask, and a process that ran
+        # Mailferry's bootstrap (umask 077) would leave the folders closed to dovecot's users.
         for sub in ("run", "state"):
-            (self.root / sub).mkdir(mode=0o755, exist_ok=True)
+            (self.root / sub).mkdir(exist_ok=True)
+            (self.root / sub).chmod(0o755)
         mail = self.root / "mail"
-        mail.mkdir(mode=0o700, exist_ok=True)
+        mail.mkdir(exist_ok=True)
+        mail.chmod(0o700)
         os.chown(mail, uid, gid)
         if self.ssl and not (self.root / "cert.pem").exists():
             subprocess.run(
@@ -247,7 +251,8 @@ service imap-login {{
         if self._root is None:
             return
         gid = pwd.getpwnam("dovecot").pw_gid
-        self.users_dir.mkdir(mode=0o750, exist_ok=True)
+        self.users_dir.mkdir(exist_ok=True)
+        self.users_dir.chmod(0o750)  # whatever the umask (see _prepare)
         os.chown(self.users_dir, 0, gid)
         for name, password in self.users.items():
             self._write_user_file(name, password, gid)

@@ -281,8 +281,7 @@ def dovecot(tmp_path_factory, request):
             else "the test dovecot runs as root"
         require_service("Dovecot", reason)
     # Its oauth2 passdb (XOAUTH2, OAUTHBEARER) asks the session's OAuth2 provider; password
-    # logins go to the passwd-file passdb as before. (Two Dovecots at once break each
-    # other's auth here, so the OAuth2 tests share this one.)
+    # logins go to the passwd-file passdb as before. One server serves both kinds of test.
     provider = request.getfixturevalue("oauth2_provider")
     server = DovecotServer(tmp_path_factory.mktemp("dovecot"), {},
                            oauth2_introspection_url=provider.introspection_url)
