@@ -23,6 +23,7 @@ from starlette.schemas import SchemaGenerator
 
 from mailferry import api_tokens
 from mailferry.config import Settings
+from mailferry.contracts import iso_utc
 from mailferry.models import ApiToken, EmailAttachment, EmailMessage, EmailTask, TaskStatus, User, db, utcnow
 from mailferry.payload import message_payload, raw_span
 from mailferry.storage import BlobStore
@@ -230,7 +231,7 @@ def list_messages(request: Request, token: ApiToken) -> Response:
     return JSONResponse({
         "messages": [{
             "id": m.id, "user": m.user_id, "from": m.sender, "subject": m.subject,
-            "received_at": m.received_at.isoformat() + "Z", "size": m.size,
+            "received_at": iso_utc(m.received_at, "auto"), "size": m.size,
             "attachments": counts.get(m.id, 0), "url": f"{base}/v1/messages/{m.id}",
         } for m in page],
         "next_cursor": encode_cursor(page[-1].received_at, page[-1].id) if more else None,
@@ -307,8 +308,8 @@ def list_tasks(request: Request, token: ApiToken) -> Response:
         "status": t.status,
         "counts": {"fetched": t.emails_fetched, "saved": t.emails_saved, "failed": t.emails_failed,
                    "processed": t.emails_processed},
-        "created_at": _iso(t.created_at), "started_at": _iso(t.started_at),
-        "completed_at": _iso(t.completed_at), "error_message": t.error_message,
+        "created_at": iso_utc(t.created_at, "auto"), "started_at": iso_utc(t.started_at, "auto"),
+        "completed_at": iso_utc(t.completed_at, "auto"), "error_message": t.error_message,
     } for t in rows]})
 
 
@@ -365,10 +366,6 @@ def content_disposition(name: str) -> str:
     if fallback != name:
         value += f"; filename*=UTF-8''{quote(name, safe='')}"
     return value
-
-
-def _iso(value: dt.datetime | None) -> str | None:
-    return None if value is None else value.isoformat() + "Z"
 
 
 # -- the application -------------------------------------------------------------------------

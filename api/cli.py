@@ -5,6 +5,7 @@ Starlette and uvicorn are imported only by the command that serves."""
 
 from __future__ import annotations
 
+from mailferry.contracts import iso_utc
 from mailferry.cli.common import open_app, print_json, print_table
 from mailferry.errors import PermanentError
 
@@ -49,8 +50,8 @@ def list_command(args) -> int:
     open_app()
     rows = [{"id": t.id, "prefix": t.prefix, "name": t.name,
              "user": t.user.email if t.user_id is not None else None,
-             "created_at": _iso(t.created_at), "last_used_at": _iso(t.last_used_at),
-             "revoked_at": _iso(t.revoked_at)} for t in api_tokens.all_tokens()]
+             "created_at": iso_utc(t.created_at), "last_used_at": iso_utc(t.last_used_at),
+             "revoked_at": iso_utc(t.revoked_at)} for t in api_tokens.all_tokens()]
     if args.json:
         print_json(rows)
         return 0
@@ -68,7 +69,3 @@ def revoke_command(args) -> int:
         raise PermanentError(f"no live token with id or prefix {args.token}")
     print(f"revoked {count} token(s)")
     return 0
-
-
-def _iso(value) -> str | None:
-    return None if value is None else value.isoformat(timespec="seconds") + "Z"

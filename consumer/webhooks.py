@@ -43,11 +43,11 @@ CONCURRENCY = 8  # POSTs in flight at once
 
 @dataclass
 class _Job:
-    index: int  # of its delivery in the batch
+    published: bytes  # the event as the relay published it: what a retry carries on
     event: dict
     endpoint: WebhookEndpoint
     attempt: int
-    body: bytes = b""
+    body: bytes = b""  # what is POSTed
     result: webhooks.Result | None = None
 
 
@@ -81,7 +81,7 @@ class WebhookHandler(Handler):
                 except ValueError as exc:
                     outcomes[index] = Outcome.dead(f"malformed event: {exc}")
                     continue
-                jobs.extend(self._jobs_for(index, delivery, event, endpoints))
+                jobs.extend(self._jobs_for(delivery, event, endpoints))
             done = webhooks.delivered_to(sorted({job.event["id"] for job in jobs}))
             jobs = [job for job in jobs if (job.event["id"], job.endpoint.id) not in done]
             bodies: dict[str, bytes] = {}
@@ -94,7 +94,7 @@ class WebhookHandler(Handler):
         self._settle(jobs)
         return outcomes
 
-    def _jobs_for(self, index: int, delivery: Delivery, event: dict,
+    def _jobs_for(self, delivery: Delivery, event: dict,
                   endpoints: list[WebhookEndpoint]) -> list[_Job]:
         headers = delivery.headers
         if H_ENDPOINT in headers:  # a retry, or a replay: that endpoint alone
@@ -102,9 +102,11 @@ class WebhookHandler(Handler):
             targets = [e for e in endpoints if e.id == wanted]  # none if removed or disabled
             attempt = int(headers.get(H_ATTEMPT, 1))
         else:
-            targets = webhooks.wanted_by(endpoints, event["type"], event.get("user_id"))
+            data = event.get("data")
+            user_id = data.get("user_id") if isinstance(data, dict) else None
+            targets = webhooks.wanted_by(endpoints, event["type"], user_id)
             attempt = 1
-        return [_Job(index, event, e, attempt) for e in targets]
+        return [_Job(delivery.body, event, e, attempt) for e in targets]
 
     def _body(self, event: dict) -> bytes:
         """What is POSTed: the event, and for a stored message its whole payload (as the
@@ -150,7 +152,7 @@ class WebhookHandler(Handler):
     def _retry(self, job: _Job) -> None:
         delay = self.delays[job.attempt - 1]
         self.publisher.publish(
-            broker.webhook_wait_queue(delay), _event_body(job.event), exchange="",
+            broker.webhook_wait_queue(delay), job.published, exchange="",
             message_id=job.event["id"],
             headers={H_ENDPOINT: job.endpoint.id, H_ATTEMPT: job.attempt + 1})
 
@@ -159,7 +161,7 @@ class WebhookHandler(Handler):
                   f"{job.attempt} time(s), last: {job.result.error}")
         log.error("%s: to mailferry.dead", reason)
         self.publisher.publish(
-            broker.ROUTING_KEYS[broker.DEAD], _event_body(job.event), message_id=job.event["id"],
+            broker.ROUTING_KEYS[broker.DEAD], job.published, message_id=job.event["id"],
             headers={H_ENDPOINT: job.endpoint.id, H_ATTEMPT: job.attempt + 1,
                      broker.H_REASON: reason, broker.H_QUEUE: broker.WEBHOOKS,
                      broker.H_ROUTING_KEY: broker.WEBHOOKS, broker.H_FAILED_AT: now_iso()})
@@ -173,12 +175,4 @@ def _event_of(body: bytes) -> dict:
     if not isinstance(event, dict) or not isinstance(event.get("id"), str) \
             or not isinstance(event.get("type"), str):
         raise ValueError("an event has a string id and type")
-    data = event.get("data")
-    event["user_id"] = data.get("user_id") if isinstance(data, dict) else None
     return event
-
-
-def _event_body(event: dict) -> bytes:
-    """The event as the relay published it (without what this worker added)."""
-    return json.dumps({k: v for k, v in event.items() if k != "user_id"},
-                      ensure_ascii=False).encode("utf-8")

@@ -146,5 +146,10 @@ class TaskRef:
         return dumps(asdict(self))
 
 
+def iso_utc(value: dt.datetime | None, timespec: str = "seconds") -> str | None:
+    """A stored time (naive UTC, ``models.utcnow``) as ISO 8601 with its ``Z``; None stays None."""
+    return None if value is None else value.isoformat(timespec=timespec) + "Z"
+
+
 def now_iso() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")

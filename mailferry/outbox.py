@@ -12,6 +12,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 
+from mailferry.contracts import iso_utc
 from mailferry.db import insert_rows, translated
 from mailferry.models import Event, db, json_text, utcnow
 
@@ -67,7 +68,7 @@ def envelope_of(event: Event) -> dict:
     """What is published and POSTed: the Standard Webhooks shape (type, timestamp, data) and
     the id, which becomes ``webhook-id``."""
     return {"id": event.event_id, "type": event.type,
-            "timestamp": event.created_at.isoformat(timespec="milliseconds") + "Z",
+            "timestamp": iso_utc(event.created_at, "milliseconds"),
             "data": event.data}
 
 

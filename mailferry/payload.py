@@ -15,6 +15,7 @@ import email.policy
 import os
 
 from mailferry.config import Settings
+from mailferry.contracts import iso_utc
 from mailferry.models import EmailAttachment, EmailMessage, User
 from mailferry.spool import ENVELOPE_MARK, ENVELOPE_MAX, split_envelope
 from mailferry.storage import BlobStore
@@ -40,8 +41,8 @@ def message_payload(message: EmailMessage, settings: Settings, store: BlobStore)
         "cc": message.cc,
         "reply_to": message.reply_to,
         "subject": message.subject,
-        "date": _iso(message.sent_at),
-        "received_at": _iso(message.received_at),
+        "date": iso_utc(message.sent_at),
+        "received_at": iso_utc(message.received_at),
         "plus_tag": message.plus_tag,
         "text": text,
         "html": html,
@@ -117,7 +118,3 @@ def headers_of(store: BlobStore, relative: str) -> list[list[str]]:
 
 def _cut(text: str, limit: int) -> tuple[str, bool]:
     return (text[:limit], True) if limit and len(text) > limit else (text, False)
-
-
-def _iso(value) -> str | None:
-    return None if value is None else value.isoformat(timespec="seconds") + "Z"

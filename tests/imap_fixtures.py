@@ -6,6 +6,8 @@ Import the fixtures into a test module with ``from tests.imap_fixtures import *`
 
 from __future__ import annotations
 
+import io
+
 import datetime as dt
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +23,7 @@ from devstack import mailgen
 from devstack.ports import terminate_pids
 
 __all__ = ["ImapUser", "FakePublisher", "client_for", "append", "flags_of", "generated",
-           "corpus_messages", "imap_user", "nested_too_deep", "stop_dovecot"]
+           "corpus_messages", "imap_set", "imap_user", "nested_too_deep", "stop_dovecot"]
 
 
 def client_for(account) -> IMAPClient:
@@ -87,6 +89,17 @@ def nested_too_deep(n: int, depth: int = 40) -> bytes:
         body = (f"Content-Type: multipart/mixed; boundary=\"b{level}\"\r\n\r\n--b{level}\r\n"
                 f"{body}\r\n--b{level}--\r\n")
     return (head + body).encode()
+
+
+def imap_set(monkeypatch, settings, account, email: str, *options: str, stdin: str) -> int:
+    """`mailferry imap set EMAIL` for ``account``, in this process, on ``settings``' database,
+    with ``stdin`` as what the command reads (a password, or OAuth2's two secrets)."""
+    from mailferry.cli import main
+    monkeypatch.setenv("MAILFERRY_VAR_DIR", str(settings.var_dir))
+    monkeypatch.setenv("MAILFERRY_DATABASE_URL", settings.resolved_database_url)
+    monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
+    return main(["imap", "set", email, "--host", account.host, "--port", str(account.port),
+                 "--username", account.username, "--security", "none", *options])
 
 
 def stop_dovecot(dovecot) -> None:

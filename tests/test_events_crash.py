@@ -36,39 +36,48 @@ def _ids_by_message(receiver: Receiver) -> dict[int, set[str]]:
     return ids
 
 
-def _stop(process, log) -> None:
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(40) == 0, log.read_text()[-2000:]
+def _backlog(settings, receiver: Receiver, count: int) -> None:
+    """bob, an endpoint at ``receiver``, and ``count`` messages for bob waiting."""
+    add_user("bob@example.org")
+    webhooks.add_endpoint(settings, receiver.url)
+    _inject(settings, count)
+
+
+def _start(settings, tmp_path, *modules: str, tag: str = "") -> dict:
+    """The process of each of ``modules`` (consumer, relay, the webhook worker), by module."""
+    return {m: consumer_process(settings, tmp_path / f"{m}{tag}.log", module=m) for m in modules}
+
+
+def _stop(processes: dict, tmp_path, tag: str = "") -> None:
+    """SIGTERM each; each must exit 0 (its log's end says why not)."""
+    for module, process in processes.items():
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(40) == 0, (tmp_path / f"{module}{tag}.log").read_text()[-2000:]
 
 
 def test_consumer_and_relay_killed_mid_stream_give_each_message_one_event(broker_settings, tmp_path):
     count = 300
-    add_user("bob@example.org")
     with Receiver([200]) as receiver:
-        webhooks.add_endpoint(broker_settings, receiver.url)
-        _inject(broker_settings, count)
-        consumer = consumer_process(broker_settings, tmp_path / "consumer1.log")
-        relay = consumer_process(broker_settings, tmp_path / "relay1.log", module="relay")
-        hooks = consumer_process(broker_settings, tmp_path / "hooks.log", module=WEBHOOKS)
+        _backlog(broker_settings, receiver, count)
+        hooks = _start(broker_settings, tmp_path, WEBHOOKS)
+        first = _start(broker_settings, tmp_path, "consumer", "relay", tag="1")
         try:
             wait_for(lambda: len(receiver.got()) >= 30, timeout=90, message="first webhooks")
-            for process in (consumer, relay):  # between commits and publishes, somewhere
+            for process in first.values():  # between commits and publishes, somewhere
                 process.send_signal(signal.SIGKILL)
                 process.wait(10)
             assert EmailMessage.select().count() < count or len(receiver.got()) < count, \
                 "the kill should land mid-stream"
         finally:
-            consumer.kill()
-            relay.kill()
-        consumer = consumer_process(broker_settings, tmp_path / "consumer2.log")
-        relay = consumer_process(broker_settings, tmp_path / "relay2.log", module="relay")
+            for process in first.values():
+                process.kill()
+        second = _start(broker_settings, tmp_path, "consumer", "relay", tag="2")
         try:
             wait_for(lambda: len(_ids_by_message(receiver)) >= count, timeout=180,
                      message="an event for every message")
         finally:
-            _stop(consumer, tmp_path / "consumer2.log")
-            _stop(relay, tmp_path / "relay2.log")
-            _stop(hooks, tmp_path / "hooks.log")
+            _stop(second, tmp_path, tag="2")
+            _stop(hooks, tmp_path)
         ids = _ids_by_message(receiver)
     assert EmailMessage.select().count() == count
     assert set(ids) == {m.id for m in EmailMessage.select(EmailMessage.id)}
@@ -78,24 +87,18 @@ def test_consumer_and_relay_killed_mid_stream_give_each_message_one_event(broker
 def test_rabbitmq_restarted_mid_stream_gives_500_distinct_events(settings, restartable_rabbitmq, tmp_path):
     count = 500
     broker_settings = settings.replace(amqp_url=restartable_rabbitmq.amqp_url)
-    add_user("bob@example.org")
     with Receiver([200]) as receiver:
-        webhooks.add_endpoint(broker_settings, receiver.url)
-        _inject(broker_settings, count)
-        consumer = consumer_process(broker_settings, tmp_path / "consumer.log")
-        relay = consumer_process(broker_settings, tmp_path / "relay.log", module="relay")
-        hooks = consumer_process(broker_settings, tmp_path / "hooks.log", module=WEBHOOKS)
+        _backlog(broker_settings, receiver, count)
+        processes = _start(broker_settings, tmp_path, "consumer", "relay", WEBHOOKS)
         try:
             wait_for(lambda: len(receiver.got()) >= 20, timeout=90, message="first webhooks")
             restartable_rabbitmq.restart()
             assert len(receiver.got()) < count, "the restart should land mid-stream"
             wait_for(lambda: len(_ids_by_message(receiver)) >= count, timeout=240,
                      message="an event for every message")
-            assert [p.poll() for p in (consumer, relay, hooks)] == [None] * 3, "all survive it"
+            assert [p.poll() for p in processes.values()] == [None] * 3, "all survive it"
         finally:
-            _stop(consumer, tmp_path / "consumer.log")
-            _stop(relay, tmp_path / "relay.log")
-            _stop(hooks, tmp_path / "hooks.log")
+            _stop(processes, tmp_path)
         ids = _ids_by_message(receiver)
     distinct = set().union(*ids.values())
     assert len(distinct) == count

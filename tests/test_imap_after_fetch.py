@@ -14,7 +14,9 @@ from mailferry.errors import EmailFetchError
 from mailferry.models import EmailMessage, MailboxState, TaskLog, TaskSource, TaskStatus
 from consumer import imap_client
 from tests.imap_fixtures import *  # noqa: F401,F403
-from tests.imap_fixtures import append, client_for, flags_of, generated, nested_too_deep
+from tests.imap_fixtures import (
+    append, client_for, flags_of, generated, imap_set, nested_too_deep,
+)
 
 
 class Killed(BaseException):
@@ -97,15 +99,7 @@ def test_delete_and_move_to_together_are_refused(imap_user):
         imap_user.configure(delete=True, move_to="Done")
 
 
-def test_imap_set_delete_is_stored(imap_user, monkeypatch, capsys):
-    import io
-    from mailferry.cli import main
-
-    account = imap_user.account
-    monkeypatch.setenv("MAILFERRY_VAR_DIR", str(imap_user.settings.var_dir))
-    monkeypatch.setenv("MAILFERRY_DATABASE_URL", imap_user.settings.resolved_database_url)
-    monkeypatch.setattr("sys.stdin", io.StringIO(account.password + "\n"))
-    assert main(["imap", "set", imap_user.user.email, "--host", account.host, "--port",
-                 str(account.port), "--username", account.username, "--password-stdin",
-                 "--security", "none", "--delete"]) == 0
+def test_imap_set_delete_is_stored(imap_user, monkeypatch):
+    assert imap_set(monkeypatch, imap_user.settings, imap_user.account, imap_user.user.email,
+                    "--password-stdin", "--delete", stdin=imap_user.account.password + "\n") == 0
     assert imap_user.config.delete is True and imap_user.config.changes_server

@@ -4,8 +4,6 @@ message in two folders stored once."""
 
 from __future__ import annotations
 
-import io
-
 import pytest
 
 from consumer.imap_sync import MailboxSync
@@ -14,7 +12,7 @@ from mailferry import tasks
 from mailferry.errors import EmailConfigError
 from mailferry.models import EmailMessage, MailboxState, TaskSource, TaskStatus
 from tests.imap_fixtures import *  # noqa: F401,F403
-from tests.imap_fixtures import append, client_for, generated
+from tests.imap_fixtures import append, client_for, generated, imap_set
 
 UNICODE = "Überweisungen 日本語"  # modified UTF-7 on the wire: &ANw-berweisungen &ZeVnLIqe-
 
@@ -91,14 +89,8 @@ def test_a_folders_setting_that_cannot_work_is_refused(imap_user, folders, error
 
 
 def test_imap_set_takes_a_folder_list(imap_user, capsys, monkeypatch):
-    from mailferry.cli import main
-
-    account = imap_user.account
-    monkeypatch.setenv("MAILFERRY_VAR_DIR", str(imap_user.settings.var_dir))
-    monkeypatch.setenv("MAILFERRY_DATABASE_URL", imap_user.settings.resolved_database_url)
-    monkeypatch.setattr("sys.stdin", io.StringIO(account.password + "\n"))
-    assert main(["imap", "set", imap_user.user.email, "--host", account.host, "--port",
-                 str(account.port), "--username", account.username, "--password-stdin",
-                 "--security", "none", "--folders", "INBOX,Support"]) == 0
+    assert imap_set(monkeypatch, imap_user.settings, imap_user.account, imap_user.user.email,
+                    "--password-stdin", "--folders", "INBOX,Support",
+                    stdin=imap_user.account.password + "\n") == 0
     assert "folder(s) INBOX, Support" in capsys.readouterr().out
     assert imap_user.config.folders == ("INBOX", "Support")

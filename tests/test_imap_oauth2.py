@@ -16,7 +16,7 @@ from mailferry.mailbox_config import EmailConfigManager
 from mailferry.models import EmailMessage, Settings as SettingsRow, TaskSource, TaskStatus, User
 from mailferry.oauth2 import TOKEN_KEY
 from tests.imap_fixtures import *  # noqa: F401,F403
-from tests.imap_fixtures import append, generated
+from tests.imap_fixtures import append, generated, imap_set
 
 @pytest.fixture
 def provider(oauth2_provider, imap_account):
@@ -96,17 +96,11 @@ def test_a_revoked_grant_fails_the_task_with_re_authorise_and_no_retry(settings,
 
 def test_imap_set_oauth2_stores_the_secrets_and_the_fetch_logs_in_with_them(
         settings, imap_account, provider, monkeypatch, capsys):
-    import io
-    from mailferry.cli import main
-
     provider.refresh_tokens = {"cli-refresh-token"}
     User.create(email="cli@example.org")
-    monkeypatch.setenv("MAILFERRY_VAR_DIR", str(settings.var_dir))
-    monkeypatch.setenv("MAILFERRY_DATABASE_URL", settings.resolved_database_url)
-    monkeypatch.setattr("sys.stdin", io.StringIO(f"{provider.client_secret}\ncli-refresh-token\n"))
-    assert main(["imap", "set", "cli@example.org", "--host", imap_account.host, "--port",
-                 str(imap_account.port), "--username", imap_account.username, "--security", "none", "--oauth2",
-                 "--client-id", provider.client_id, "--token-url", provider.token_url]) == 0
+    assert imap_set(monkeypatch, settings, imap_account, "cli@example.org", "--oauth2",
+                    "--client-id", provider.client_id, "--token-url", provider.token_url,
+                    stdin=f"{provider.client_secret}\ncli-refresh-token\n") == 0
     assert "OAuth2 (custom) secrets stored encrypted" in capsys.readouterr().out
     configs = EmailConfigManager(settings)
     user = User.get(User.email == "cli@example.org")

@@ -9,8 +9,9 @@ import httpx
 
 from mailferry import outbox, webhooks
 from mailferry.cli.common import open_app, print_json, print_table
+from mailferry.contracts import now_iso
 from mailferry.errors import PermanentError
-from mailferry.models import WebhookAttempt, WebhookEndpoint, utcnow
+from mailferry.models import WebhookAttempt, WebhookEndpoint
 from mailferry.cli.imap import find_user
 
 
@@ -87,7 +88,7 @@ def test_command(args) -> int:
     endpoint = _endpoint(args.id)
     event_id = str(uuid.uuid4())
     body = json.dumps({"id": event_id, "type": "webhook.test",
-                       "timestamp": utcnow().isoformat(timespec="milliseconds") + "Z",
+                       "timestamp": now_iso(),
                        "data": {"endpoint_id": endpoint.id}}).encode()
     with httpx.Client() as client:
         result = webhooks.post(client, endpoint.url, webhooks.secret_of(settings, endpoint),
