@@ -8,6 +8,7 @@ and a read timeout. ``ImapSession`` offers only what a sync needs, in Mailferry'
 
 from __future__ import annotations
 
+import functools
 import logging
 import imaplib
 import socket
@@ -189,6 +190,39 @@ class ImapSession:
             self.client.add_flags(uid_ranges(uids), [b"\\Deleted"], silent=True)
             self.client.uid_expunge(uid_ranges(uids))
 
+    # -- IDLE (RFC 2177): consumer.imap_idle ------------------------------------------------
+
+    @property
+    def has_idle(self) -> bool:
+        return b"IDLE" in self.capabilities
+
+    def idle_start(self):
+        """Enter IDLE; return the socket to watch for what the server pushes."""
+        with translated("idle", self.where):
+            self.client.idle()
+            sock = self.client.socket()
+        # A peer that vanished without a FIN is found by the kernel, not only at the renewal.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        return sock
+
+    def idle_read(self) -> tuple[bool, bool]:
+        """Read what the server pushed, without blocking: (new mail EXISTS, the server
+        ended the connection). Nothing to read although the socket was readable means the
+        peer closed it; the caller counts that (a TLS record without data looks the same once)."""
+        with translated("idle read", self.where):
+            responses = self.client.idle_check(timeout=0)
+        exists = any(len(r) >= 2 and r[1] == b"EXISTS" for r in responses)
+        bye = any(r and r[0] == b"BYE" for r in responses)
+        return exists, bye or not responses
+
+    def idle_renew(self) -> bool:
+        """DONE, then IDLE again (servers may end an IDLE after 30 minutes); True when the
+        server reported new mail meanwhile."""
+        with translated("idle renew", self.where):
+            _, responses = self.client.idle_done()
+            self.client.idle()
+        return any(len(r) >= 2 and r[1] == b"EXISTS" for r in responses)
+
     def limit_literals(self, max_bytes: int) -> None:
         """Refuse any literal the server announces larger than ``max_bytes`` before reading
         it: imaplib reads a ``{n}`` literal whole into memory, whatever n a server claims."""
@@ -245,10 +279,17 @@ def uid_ranges(uids: Iterable[int]) -> str:
 
 
 def ssl_context(config: ImapConfig) -> ssl.SSLContext:
+    return _ssl_context(config.ca_file)
+
+
+@functools.lru_cache(maxsize=64)
+def _ssl_context(ca_file: str | None) -> ssl.SSLContext:
+    """One context per CA bundle: each holds its parsed CA store (about a megabyte), and the
+    IDLE lane keeps a connection per mailbox open."""
     try:
-        return ssl.create_default_context(cafile=config.ca_file)
+        return ssl.create_default_context(cafile=ca_file)
     except (OSError, ssl.SSLError) as exc:
-        raise EmailConfigError(f"imap_config.ca_file: cannot load {config.ca_file!r}: {exc}") from exc
+        raise EmailConfigError(f"imap_config.ca_file: cannot load {ca_file!r}: {exc}") from exc
 
 
 def connect(config: ImapConfig, timeout: float) -> ImapSession:

@@ -206,7 +206,7 @@ class MailboxSync:
               keep_going: Callable[[], bool], progress: Progress) -> None:
         where = f"user={user.id} folder={result.folder}"
         folder = _timed(result, lambda: session.select(result.folder, readonly=not config.changes_server))
-        state = _checkpoint(user.id, result.folder)
+        state = checkpoint(user.id, result.folder)
         result.uidvalidity = folder.uidvalidity
         if state.pending_action and state.uidvalidity == folder.uidvalidity and config.changes_server:
             # Stored by an earlier run that ended before its action: done now, not refetched.
@@ -428,7 +428,8 @@ def _unchanged(state: MailboxState, folder: FolderState, refetch: bool) -> bool:
 
 
 @translated("reading the IMAP checkpoint")
-def _checkpoint(user_id: int, folder: str) -> MailboxState:
+def checkpoint(user_id: int, folder: str) -> MailboxState:
+    """The folder's checkpoint row, made (empty) if it has none yet."""
     state = MailboxState.get_or_none((MailboxState.user == user_id) & (MailboxState.folder == folder))
     if state is None:
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from consumer.expiry import build_handlers as expiry_handlers
+from consumer.imap_idle import IdleLane
 from consumer.imap_worker import build_handlers as imap_handlers
 from consumer.inbound import InboundHandler
 from mailferry.app import bootstrap
@@ -18,4 +19,6 @@ def build_handlers(settings: Settings) -> list:
 
 def main(settings: Settings | None = None) -> int:
     settings = bootstrap(settings)
-    return serve(settings, build_handlers(settings), settings.consumer_metrics_port, "consumer")
+    idle = (IdleLane(settings),) if settings.imap_idle != "off" else ()
+    return serve(settings, build_handlers(settings), settings.consumer_metrics_port, "consumer",
+                 companions=idle)

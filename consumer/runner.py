@@ -245,9 +245,10 @@ def _drain(inbox: queue_mod.Queue) -> None:
             return
 
 
-def serve(settings: Settings, handlers: list, port: int, role: str) -> int:
+def serve(settings: Settings, handlers: list, port: int, role: str, companions: tuple = ()) -> int:
     """Run ``handlers`` on one broker loop until SIGTERM, with /metrics and the readiness
-    checks on ``port``: the consumer process, and the webhook worker's. Returns the exit
+    checks on ``port``: the consumer process, and the webhook worker's. ``companions`` run
+    beside the loop (``name``, ``start()``, ``stop()``, ``problem()``: the IDLE lane). Returns the exit
     code: 1 when a worker thread died of something no handler caught."""
     from mailferry import health, metrics
     from mailferry.overview import database_problem
@@ -257,9 +258,17 @@ def serve(settings: Settings, handlers: list, port: int, role: str) -> int:
     health.add_readiness_check(
         "broker", lambda: None if runner.ready.is_set() else "not consuming from RabbitMQ")
     health.add_readiness_check("workers", lambda: runner.crashed)
+    for companion in companions:
+        health.add_readiness_check(companion.name, companion.problem)
     health.serve(settings, port, role=role)
     runner.install_signal_handlers()
-    runner.run()
+    for companion in companions:
+        companion.start()
+    try:
+        runner.run()
+    finally:
+        for companion in companions:
+            companion.stop()
     if runner.crashed:
         log.critical("%s exits: %s", role, runner.crashed)
         return 1

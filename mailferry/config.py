@@ -96,6 +96,24 @@ class Settings:
     imap_lanes: int = field(default=2, metadata=_meta(
         "IMAP fetches one consumer runs at once: a slow server holds up only its own lane",
         minimum=1, maximum=32))
+    imap_idle: str = field(default="per-mailbox", metadata=_meta(
+        "IMAP IDLE in this consumer: off; per-mailbox (mailboxes set with idle); all (every "
+        "mailbox whose server has IDLE, but those set with no-idle)",
+        choices=("off", "per-mailbox", "all")))
+    imap_idle_shard: str = field(default="0/1", metadata=_meta(
+        "i/n: this consumer holds in IDLE the mailboxes whose user id modulo n is i (one "
+        "consumer per shard, so a mailbox has one IDLE connection)"))
+    imap_idle_renew: int = field(default=1500, metadata=_meta(
+        "seconds an IDLE command is held before it is renewed (RFC 2177: servers may drop "
+        "one after 30 minutes)", minimum=5, maximum=1740))
+    imap_idle_poll_interval: int = field(default=900, metadata=_meta(
+        "seconds between the scheduler's safety-net polls of a mailbox held in IDLE",
+        minimum=60))
+    imap_idle_connects: int = field(default=4, metadata=_meta(
+        "IDLE connections this consumer opens at once (reconnect storms are bounded by it "
+        "and by imap_idle_connect_rate)", minimum=1, maximum=64))
+    imap_idle_connect_rate: int = field(default=50, metadata=_meta(
+        "IDLE connections this consumer opens per second at most", minimum=1))
     # Metrics and health: one port per long-running process.
     metrics_host: str = field(default="127.0.0.1", metadata=_meta("address metrics listen on"))
     consumer_metrics_port: int = field(default=9101, metadata=_meta(
@@ -128,6 +146,12 @@ class Settings:
         "port of the read API", minimum=1, maximum=65_535))
     api_base_url: str = field(default="", metadata=_meta(
         "the read API's public URL, for the links in payloads; empty means http://<api_host>:<api_port>"))
+
+    @property
+    def idle_shard(self) -> tuple[int, int]:
+        """(i, n) of ``imap_idle_shard``."""
+        index, _, count = self.imap_idle_shard.partition("/")
+        return int(index), int(count)
 
     @property
     def webhook_delays(self) -> tuple[int, ...]:
@@ -171,7 +195,15 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     if unknown:
         raise ConfigError(f"{config_file}: unknown setting(s) {', '.join(unknown)}")
     values = {f.name: _convert(f, raw[f.name]) for f in dataclasses.fields(Settings) if f.name in raw}
+    _check_shard(values.get("imap_idle_shard", "0/1"))
     return Settings(**values)
+
+
+def _check_shard(text: str) -> None:
+    index, slash, count = text.partition("/")
+    if not (slash and index.isdigit() and count.isdigit() and int(index) < int(count)):
+        raise ConfigError(f"MAILFERRY_IMAP_IDLE_SHARD={text!r}: must be i/n with 0 <= i < n "
+                          "(e.g. 0/1 for one consumer)")
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

@@ -61,11 +61,19 @@ def _v4_pending_actions(database: peewee.Database) -> None:
             table, "pending_action", models.MailboxState._meta.fields["pending_action"]))
 
 
+def _v5_idle_until(database: peewee.Database) -> None:
+    table = models.MailboxState._meta.table_name
+    if "idle_until" not in {c.name for c in database.get_columns(table)}:  # v1 made it
+        migrate(SchemaMigrator.from_database(database).add_column(
+            table, "idle_until", models.MailboxState._meta.fields["idle_until"]))
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[peewee.Database], None]]] = [
     (1, "initial schema", _v1_initial),
     (2, "attachments: position and the forwarded message they came in", _v2_attachment_nesting),
     (3, "events outbox, webhook endpoints and attempts, API tokens", _v3_events),
     (4, "IMAP checkpoints: the stored UIDs whose after-fetch action is pending", _v4_pending_actions),
+    (5, "IMAP checkpoints: until when a consumer holds the folder in IDLE", _v5_idle_until),
 ]
 
 

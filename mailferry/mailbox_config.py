@@ -31,7 +31,7 @@ SECURITY_CHOICES = ("ssl", "starttls", "none")
 DEFAULT_PORTS = {"ssl": 993, "starttls": 143, "none": 143}
 ENCRYPTED_PREFIX = "fernet:"
 # Options a user may change without giving the credentials again (update_fetch_config).
-FETCH_OPTIONS = ("folder", "folders", "mark_seen", "move_to", "delete")
+FETCH_OPTIONS = ("folder", "folders", "mark_seen", "move_to", "delete", "idle")
 OAUTH2_SECRETS = ("client_secret", "refresh_token")  # encrypted at rest, like the password
 ALL_FOLDERS = "*"  # imap_config.folders = ["*"]: every folder but Trash, Junk, Sent, Drafts, All
 
@@ -56,7 +56,29 @@ class ImapConfig:
     # OAuth2 instead of the password (mailferry.oauth2): provider, client_id, client_secret,
     # refresh_token, token_url, scopes, mechanism (XOAUTH2 or OAUTHBEARER).
     oauth2: dict | None = field(default=None, repr=False)
+    # IMAP IDLE (consumer.imap_idle): True or False for this mailbox; None: as the consumer's
+    # ``imap_idle`` setting says (per-mailbox: no, all: yes).
+    idle: bool | None = None
     access_token: str | None = field(default=None, repr=False, compare=False)  # never stored
+
+    def wants_idle(self, default: str) -> bool:
+        """Held in IDLE by a consumer whose ``imap_idle`` setting is ``default``."""
+        if default == "off":
+            return False
+        return self.idle if self.idle is not None else default == "all"
+
+    @property
+    def idle_folder(self) -> str:
+        """The folder an IDLE connection watches: the first named one, else INBOX or ``folder``."""
+        if self.folders and self.folders != (ALL_FOLDERS,):
+            return self.folders[0]
+        return "INBOX" if self.folders else self.folder
+
+    @property
+    def idle_covers_all(self) -> bool:
+        """True when the IDLE folder is every folder a fetch syncs: then the scheduler may
+        poll it only as a safety net."""
+        return len(self.folders) <= 1 and self.folders != (ALL_FOLDERS,)
 
     @property
     def changes_server(self) -> bool:
@@ -122,12 +144,16 @@ def validate_imap_config(cfg: dict[str, Any] | None) -> ImapConfig:
         raise EmailConfigError(f"imap_config.delete: {delete!r} must be true or false")
     if delete and move_to:
         raise EmailConfigError("imap_config.delete and move_to: choose one")
+    idle = cfg.get("idle")
+    if idle is not None and not isinstance(idle, bool):
+        raise EmailConfigError(f"imap_config.idle: {idle!r} must be true, false or absent")
     ca_file = cfg.get("ca_file") or None
     folders = _folders(cfg.get("folders"), move_to)
     return ImapConfig(host=host, port=port, username=str(cfg["username"]),
                       password=str(cfg.get("password") or ""), security=security, folder=folder,
                       mark_seen=mark_seen, move_to=move_to, ca_file=str(ca_file) if ca_file else None,
-                      folders=folders, delete=delete, oauth2=dict(oauth2) if oauth2 else None)
+                      folders=folders, delete=delete, oauth2=dict(oauth2) if oauth2 else None,
+                      idle=idle)
 
 
 def _folders(value, move_to: str | None) -> tuple[str, ...]:

@@ -103,6 +103,14 @@ scheduler_tick_seconds = Histogram(
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
 scheduler_last_tick = Gauge(
     "mailferry_scheduler_last_tick_timestamp_seconds", "When the scheduler last finished a tick")
+imap_idle_mailboxes = Gauge(
+    "mailferry_imap_idle_mailboxes", "Mailboxes this consumer holds in IMAP IDLE, by state "
+    "(idle, connecting, waiting: to reconnect; unsupported: the server has no IDLE)", ["state"])
+imap_idle_wakeups = Counter(
+    "mailferry_imap_idle_wakeups", "IDLE notifications of new mail (EXISTS) that started a sync")
+imap_idle_lost = Counter(
+    "mailferry_imap_idle_lost", "IDLE connections that failed or were dropped, by kind "
+    "(connect, auth, read, renew)", ["kind"])
 spool_republished = Counter(
     "mailferry_spool_republished", "Orphaned spool files republished by the sweep")
 retention_deleted = Counter(

@@ -131,6 +131,9 @@ class MailboxState(BaseModel):
     # UIDs stored (in the transaction that moved the checkpoint) whose after-fetch action
     # (mark_seen, move_to, delete) is not yet done: redone by the next run, never refetched.
     pending_action = JSONField(default=list)
+    # Set by the consumer holding this folder in IDLE (consumer.imap_idle), renewed with each
+    # IDLE; while it is in the future, the scheduler polls the mailbox only as a safety net.
+    idle_until = DateTimeField(null=True)
 
     class Meta:
         indexes = ((("user", "folder"), True),)

@@ -15,6 +15,8 @@ expires.
 from __future__ import annotations
 
 import datetime as dt
+import threading
+from collections import defaultdict
 
 import httpx
 
@@ -24,6 +26,9 @@ from mailferry.models import Settings as SettingsRow, User, db, utcnow
 REFRESH_MARGIN = 120  # seconds before expiry a token is refreshed: covers a minute of skew
 TOKEN_KEY = "oauth2_token"
 TIMEOUT = 20.0
+# One refresh per mailbox at a time in a process (the IDLE lane and a sync may both log in):
+# a provider that rotates refresh tokens refuses the old one once the new one is issued.
+_refreshing: defaultdict[int, threading.Lock] = defaultdict(threading.Lock)
 
 PROVIDERS = {
     "google": {"token_url": "https://oauth2.googleapis.com/token",
@@ -61,7 +66,21 @@ class TokenSource:
         cached = self._cached(user_id)
         if cached is not None:
             return cached
-        return self._refresh(user_id, resolved(oauth2))
+        with _refreshing[user_id]:
+            cached = self._cached(user_id)  # refreshed by another thread meanwhile
+            if cached is not None:
+                return cached
+            return self._refresh(user_id, resolved(self._current(user_id, oauth2)))
+
+    def _current(self, user_id: int, oauth2: dict) -> dict:
+        """``oauth2`` with the refresh token stored now: another thread may have rotated it
+        since ``oauth2`` was read."""
+        try:
+            stored = self.configs.get_imap_config(user_id).oauth2 or {}
+        except EmailConfigError:
+            return oauth2
+        token = stored.get("refresh_token")
+        return {**oauth2, "refresh_token": token} if token else oauth2
 
     def _cached(self, user_id: int) -> str | None:
         row = SettingsRow.get_or_none((SettingsRow.user == user_id) & (SettingsRow.key == TOKEN_KEY))

@@ -88,6 +88,14 @@ def create_task(source: str, user_id: int | None, *, timeout_seconds: int | None
     raise TransientError(f"cannot take the task lock {key}: it changes hands too fast")
 
 
+@_db_errors
+def lock_holder(source: str, user_id: int | None) -> str | None:
+    """The task id holding the (source, user) lock, or None when it is free."""
+    row = (EmailTask.select(EmailTask.task_id)
+           .where(EmailTask.lock_key == lock_key(source, user_id)).tuples().first())
+    return row[0] if row else None
+
+
 @dataclass(frozen=True)
 class NewTask:
     """What ``create_many`` made for one user: a PENDING task to publish, or a SKIPPED one."""

@@ -9,6 +9,7 @@ cancelled at once, and one lost by a crash in between is ended by stale-task cle
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 from dataclasses import dataclass, field
 
@@ -21,7 +22,7 @@ from mailferry.db import translated
 from mailferry.errors import EmailConfigError, MailferryError
 from mailferry.mailbox_config import CONFIG_KEY, validate_imap_config
 from mailferry.models import Settings as SettingsRow
-from mailferry.models import EmailTask, TaskSource, TaskStatus, User
+from mailferry.models import EmailTask, MailboxState, TaskSource, TaskStatus, User, utcnow
 from mailferry.tasks import cancel_where, create_many
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,7 @@ class FetchSummary:
     scheduled: int = 0  # PENDING tasks whose job was published
     skipped: int = 0  # a task of the user was still in flight
     unpublished: int = 0  # cancelled because the broker refused or was unreachable
+    idle: int = 0  # held in IDLE by a consumer and synced lately: not polled this tick
     errors: list[str] = field(default_factory=list)
 
 
@@ -43,6 +45,17 @@ def imap_folder(imap_config) -> str | None:
         return validate_imap_config(imap_config).folder
     except EmailConfigError:
         return None
+
+
+def held_in_idle(poll_interval: int) -> set[int]:
+    """Users whose mailbox a consumer holds in IDLE (``idle_until`` ahead) and that were
+    synced within ``poll_interval`` seconds: the poll leaves them to IDLE until then."""
+    now = utcnow()
+    return {user_id for (user_id,) in
+            MailboxState.select(MailboxState.user)
+            .where(MailboxState.idle_until > now,
+                   MailboxState.last_fetch_at > now - dt.timedelta(seconds=poll_interval))
+            .tuples()}
 
 
 def fetchable_users() -> tuple[list[tuple[int, str]], int, int]:
@@ -69,6 +82,9 @@ def schedule_imap_fetch(settings: Settings, publisher, still_ours=None) -> Fetch
     summary = FetchSummary()
     with translated("scheduling IMAP fetches"):
         users, summary.users, summary.invalid = fetchable_users()
+        idle = held_in_idle(settings.imap_idle_poll_interval)
+        summary.idle = sum(1 for uid, _ in users if uid in idle)
+        users = [(uid, folder) for uid, folder in users if uid not in idle]
         made = create_many(TaskSource.IMAP, [(uid, {"folder": folder}) for uid, folder in users],
                            timeout_seconds=settings.task_timeout)
     pending = [t for t in made if t.status == TaskStatus.PENDING]
@@ -81,8 +97,8 @@ def schedule_imap_fetch(settings: Settings, publisher, still_ours=None) -> Fetch
             metric_reason="unpublished", only_from=(TaskStatus.PENDING,)))
     if summary.invalid:
         log.info("%d user(s) with an email_config but no valid IMAP configuration", summary.invalid)
-    log.info("imap fetch: %d scheduled, %d skipped (task in flight), %d unpublished",
-             summary.scheduled, summary.skipped, summary.unpublished)
+    log.info("imap fetch: %d scheduled, %d skipped (task in flight), %d unpublished, %d held "
+             "in IDLE", summary.scheduled, summary.skipped, summary.unpublished, summary.idle)
     return summary
 
 
