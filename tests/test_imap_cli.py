@@ -117,3 +117,17 @@ def test_fetch_while_a_task_is_in_flight_is_refused(cli, bob):
     code, _, err = cli("fetch", "bob@example.org")
     assert code == 1 and held.task_id in err
     assert EmailMessage.select().count() == 0
+
+
+def test_set_idle_and_no_idle_and_left_to_the_consumers_default(cli, bob):
+    _, account = bob
+    seen = []
+    for flag in ("--idle", "--no-idle", None):
+        code, _, _ = cli(*set_args(account, *([flag] if flag else [])), stdin=account.password + "\n")
+        assert code == 0
+        code, out, _ = cli("imap", "show", "bob@example.org", "--json")
+        seen.append(json.loads(out)["imap_config"]["idle"])
+    assert seen == [True, False, None]
+    from mailferry.mailbox_config import validate_imap_config  # None follows imap_idle:
+    unset = validate_imap_config({"host": "h", "port": 143, "username": "u", "password": "p"})
+    assert [unset.wants_idle(d) for d in ("off", "per-mailbox", "all")] == [False, False, True]

@@ -36,6 +36,11 @@ def register(sub) -> dict:
                      help="delete messages from the server after saving (UID EXPUNGE of "
                           "exactly those)")
     cmd.add_argument("--ca-file", metavar="PATH", help="CA bundle for a private certificate")
+    idle = cmd.add_mutually_exclusive_group()
+    idle.add_argument("--idle", dest="idle", action="store_const", const=True,
+                      help="hold the mailbox in IMAP IDLE: new mail within seconds")
+    idle.add_argument("--no-idle", dest="idle", action="store_const", const=False,
+                      help="never hold it in IDLE, whatever the consumer's imap_idle says")
     oauth = cmd.add_argument_group("OAuth2 instead of a password (the client secret and the "
                                    "refresh token are read from stdin, a line each)")
     oauth.add_argument("--oauth2", action="store_true", help="log in with SASL XOAUTH2")
@@ -96,7 +101,7 @@ def imap_set(args) -> int:
         "folder": args.folder, "mark_seen": args.mark_seen, "move_to": args.move_to,
         "ca_file": args.ca_file,
         "folders": [f for f in args.folders.split(",") if f.strip()], "delete": args.delete,
-        "oauth2": oauth2})
+        "oauth2": oauth2, "idle": args.idle})
     folders = ", ".join(config.folders) if config.folders else config.folder
     secret = f"OAuth2 ({args.provider}) secrets" if oauth2 else "password"
     print(f"IMAP mailbox of {user.email}: {config.username}@{config.host}:{config.port} "
@@ -109,7 +114,8 @@ def imap_show(args) -> int:
     user = find_user(args.email)
     config = EmailConfigManager(settings).get_imap_config(user)
     states = [{"folder": s.folder, "uidvalidity": s.uidvalidity, "last_uid": s.last_uid,
-               "highestmodseq": s.highestmodseq, "last_fetch_at": s.last_fetch_at}
+               "highestmodseq": s.highestmodseq, "last_fetch_at": s.last_fetch_at,
+               "idle_until": s.idle_until}
               for s in MailboxState.select().where(MailboxState.user == user).order_by(MailboxState.folder)]
     if args.json:
         print_json({"user": user.email, "imap_config": config.public(), "checkpoints": states})
@@ -119,7 +125,8 @@ def imap_show(args) -> int:
         print(f"{name:<9} {'' if value is None else value}")
     if states:
         print()
-        print_table(["FOLDER", "UIDVALIDITY", "LAST UID", "HIGHESTMODSEQ", "LAST FETCH"],
+        print_table(["FOLDER", "UIDVALIDITY", "LAST UID", "HIGHESTMODSEQ", "LAST FETCH",
+                     "IDLE UNTIL"],
                     [[s["folder"], s["uidvalidity"], s["last_uid"], s["highestmodseq"],
-                      s["last_fetch_at"]] for s in states])
+                      s["last_fetch_at"], s["idle_until"] or "-"] for s in states])
     return 0
