@@ -32,7 +32,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
     env = dict(os.environ)
     for name in ("var_dir", "amqp_url", "database_url", "spool_dir", "storage_dir", "prefetch",
                  "queue_type", "consumer_metrics_port", "task_timeout", "fetch_job_ttl", "parse_process",
-                 "relay_metrics_port", "webhook_schedule", "webhook_metrics_port"):
+                 "relay_metrics_port", "webhook_schedule", "webhook_metrics_port", "imap_idle",
+                 "imap_idle_connect_rate", "imap_idle_connects", "imap_idle_renew"):
         value = getattr(settings, name)
         if str(value) not in ("", "."):
             env[env_name(name)] = str(value)

@@ -81,7 +81,10 @@ class DovecotServer:
     ``cert_path`` (the self-signed certificate, for clients that verify)."""
 
     def __init__(self, workdir: Path, users: dict[str, str] | None = None, ssl: bool = True,
-                 oauth2_introspection_url: str | None = None):
+                 oauth2_introspection_url: str | None = None, max_clients: int | None = None):
+        # Set: room for this many logged-in clients at once (bench/imap_idle.py holds 1,000
+        # IDLE connections; Dovecot's default_process_limit is 100).
+        self.max_clients = max_clients
         # Set: a passdb ``oauth2`` before the password one, asking this URL (RFC 7662
         # introspection) whether an XOAUTH2 / OAUTHBEARER token is live.
         self.oauth2_introspection_url = oauth2_introspection_url
@@ -239,13 +242,29 @@ service anvil {{
     mode = 0
   }}
 }}
-service imap-login {{
-  inet_listener imap {{
+{self._capacity()}service imap-login {{
+{self._login_capacity()}  inet_listener imap {{
     address = {LOOPBACK}
     port = {self.port}
   }}
 {imaps}}}
 """
+
+    def _capacity(self) -> str:
+        if not self.max_clients:
+            return ""
+        room = self.max_clients + 100
+        # An imap process per client; anvil and auth hear from every one of them.
+        return (f"default_process_limit = {room}\ndefault_client_limit = {room}\n"
+                f"mail_max_userip_connections = 50\n"
+                f"service imap {{\n  process_limit = {room}\n}}\n"
+                f"service anvil {{\n  client_limit = {2 * room}\n}}\n"
+                f"service auth {{\n  client_limit = {2 * room}\n}}\n")
+
+    def _login_capacity(self) -> str:
+        # High-performance mode: a few login processes, each serving many connections.
+        return ("  service_count = 0\n  process_min_avail = 2\n"
+                f"  client_limit = {self.max_clients + 100}\n" if self.max_clients else "")
 
     def _write_users(self) -> None:
         if self._root is None:
