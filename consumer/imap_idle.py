@@ -45,6 +45,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
+from peewee import chunked
+
 from consumer import imap_client
 from consumer.imap_client import ImapSession
 from consumer.imap_sync import MailboxSync, checkpoint
@@ -108,6 +110,12 @@ class TokenBucket:
             return True
         return False
 
+    def wait(self) -> float:
+        """Seconds until the next token."""
+        now = self.clock()
+        tokens = min(self.rate, self.tokens + (now - self.at) * self.rate)
+        return 0.0 if tokens >= 1 else (1 - tokens) / self.rate
+
 
 def backoff(failures: int) -> float:
     """Seconds before reconnect number ``failures`` (1, 2 …): doubling, capped, jittered so
@@ -158,6 +166,7 @@ class IdleLane:
         self._tokens_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._loading = False
+        self._connecting = 0  # connect jobs submitted and not yet answered
         self._next_load = 0.0
         self._next_gauges = 0.0
         self.crashed: str | None = None
@@ -229,13 +238,20 @@ class IdleLane:
                     break
 
     def _timeout(self, now: float) -> float:
-        due = [self._next_load, self._next_gauges]
+        """Seconds until something is due. A mailbox waiting for a connection slot counts
+        only when a slot is free (a finished connect wakes the loop anyway), and one waiting
+        for the bucket only when its next token comes: the loop never spins."""
+        due = [self._next_gauges] + ([] if self._loading else [self._next_load])
+        connecting = self._connecting < self.settings.imap_idle_connects
         for watch in self.watches.values():
-            if watch.state in (WAITING, UNSUPPORTED, IDLE):
+            if watch.state == IDLE or (connecting and watch.state in (WAITING, UNSUPPORTED)):
                 due.append(watch.due)
             if watch.dirty and not watch.syncing:
                 due.append(watch.sync_after)
-        return min(1.0, max(0.0, min(due) - now))
+        soonest = min(due)
+        if connecting and soonest <= now:
+            soonest = max(soonest, now + self._bucket.wait())
+        return min(1.0, max(0.0, soonest - now))
 
     def _post(self, call: Callable[[], None]) -> None:
         """Run ``call`` on the watcher thread (from a connector or a syncer)."""
@@ -289,15 +305,14 @@ class IdleLane:
         watch.empty_reads = 0
 
     def _connect_due(self, now: float) -> None:
-        busy = sum(1 for w in self.watches.values() if w.state in (CONNECTING, RENEWING))
         for watch in self.watches.values():
-            if busy >= self.settings.imap_idle_connects:
+            if self._connecting >= self.settings.imap_idle_connects:
                 return
             if watch.state in (WAITING, UNSUPPORTED) and watch.due <= now:
                 if not self._bucket.take():
                     return
                 watch.state = CONNECTING
-                busy += 1
+                self._connecting += 1
                 self._connectors.submit(self._connect_job, watch)
 
     def _renew_due(self, now: float) -> None:
@@ -348,6 +363,7 @@ class IdleLane:
             self._connectors.submit(self._close_job, watch, session)
 
     def _connected(self, watch: Watch, session: ImapSession, sock, behind: bool) -> None:
+        self._connecting -= 1
         if watch.gone or self._stop.is_set():
             self._connectors.submit(self._close_job, watch, session)
             return
@@ -365,11 +381,16 @@ class IdleLane:
         watch.state, watch.due = IDLE, self.clock() + self.settings.imap_idle_renew
         watch.dirty = watch.dirty or exists
 
+    def _connect_failed(self, watch: Watch, kind: str, reason: str) -> None:
+        self._connecting -= 1
+        self._failed(watch, kind, reason)
+
     def _failed(self, watch: Watch, kind: str, reason: str) -> None:
         if not watch.gone:
             self._lost(watch, kind, reason)
 
     def _unsupported(self, watch: Watch) -> None:
+        self._connecting -= 1
         watch.state, watch.due = UNSUPPORTED, self.clock() + UNSUPPORTED_RETRY
         log.warning("IDLE user=%s: the server does not offer IDLE; polled as usual, asked again "
                     "in %.0f min", watch.user_id, UNSUPPORTED_RETRY / 60)
@@ -433,7 +454,7 @@ class IdleLane:
             kind = "auth" if isinstance(exc, PermanentError) else "connect"
             if not isinstance(exc, MailferryError):
                 log.exception("IDLE user=%s: unexpected error while connecting", watch.user_id)
-            self._post(functools.partial(self._failed, watch, kind, str(exc)))
+            self._post(functools.partial(self._connect_failed, watch, kind, str(exc)))
             return
         self._post(lambda: self._connected(watch, session, sock, behind))
 
@@ -512,12 +533,13 @@ class IdleLane:
              .execute())
 
     def _clear_idle_until(self, watches: list[Watch]) -> None:
+        """One UPDATE per 500 mailboxes: a stop lets go of all of them at once."""
         try:
             with translated("clearing IDLE checkpoints"):
-                for watch in watches:
+                for chunk in chunked([w.user_id for w in watches], 500):
                     (MailboxState.update(idle_until=None)
-                     .where(MailboxState.user == watch.user_id,
-                            MailboxState.folder == watch.folder).execute())
+                     .where(MailboxState.user.in_(chunk), MailboxState.idle_until.is_null(False))
+                     .execute())
         except MailferryError as exc:  # idle_until runs out by itself within IDLE_GRACE
             log.warning("IDLE: cannot clear idle_until: %s", exc)
 

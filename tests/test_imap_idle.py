@@ -236,3 +236,14 @@ def test_token_bucket_gives_its_rate_and_no_more():
     assert sum(bucket.take() for _ in range(10)) == 3
     now[0] = 100.0
     assert sum(bucket.take() for _ in range(10)) == 3  # saving up is capped
+
+
+def test_the_watcher_sleeps_while_the_mailbox_list_is_being_read(sqlite_settings):
+    lane = IdleLane(sqlite_settings)  # not started: its loop's arithmetic alone
+    try:
+        lane._loading, lane._next_load, lane._next_gauges = True, 0.0, 100.0
+        assert lane._timeout(now=10.0) == 1.0  # not 0: a due load being read is no reason to spin
+        lane._loading = False
+        assert lane._timeout(now=10.0) == 0.0
+    finally:
+        lane.stop()
