@@ -10,6 +10,7 @@ HTTPS: msal accepts no other authority."""
 
 from __future__ import annotations
 
+import base64
 import json
 import secrets
 import ssl
@@ -38,6 +39,11 @@ class OAuth2Server:
             def do_POST(self):  # noqa: N802
                 length = int(self.headers.get("content-length", 0))
                 form = dict(urllib.parse.parse_qsl(self.rfile.read(length).decode()))
+                basic = self.headers.get("authorization", "")
+                if basic.lower().startswith("basic "):  # RFC 6749 2.3.1: client credentials
+                    client_id, _, secret = base64.b64decode(basic[6:]).decode().partition(":")
+                    form.setdefault("client_id", urllib.parse.unquote_plus(client_id))
+                    form.setdefault("client_secret", urllib.parse.unquote_plus(secret))
                 status, body = provider.answer(self.path, form)
                 data = json.dumps(body).encode()
                 self.send_response(status)

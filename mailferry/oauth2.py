@@ -40,16 +40,22 @@ PROVIDERS = {
 
 def resolved(oauth2: dict) -> dict:
     """``oauth2`` with the provider's token URL and scopes filled in; EmailConfigError when
-    something it needs is missing."""
+    something it needs is missing. The refresh token may be missing until `mailferry imap
+    authorize` got one (a login then fails with that advice)."""
     provider = oauth2.get("provider", "custom")
     if provider not in (*PROVIDERS, "custom"):
         raise EmailConfigError(f"imap_config.oauth2.provider: {provider!r} is not google, "
                                "microsoft or custom")
     out = {**PROVIDERS.get(provider, {}), **{k: v for k, v in oauth2.items() if v}}
-    for name in ("client_id", "refresh_token", "token_url"):
+    for name in ("client_id", "token_url"):
         if not out.get(name):
             raise EmailConfigError(f"imap_config.oauth2.{name}: required")
     return out
+
+
+def forget_token(user_id: int) -> None:
+    """Drop the cached access token (it belongs to a grant that was just replaced)."""
+    SettingsRow.delete().where((SettingsRow.user == user_id) & (SettingsRow.key == TOKEN_KEY)).execute()
 
 
 class TokenSource:
@@ -95,6 +101,9 @@ class TokenSource:
         return self.configs.decrypt_secret(row.value.get("access_token", ""))
 
     def _refresh(self, user_id: int, oauth2: dict) -> str:
+        if not oauth2.get("refresh_token"):
+            raise EmailAuthError("this mailbox is not authorised yet: run `mailferry imap "
+                                 "authorize` for it")
         form = {"grant_type": "refresh_token", "refresh_token": oauth2["refresh_token"],
                 "client_id": oauth2["client_id"], "scope": oauth2.get("scopes", "")}
         if oauth2.get("client_secret"):
@@ -112,7 +121,7 @@ class TokenSource:
         if response.status_code != 200 or "access_token" not in body:
             error = body.get("error", f"HTTP {response.status_code}")
             raise EmailAuthError(
-                f"re-authorise this mailbox (`mailferry imap set … --oauth2`): the provider "
+                f"re-authorise this mailbox (`mailferry imap authorize`): the provider "
                 f"refused its refresh token: {error}: {body.get('error_description', '')}".rstrip(": "))
         expires = self.now() + dt.timedelta(seconds=int(body.get("expires_in", 3600)))
         with db.atomic():

@@ -49,7 +49,18 @@ def register(sub) -> dict:
     oauth.add_argument("--token-url", help="custom: the provider's token endpoint")
     oauth.add_argument("--scopes", help="custom: the scopes to ask for (space-separated)")
     oauth.add_argument("--mechanism", choices=("XOAUTH2", "OAUTHBEARER"), default="XOAUTH2")
+    oauth.add_argument("--authority", help="custom: the provider's OpenID issuer URL (for "
+                       "`imap authorize`: where its device and browser flows start)")
     cmd.set_defaults(func=imap_set)
+
+    cmd = imap.add_parser("authorize", help="sign in at the OAuth2 provider and store the "
+                          "refresh token of EMAIL's mailbox (device code or browser)")
+    cmd.add_argument("email")
+    cmd.add_argument("--flow", choices=("device", "browser"),
+                     help="default: device for microsoft and custom, browser for google")
+    cmd.add_argument("--port", type=int, default=0,
+                     help="browser flow: the loopback port of the redirect (default: any free one)")
+    cmd.set_defaults(func=imap_authorize)
 
     cmd = imap.add_parser("show", help="show the IMAP configuration and checkpoint (never the password)")
     cmd.add_argument("email")
@@ -86,7 +97,7 @@ def imap_set(args) -> int:
         refresh = read_secret("OAuth2 refresh token: ")
         oauth2 = {"provider": args.provider, "client_id": args.client_id, "client_secret": secret,
                   "refresh_token": refresh, "token_url": args.token_url, "scopes": args.scopes,
-                  "mechanism": args.mechanism}
+                  "mechanism": args.mechanism, "authority": args.authority}
         oauth2 = {k: v for k, v in oauth2.items() if v}
     elif args.password_stdin:
         password = read_password()
@@ -106,6 +117,32 @@ def imap_set(args) -> int:
     secret = f"OAuth2 ({args.provider}) secrets" if oauth2 else "password"
     print(f"IMAP mailbox of {user.email}: {config.username}@{config.host}:{config.port} "
           f"({config.security}), folder(s) {folders}; {secret} stored encrypted")
+    return 0
+
+
+def imap_authorize(args) -> int:
+    from mailferry import authorize
+    from mailferry.oauth2 import forget_token, resolved
+    settings = open_app()
+    user = find_user(args.email)
+    configs = EmailConfigManager(settings)
+    config = configs.get_imap_config(user)
+    if not config.oauth2:
+        raise PermanentError(f"the mailbox of {user.email} logs in with a password; give it "
+                             "OAuth2 first: `mailferry imap set … --oauth2 --provider …`")
+    oauth2 = resolved(config.oauth2)
+    flow = authorize.flow_of(oauth2, args.flow)
+    def show(text: str) -> None:
+        print(text, flush=True)
+
+    if flow == authorize.DEVICE:
+        tokens = authorize.device_code(oauth2, show)
+    else:
+        tokens = authorize.installed_app(oauth2, show, port=args.port)
+    configs.save_refresh_token(user, tokens["refresh_token"])
+    forget_token(user.id)
+    print(f"{user.email}: authorised ({flow} flow); the refresh token is stored encrypted. "
+          f"Check the login with `mailferry imap test {user.email}`.")
     return 0
 
 
