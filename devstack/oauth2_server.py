@@ -28,6 +28,7 @@ class OAuth2Server:
         self.refresh_tokens = {secrets.token_urlsafe(16)}  # the live ones
         self.access_tokens: dict[str, float] = {}  # token -> expiry (monotonic)
         self.refreshes = 0
+        self.clock = time.monotonic  # the provider's clock: a test may set it off ours
         self.devices: dict[str, bool] = {}  # device_code -> approved by the user
         self.codes: set[str] = set()  # authorization codes not yet exchanged
         self.lock = threading.Lock()
@@ -102,7 +103,7 @@ class OAuth2Server:
         with self.lock:
             if path == "/introspect":
                 expiry = self.access_tokens.get(form.get("token", ""))
-                live = expiry is not None and expiry > time.monotonic()
+                live = expiry is not None and expiry > self.clock()
                 return 200, ({"active": True, "username": self.username} if live else {"active": False})
             if path == "/devicecode":
                 code = secrets.token_urlsafe(12)
@@ -138,7 +139,7 @@ class OAuth2Server:
     def _issue(self, *, old_refresh: str | None = None, new_refresh: bool = False) -> dict:
         """An access token, and a refresh token when one is new or rotated (lock held)."""
         access = secrets.token_urlsafe(24)
-        self.access_tokens[access] = time.monotonic() + self.lifetime
+        self.access_tokens[access] = self.clock() + self.lifetime
         body = {"access_token": access, "token_type": "Bearer", "expires_in": int(self.lifetime)}
         if new_refresh or self.rotate:
             if old_refresh:

@@ -19,10 +19,10 @@ from typing import Any
 from cryptography.fernet import Fernet, InvalidToken
 
 from mailferry.config import Settings
-from mailferry.db import translated
+from mailferry.db import translated, write_transaction
 from mailferry.errors import ConfigError, EmailConfigError
 from mailferry.models import Settings as SettingsRow
-from mailferry.models import TaskSource, User, db, utcnow
+from mailferry.models import TaskSource, User, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -293,7 +293,9 @@ class EmailConfigManager:
         if config.oauth2:
             stored["oauth2"] = {k: (self._encrypt(v) if k in OAUTH2_SECRETS and v else v)
                                 for k, v in config.oauth2.items()}
-        with translated("storing a mailbox configuration"), db.atomic():
+        # A write transaction from the start: on SQLite a read snapshot that must become a
+        # write fails at once if another connection committed meanwhile (the IDLE lane does).
+        with translated("storing a mailbox configuration"), write_transaction():
             row = _row(user)
             if row is None:
                 SettingsRow.create(user=_user_id(user), key=CONFIG_KEY,

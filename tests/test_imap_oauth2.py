@@ -5,6 +5,7 @@ expiry, a rotated refresh token kept, and a revoked grant ending the task FAILED
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 
 import pytest
@@ -14,7 +15,7 @@ from consumer.imap_worker import run_fetch_task
 from mailferry import tasks
 from mailferry.mailbox_config import EmailConfigManager
 from mailferry.models import EmailMessage, Settings as SettingsRow, TaskSource, TaskStatus, User
-from mailferry.oauth2 import TOKEN_KEY
+from mailferry.oauth2 import TOKEN_KEY, TokenSource
 from tests.imap_fixtures import *  # noqa: F401,F403
 from tests.imap_fixtures import append, generated, imap_set
 
@@ -25,6 +26,7 @@ def provider(oauth2_provider, imap_account):
     oauth2_provider.lifetime, oauth2_provider.rotate = 3600.0, True
     oauth2_provider.refresh_tokens = {"first-refresh-token"}
     oauth2_provider.access_tokens = {}
+    oauth2_provider.clock = time.monotonic
     return oauth2_provider
 
 
@@ -107,3 +109,25 @@ def test_imap_set_oauth2_stores_the_secrets_and_the_fetch_logs_in_with_them(
     assert sync(settings, user, configs).connect_seconds > 0  # logged in with XOAUTH2
     public = configs.get_imap_config(user).public()
     assert public["oauth2"]["client_secret"] == public["oauth2"]["refresh_token"] == "(set)"
+
+
+@pytest.mark.parametrize("skew", [-60, 60])
+def test_a_clock_a_minute_off_the_providers_never_presents_an_expired_token(
+        settings, imap_account, provider, mailbox, skew):
+    """Expiry is kept as our clock at receipt + expires_in, so an offset between the clocks
+    cancels out; the 120 s margin covers the rest. Time is the provider's, in seconds."""
+    user, configs = mailbox
+    at = [0.0]
+    provider.clock = lambda: at[0]
+    provider.lifetime = 300.0
+    noon = dt.datetime(2026, 12, 2, 12, 0, 0)
+    sync_ = MailboxSync(settings, parse_in_helper=False)
+    sync_.tokens = TokenSource(configs, now=lambda: noon + dt.timedelta(seconds=at[0] + skew))
+    seen, before = [], provider.refreshes
+    for n, moment in enumerate((0.0, 170.0, 190.0, 310.0)):  # A issued; A; B (margin); B
+        at[0] = moment
+        append(imap_account, generated(n, 1))
+        result = sync_.run(user, configs.get_imap_config(user))  # Dovecot asks the provider
+        assert result.saved == 1, moment
+        seen.append(provider.refreshes - before)
+    assert seen == [1, 1, 2, 2]  # refreshed once inside the margin, never after an expiry
