@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import imaplib
+import re
 import socket
 import ssl
 from contextlib import contextmanager
@@ -32,8 +33,12 @@ SIZE = b"RFC822.SIZE"
 # UIDs named in one FETCH: servers cap a command line (Dovecot: 64 KB), and a UID takes up
 # to 11 characters in the list.
 FETCH_CHUNK = 1000
-# Response codes (RFC 5530) that say a refused command may work later.
-TRANSIENT_CODES = (b"[UNAVAILABLE]", b"[INUSE]", b"[SERVERBUG]", b"[LIMIT]", b"[OVERQUOTA]")
+# Response codes (RFC 5530) that say a refused command may work later; [THROTTLED] is
+# Exchange Online's, with "Suggested Backoff Time: N milliseconds" in its text.
+TRANSIENT_CODES = (b"[UNAVAILABLE]", b"[INUSE]", b"[SERVERBUG]", b"[LIMIT]", b"[OVERQUOTA]",
+                   b"[THROTTLED]")
+BACKOFF_HINT = re.compile(rb"backoff time:\s*(\d+)\s*(milliseconds|ms|seconds|s)\b", re.I)
+MAX_RETRY_AFTER = 300.0  # seconds: a server's hint beyond this is taken as this
 
 
 @dataclass(frozen=True)
@@ -70,7 +75,8 @@ def translated(action: str, where: str) -> Iterator[None]:
             "fix the host name, or give the CA with ca_file") from exc
     except LoginError as exc:
         if any(code in _raw(exc) for code in TRANSIENT_CODES):
-            raise EmailFetchError(f"{where}: {action}: server unavailable: {_text(exc)}") from exc
+            raise EmailFetchError(f"{where}: {action}: server unavailable: {_text(exc)}",
+                                  retry_after=retry_after(exc)) from exc
         raise EmailAuthError(f"{where}: login refused: {_text(exc)}") from exc
     except CapabilityError as exc:
         raise EmailConfigError(f"{where}: {action}: {_text(exc)}") from exc
@@ -78,7 +84,18 @@ def translated(action: str, where: str) -> Iterator[None]:
         # socket.gaierror, ConnectionRefusedError, ssl.SSLError are OSErrors too
         raise EmailFetchError(f"{where}: {action} failed: {exc!r}") from exc
     except IMAPClientError as exc:
-        raise EmailFetchError(f"{where}: {action}: {_text(exc)}") from exc
+        raise EmailFetchError(f"{where}: {action}: {_text(exc)}", retry_after=retry_after(exc)) from exc
+
+
+def retry_after(exc: BaseException) -> float | None:
+    """The wait a throttled server asked for (Exchange: ``NO [THROTTLED] … Suggested Backoff
+    Time: 1500 milliseconds``), in seconds, capped; None when it named none."""
+    found = BACKOFF_HINT.search(_raw(exc))
+    if found is None:
+        return None
+    number = float(found.group(1))
+    seconds = number / 1000 if found.group(2).lower() in (b"milliseconds", b"ms") else number
+    return min(seconds, MAX_RETRY_AFTER)
 
 
 class ImapSession:

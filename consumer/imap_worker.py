@@ -141,7 +141,8 @@ def run_fetch_task(task: EmailTask, folder: str | None, *, sync: MailboxSync,
 
     retrying = Retrying(
         retry=retry_if_exception_type(TransientError), stop=stop_after_attempt(attempts),
-        wait=wait_exponential(multiplier=backoff, max=FETCH_BACKOFF_MAX),
+        wait=_at_least_what_the_server_asked(wait_exponential(multiplier=backoff,
+                                                              max=FETCH_BACKOFF_MAX)),
         before_sleep=before_retry, reraise=True, sleep=_sleep_unless_cancelled(task_id))
     results: list[SyncResult] = []
     try:
@@ -182,6 +183,15 @@ def run_fetch_task(task: EmailTask, folder: str | None, *, sync: MailboxSync,
     if not tasks.update_status(task_id, TaskStatus.COMPLETED, details=details):
         return tasks.get_task(task_id).status
     return TaskStatus.COMPLETED
+
+
+def _at_least_what_the_server_asked(wait):
+    """``wait``, or longer when the error carries the server's ``retry_after`` (throttling)."""
+    def waited(state: RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        asked = getattr(exc, "retry_after", None) or 0.0
+        return max(wait(state), asked)
+    return waited
 
 
 def _folders_to_sync(sync: MailboxSync, user: User, config, folder: str | None) -> list[str]:

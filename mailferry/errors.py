@@ -36,7 +36,14 @@ class EmailParseError(PermanentError):
 
 
 class EmailFetchError(TransientError):
-    """Fetching from an IMAP server failed in a way that may pass (network, timeout)."""
+    """Fetching from an IMAP server failed in a way that may pass (network, timeout).
+
+    ``retry_after``: seconds the server asked us to wait (Microsoft's throttling answer), or
+    None."""
+
+    def __init__(self, *args, retry_after: float | None = None):
+        super().__init__(*args)
+        self.retry_after = retry_after
 
 
 class EmailAuthError(PermanentError):

@@ -255,3 +255,40 @@ def test_a_redelivered_job_does_not_fetch_twice(imap_user, status):
 
     assert outcomes[0].action == "ack" and connect.calls == 0
     assert tasks.get_task(task.task_id).status == status
+
+
+def test_a_throttled_server_is_given_the_backoff_it_asked_for(imap_user):
+    """Exchange's answer to too many commands; the retry waits what it suggests, not 0.01 s."""
+    from imapclient.exceptions import IMAPClientError
+    append(imap_user.account, generated(0, 2))
+    refusals = []
+
+    def throttled_once(config, timeout):
+        session = imap_client.connect(config, timeout)
+        search = session.client.search
+        if not refusals:
+            def refuse(*_args, **_kwargs):
+                refusals.append(1)
+                raise IMAPClientError(b"[THROTTLED] Request is throttled. Suggested Backoff "
+                                      b"Time: 1500 milliseconds")
+            session.client.search = refuse
+        else:
+            session.client.search = search
+        return session
+
+    task = new_task(imap_user)
+    handler_for(imap_user, connect=throttled_once, backoff=0.01).handle([job_for(task)])
+
+    assert tasks.get_task(task.task_id).status == TaskStatus.COMPLETED
+    assert EmailMessage.select().count() == 2 and refusals == [1]
+    assert [line for line in log_lines(task) if "retrying in" in line][0].endswith(
+        "retrying in 1.5 s")
+
+
+def test_retry_after_reads_the_servers_hint():
+    from imapclient.exceptions import IMAPClientError
+    assert imap_client.retry_after(IMAPClientError(b"NO [THROTTLED] Suggested Backoff Time: "
+                                                   b"250 milliseconds")) == 0.25
+    assert imap_client.retry_after(IMAPClientError(b"backoff time: 9999 seconds")) == \
+        imap_client.MAX_RETRY_AFTER
+    assert imap_client.retry_after(IMAPClientError(b"NO [UNAVAILABLE] try later")) is None
