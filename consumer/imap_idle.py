@@ -28,7 +28,6 @@ every ``imap_idle_poll_interval`` seconds, as a safety net.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import functools
 import hashlib
@@ -51,7 +50,7 @@ from consumer import imap_client
 from consumer.imap_client import ImapSession
 from consumer.imap_sync import MailboxSync, checkpoint
 from consumer.imap_worker import run_fetch_task
-from mailferry import broker, metrics, tasks
+from mailferry import broker, metrics, oauth2, tasks
 from mailferry.config import Settings
 from mailferry.db import translated
 from mailferry.errors import EmailConfigError, MailferryError, PermanentError
@@ -437,8 +436,7 @@ class IdleLane:
     def _connect_job(self, watch: Watch) -> None:
         session = None
         try:
-            config = self._login_config(watch.user_id)
-            session = self.connect(config, float(self.settings.imap_timeout))
+            session = self._login(watch.user_id)
             if not session.has_idle:
                 _close(session)
                 self._post(lambda: self._unsupported(watch))
@@ -513,17 +511,15 @@ class IdleLane:
             self._syncs.append((local.sync, local.publisher))
         return local
 
-    def _login_config(self, user_id: int) -> ImapConfig:
+    def _login(self, user_id: int) -> ImapSession:
         config = self.configs.get_imap_config(user_id)
+        timeout = float(self.settings.imap_timeout)
         if not config.oauth2:
-            return config
+            return self.connect(config, timeout)
         with self._tokens_lock:
             if self._tokens is None:
-                from mailferry.oauth2 import TokenSource
-                self._tokens = TokenSource(self.configs)
-        with translated("reading the OAuth2 token"):
-            token = self._tokens.access_token(user_id, config.oauth2)
-        return dataclasses.replace(config, access_token=token)
+                self._tokens = oauth2.TokenSource(self.configs)
+        return oauth2.login(self.connect, config, user_id, self._tokens, timeout)
 
     def _mark_idle_until(self, watch: Watch) -> None:
         until = utcnow() + dt.timedelta(seconds=self.settings.imap_idle_renew + IDLE_GRACE)

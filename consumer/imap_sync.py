@@ -14,7 +14,6 @@ The server is left exactly as it was (EXAMINE + BODY.PEEK[]) unless the user ask
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 import time
@@ -33,7 +32,7 @@ from consumer.save import (
     REFUSED, SaveRequest, SaveResult, commit_batch, observe_parse, save_for_users,
     save_many, store_batch,
 )
-from mailferry import metrics, outbox
+from mailferry import metrics, oauth2, outbox
 from mailferry.config import Settings
 from mailferry.db import translated
 from mailferry.errors import EmailConfigError, EmailFetchError, TransientError
@@ -138,17 +137,15 @@ class MailboxSync:
         self.parse_pool = ParsePool() if parse_in_helper and worth_a_helper() else None
         self.tokens = None  # mailferry.oauth2.TokenSource, made for the first OAuth2 mailbox
 
-    def _with_token(self, user: User, config: ImapConfig) -> ImapConfig:
-        """``config`` with a live access token, for a mailbox that logs in with OAuth2."""
+    def _login(self, user: User, config: ImapConfig) -> ImapSession:
+        """A logged-in session: with the password, or with a live OAuth2 access token."""
+        timeout = float(self.settings.imap_timeout)
         if not config.oauth2:
-            return config
+            return self.connect(config, timeout)
         if self.tokens is None:
             from mailferry.mailbox_config import EmailConfigManager
-            from mailferry.oauth2 import TokenSource
-            self.tokens = TokenSource(EmailConfigManager(self.settings))
-        with translated("reading the OAuth2 token"):
-            token = self.tokens.access_token(user, config.oauth2)
-        return dataclasses.replace(config, access_token=token)
+            self.tokens = oauth2.TokenSource(EmailConfigManager(self.settings))
+        return oauth2.login(self.connect, config, user.id, self.tokens, timeout)
 
     def close(self) -> None:
         """Stop the parser helper process, if one was started."""
@@ -157,7 +154,7 @@ class MailboxSync:
 
     def folders(self, user: User, config: ImapConfig) -> list[str]:
         """Every folder of the mailbox a fetch of ``"*"`` syncs (``syncable_folders``)."""
-        session = self.connect(self._with_token(user, config), float(self.settings.imap_timeout))
+        session = self._login(user, config)
         try:
             return session.syncable_folders(skip=[config.move_to] if config.move_to else [])
         finally:
@@ -170,8 +167,7 @@ class MailboxSync:
         ``deadline`` seconds (default: ``imap_fetch_deadline``)."""
         started = time.perf_counter()
         result = SyncResult(folder=folder or config.folder)
-        config = self._with_token(user, config)
-        session = _timed(result, lambda: self.connect(config, float(self.settings.imap_timeout)))
+        session = _timed(result, lambda: self._login(user, config))
         result.connect_seconds = result.imap_seconds
         session.limit_literals(self.limits.max_message_bytes + LITERAL_SLACK)
         # The read timeout is per read: a server that sends a byte every few seconds passes

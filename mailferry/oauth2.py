@@ -14,6 +14,7 @@ expires.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import threading
 from collections import defaultdict
@@ -51,6 +52,26 @@ def resolved(oauth2: dict) -> dict:
         if not out.get(name):
             raise EmailConfigError(f"imap_config.oauth2.{name}: required")
     return out
+
+
+def login(connect, config, user_id: int, tokens: "TokenSource", timeout: float):
+    """``connect(config, timeout)`` with a live access token in ``config``.
+
+    A refused login is tried once more with a freshly refreshed token: a provider may end a
+    token before the expiry it announced (a revoked session, rotated signing keys), and the
+    cache would present the dead one until then. Refused again, it is refused."""
+    from mailferry.db import translated
+
+    def attempt():
+        with translated("reading the OAuth2 token"):
+            token = tokens.access_token(user_id, config.oauth2)
+        return connect(dataclasses.replace(config, access_token=token), timeout)
+
+    try:
+        return attempt()
+    except EmailAuthError:
+        forget_token(user_id)
+        return attempt()
 
 
 def forget_token(user_id: int) -> None:

@@ -131,3 +131,30 @@ def test_a_clock_a_minute_off_the_providers_never_presents_an_expired_token(
         assert result.saved == 1, moment
         seen.append(provider.refreshes - before)
     assert seen == [1, 1, 2, 2]  # refreshed once inside the margin, never after an expiry
+
+
+def test_a_token_that_dies_during_a_long_first_sync_is_replaced_at_the_next_login(
+        settings, imap_account, provider, mailbox):
+    """The first sync's connection drops after a batch, and meanwhile the provider has ended
+    the token the cache still thinks good for an hour: the retry logs in with a fresh one
+    and goes on from the checkpoint."""
+    from mailferry.errors import EmailFetchError
+    user, configs = mailbox
+    settings = settings.replace(imap_batch_size=50)
+    append(imap_account, generated(0, 180))
+    task = tasks.create_task(TaskSource.IMAP, user.id)
+    tasks.start_task(task.task_id)
+    dropped = []
+
+    def after_a_batch(result, delta):
+        if delta is not None and not dropped:
+            dropped.append(result.last_uid)
+            provider.expire_access_tokens()
+            raise EmailFetchError("connection reset by peer")  # what the retry answers
+    before = provider.refreshes
+    status = run_fetch_task(task, None, sync=MailboxSync(settings, parse_in_helper=False),
+                            configs=configs, backoff=0.1, progress=after_a_batch)
+
+    assert status == TaskStatus.COMPLETED, tasks.get_task(task.task_id).error_message
+    assert dropped == [50] and EmailMessage.select().count() == 180
+    assert provider.refreshes == before + 2  # the first login's token, then the replacement
