@@ -1,11 +1,13 @@
-"""Benchmark: SMTP ingest through Haraka with the mailferry plugin, against Haraka's queue/discard.
+"""Benchmark: SMTP ingest through Haraka with the mailferry plugin, against Postfix's durable
+accept (the yardstick) and Haraka's queue/discard (a reference).
 
 One run, on a throwaway RabbitMQ, SQLite in a temp folder, and one consumer process:
 
 1. Throughput: Postfix's ``smtp-source`` sends ``--messages`` over ``--sessions`` concurrent SMTP
-   sessions to Haraka with ``queue/discard`` (the ceiling: Haraka without any queue work) and to
-   the same Haraka with ``mailferry`` (spool + fsync + confirmed publish), alternating,
-   ``--rounds`` times each; medians count. Two workloads: one message per connection with
+   sessions to a throwaway Postfix (devstack/postfix.py: its cleanup fsyncs each queue file
+   before the 250, then the mail is discarded), to Haraka with ``queue/discard`` (Haraka
+   without any queue work) and to the same Haraka with ``mailferry`` (spool + fsync +
+   confirmed publish), in turn, ``--rounds`` times each; medians count. Two workloads: one message per connection with
    smtp-source's default small message (an inbound MX: every sender connects anew), and
    persistent sessions (``-d``) with a 4 KiB body (a relay pushing mail over open
    connections: Haraka's own cost per message is lowest, so the plugin's share is largest).
@@ -18,7 +20,8 @@ One run, on a throwaway RabbitMQ, SQLite in a temp folder, and one consumer proc
    the consumer's committing transaction; one clock, one machine). End-of-DATA→250 is measured
    against queue/discard at the same rate too.
 
-Goals: plugin ≥ 0.7 × the ceiling; 250→stored p99 under 500 ms.
+Goals: plugin ≥ 1.2 × Postfix's durable accept; 250→stored p99 under 500 ms. (plugin / discard
+is printed as the reference it was judged by before; its old goal was 0.7.)
 
     .venv/bin/python bench/smtp_ingest.py [--messages 2000] [--sessions 16] [--rounds 3]
 """
@@ -52,6 +55,7 @@ from mailferry.db import close_database, open_database  # noqa: E402
 from mailferry.models import InboundReceipt  # noqa: E402
 from devstack import mailgen  # noqa: E402
 from devstack.haraka import HarakaServer  # noqa: E402
+from devstack.postfix import PostfixServer  # noqa: E402
 from devstack.rabbitmq import RabbitMQServer  # noqa: E402
 from devstack.consumers import consumer_process, queue_depth, wait_for  # noqa: E402
 
@@ -59,7 +63,7 @@ SMTP_SOURCE = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
 RCPT = "bob@example.org"
 QUEUED_AS = re.compile(rb"queued as (\S+)")
 STEADY_CONNECTIONS = 8
-GOAL_RATIO = 0.7
+GOAL_RATIO = 1.2  # plugin / Postfix's durable accept
 GOAL_STORED_P99_MS = 500.0
 
 
@@ -238,7 +242,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="mf-bench-smtp-") as tmp:
         base = args.keep or Path(tmp)
         rabbit = RabbitMQServer(base / "rabbitmq").start()
-        discard = plugin = consumer = None
+        discard = plugin = consumer = postfix = None
         try:
             settings = Settings(var_dir=base / "var", amqp_url=rabbit.amqp_url,
                                 consumer_metrics_port=0, scheduler_metrics_port=0)
@@ -249,12 +253,13 @@ def main() -> int:
 
             discard = haraka(base, "discard", settings, "queue/discard", args.nodes)
             plugin = haraka(base, "plugin", settings, "mailferry", args.nodes)
+            postfix = PostfixServer(base).start()
             print(f"smtp-source: {args.rounds} rounds × {args.messages} messages over "
                   f"{args.sessions} sessions per server and workload; Haraka nodes={args.nodes}", flush=True)
             rates: dict[tuple[str, str], list[float]] = {}
             for workload in WORKLOADS:
                 for round_ in range(1, args.rounds + 1):
-                    for name, server in (("discard", discard), ("plugin", plugin)):
+                    for name, server in (("postfix", postfix), ("discard", discard), ("plugin", plugin)):
                         rate = smtp_source(server, workload, args.messages, args.sessions)
                         rates.setdefault((workload.name, name), []).append(rate)
                         if name == "plugin":
@@ -276,7 +281,7 @@ def main() -> int:
         finally:
             if consumer is not None:
                 stop_consumer(consumer)
-            for server in (plugin, discard):
+            for server in (plugin, discard, postfix):
                 if server is not None:
                     server.stop()
             close_database()
@@ -286,15 +291,18 @@ def main() -> int:
                 for name, r in (("discard", ceiling_steady), ("plugin", steady)) if r.refused]
     rows = []
     for workload in WORKLOADS:
+        yardstick = statistics.median(rates[(workload.name, "postfix")])
         ceiling = statistics.median(rates[(workload.name, "discard")])
         with_plugin = statistics.median(rates[(workload.name, "plugin")])
-        ratio = with_plugin / ceiling
+        ratio = with_plugin / yardstick
         rows += [
             (f"{workload.name}:", "", ""),
-            ("  accepted, Haraka + queue/discard (ceiling)", f"{ceiling:.0f} msg/s", ""),
+            ("  accepted, Postfix (durable accept, the yardstick)", f"{yardstick:.0f} msg/s", ""),
+            ("  accepted, Haraka + queue/discard (reference)", f"{ceiling:.0f} msg/s", ""),
             ("  accepted, Haraka + mailferry plugin", f"{with_plugin:.0f} msg/s", ""),
-            ("  plugin / ceiling", f"{ratio:.2f}",
+            ("  plugin / Postfix", f"{ratio:.2f}",
              f">= {GOAL_RATIO} {'ok' if ratio >= GOAL_RATIO else 'MISSED'}"),
+            ("  plugin / discard", f"{with_plugin / ceiling:.2f}", "reference"),
         ]
     stored_p99 = percentile(stored, 99)
     rows += [
@@ -314,7 +322,8 @@ def main() -> int:
     for name, value, goal in rows:
         print(f"{name:58} {value:>17}  {goal}")
     for workload in WORKLOADS:
-        print(f"rounds, {workload.name}: discard {[round(r) for r in rates[(workload.name, 'discard')]]}, "
+        print(f"rounds, {workload.name}: postfix {[round(r) for r in rates[(workload.name, 'postfix')]]}, "
+              f"discard {[round(r) for r in rates[(workload.name, 'discard')]]}, "
               f"plugin {[round(r) for r in rates[(workload.name, 'plugin')]]}")
     print(f"steady: {len(steady.eod_to_250)} plugin / {len(ceiling_steady.eod_to_250)} discard messages, "
           f"sends late by > 50 ms: {steady.late} / {ceiling_steady.late}")
