@@ -47,20 +47,30 @@ def _run() -> int:
 
 def imap_test(args) -> int:
     from consumer import imap_client  # here, not at import: every mailferry command loads this module
+    from mailferry import oauth2
     settings = open_app()
-    config = EmailConfigManager(settings).get_imap_config(find_user(args.email))
+    user = find_user(args.email)
+    configs = EmailConfigManager(settings)
+    config = configs.get_imap_config(user)
     started = time.perf_counter()
-    session = imap_client.connect(config, float(settings.imap_timeout))
+    timeout = float(settings.imap_timeout)
+    if config.oauth2:  # with a live access token, refreshed if need be, as a fetch logs in
+        session = oauth2.login(imap_client.connect, config, user.id,
+                               oauth2.TokenSource(configs), timeout)
+    else:
+        session = imap_client.connect(config, timeout)
     try:
         folder = session.select(config.folder, readonly=True)  # EXAMINE: changes nothing
     finally:
         session.close()
-    extras = [c.decode() for c in (b"CONDSTORE", b"MOVE", b"UIDPLUS") if c in session.capabilities]
-    print(f"logged in to {config.host}:{config.port} as {config.username} ({config.security}) "
-          f"in {time.perf_counter() - started:.2f} s")
+    wanted = (b"IDLE", b"CONDSTORE", b"MOVE", b"UIDPLUS", b"SPECIAL-USE")
+    extras = [c.decode() for c in wanted if c in session.capabilities]
+    login = f"OAuth2 {config.oauth2.get('mechanism', 'XOAUTH2')}" if config.oauth2 else "password"
+    print(f"logged in to {config.host}:{config.port} as {config.username} ({config.security}, "
+          f"{login}) in {time.perf_counter() - started:.2f} s")
     print(f"folder {folder.name}: {folder.exists} message(s), UIDVALIDITY {folder.uidvalidity}, "
           f"next UID {folder.uidnext if folder.uidnext is not None else '?'}")
-    print(f"server offers: {', '.join(extras) or 'none of CONDSTORE, MOVE, UIDPLUS'}")
+    print(f"server offers: {', '.join(extras) or 'none of ' + ', '.join(c.decode() for c in wanted)}")
     return 0
 
 

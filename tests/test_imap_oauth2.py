@@ -158,3 +158,15 @@ def test_a_token_that_dies_during_a_long_first_sync_is_replaced_at_the_next_logi
     assert status == TaskStatus.COMPLETED, tasks.get_task(task.task_id).error_message
     assert dropped == [50] and EmailMessage.select().count() == 180
     assert provider.refreshes == before + 2  # the first login's token, then the replacement
+
+
+def test_imap_test_logs_in_with_a_live_token(settings, imap_account, provider, mailbox,
+                                              monkeypatch, capsys):
+    from mailferry.cli import main
+    user, _ = mailbox
+    monkeypatch.setenv("MAILFERRY_VAR_DIR", str(settings.var_dir))
+    monkeypatch.setenv("MAILFERRY_DATABASE_URL", settings.resolved_database_url)
+    append(imap_account, generated(0, 2))
+    assert main(["imap", "test", user.email]) == 0
+    out = capsys.readouterr().out
+    assert "OAuth2 XOAUTH2" in out and "folder INBOX: 2 message(s)" in out and "IDLE" in out
