@@ -17,7 +17,7 @@ import peewee
 
 from mailferry.errors import TransientError
 from mailferry.models import (
-    EmailTask, InboundReceipt, SchedulerLease, Settings as SettingsRow, TaskSource, TaskStatus,
+    EmailTask, InboundReceipt, MailboxState, SchedulerLease, Settings as SettingsRow, TaskSource, TaskStatus,
     UnroutedMessage, User, db, utcnow,
 )
 from mailferry.spool import FAILED
@@ -37,6 +37,7 @@ class Overview:
     # imap: the newest COMPLETED IMAP fetch task; smtp: the newest inbound message handled.
     last_success: dict[str, dt.datetime | None]
     imap_mailboxes: int  # active users with an active email_config
+    imap_idle: int  # folders a consumer holds in IDLE now (idle_until ahead)
     unrouted: int
     quarantined: int  # message files in spool/failed
     lease_holder: str | None  # the acting scheduler, if its lease is unexpired
@@ -109,12 +110,13 @@ def _read(spool_dir: Path, now: dt.datetime) -> Overview:
     mailboxes = (SettingsRow.select().join(User)
                  .where(SettingsRow.key == "email_config", SettingsRow.is_active == True,  # noqa: E712
                         User.is_active == True).count())  # noqa: E712
+    idle = MailboxState.select().where(MailboxState.idle_until > now).count()
     lease = SchedulerLease.get_or_none(SchedulerLease.name == LEASE_NAME)
     lease_expires = _as_datetime(lease.expires_at) if lease else None
     return Overview(
         tasks=tasks, running_past_timeout=past_timeout, failed_last_hour=failed_hour,
         oldest_pending_seconds=(now - oldest_pending).total_seconds() if oldest_pending else None,
-        last_success={IMAP: last_imap, SMTP: last_smtp}, imap_mailboxes=mailboxes,
+        last_success={IMAP: last_imap, SMTP: last_smtp}, imap_mailboxes=mailboxes, imap_idle=idle,
         unrouted=UnroutedMessage.select().count(), quarantined=quarantined_count(spool_dir),
         lease_holder=lease.holder if lease and lease_expires and lease_expires >= now else None,
         lease_expires_at=lease_expires, read_at=now)

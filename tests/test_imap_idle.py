@@ -19,6 +19,7 @@ from mailferry import broker, tasks
 from mailferry.models import (
     EmailMessage, EmailTask, MailboxState, TaskSource, TaskStatus, User, utcnow,
 )
+from mailferry.overview import read_overview
 from scheduler.fetch import held_in_idle, schedule_imap_fetch
 from tests.imap_fixtures import *  # noqa: F401,F403
 from tests.imap_fixtures import ImapUser, append, generated
@@ -158,6 +159,8 @@ def test_the_scheduler_leaves_a_mailbox_held_in_idle_to_it_until_the_lane_stops(
     publisher = broker.Publisher(idle_user.settings)
     summary = schedule_imap_fetch(idle_user.settings, publisher)
     assert (summary.idle, summary.scheduled) == (1, 0)
+    spool = idle_user.settings.resolved_spool_dir
+    assert read_overview(spool).imap_idle == 1  # what `mailferry status` shows
 
     assert held_in_idle(poll_interval=60) == {idle_user.user.id}
     MailboxState.update(last_fetch_at=utcnow() - dt.timedelta(seconds=61)).execute()
@@ -166,6 +169,7 @@ def test_the_scheduler_leaves_a_mailbox_held_in_idle_to_it_until_the_lane_stops(
 
     lane.stop()
     assert MailboxState.get(MailboxState.user == idle_user.user.id).idle_until is None
+    assert read_overview(spool).imap_idle == 0
     summary = schedule_imap_fetch(idle_user.settings, publisher)
     assert (summary.idle, summary.scheduled) == (0, 1)
     publisher.close()

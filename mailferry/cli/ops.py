@@ -65,6 +65,7 @@ def collect_status(settings) -> dict:
         },
         "last_success": overview.last_success,
         "imap_mailboxes": overview.imap_mailboxes,
+        "imap_idle": overview.imap_idle,
         "dead_lettered": dead,
         "unrouted": overview.unrouted,
         "quarantined": overview.quarantined,
@@ -115,7 +116,7 @@ def print_status(status: dict) -> None:
           + (" (`mailferry replay` once the cause is fixed)" if dead else ""))
     print(f"unrouted:       {status['unrouted']} in unrouted_message")
     print(f"quarantined:    {status['quarantined']} file(s) in {status['quarantine_dir']}")
-    print(f"IMAP mailboxes: {status['imap_mailboxes']}")
+    print(f"IMAP mailboxes: {status['imap_mailboxes']} ({status['imap_idle']} held in IDLE)")
     lease = status["scheduler"]
     if lease["lease_holder"]:
         print(f"scheduler:      {lease['lease_holder']} holds the lease until "
