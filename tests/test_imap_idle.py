@@ -251,3 +251,25 @@ def test_the_watcher_sleeps_while_the_mailbox_list_is_being_read(sqlite_settings
         assert lane._timeout(now=10.0) == 0.0
     finally:
         lane.stop()
+
+
+def test_an_oauth2_mailbox_is_held_and_synced_with_its_token(broker_settings, imap_account,
+                                                             oauth2_provider, lane_for):
+    connection = broker.connect(broker_settings.amqp_url)
+    broker.declare_topology(connection.channel(), broker_settings)
+    connection.close()
+    from mailferry.mailbox_config import EmailConfigManager
+    oauth2_provider.username = imap_account.username
+    oauth2_provider.refresh_tokens = {"idle-refresh-token"}
+    oauth2_provider.clock = time.monotonic
+    user = User.create(email="idle-oauth@example.org")
+    EmailConfigManager(broker_settings).set_imap_config(user, {
+        "host": imap_account.host, "port": imap_account.port, "username": imap_account.username,
+        "security": "none", "idle": True, "oauth2": {
+            "provider": "custom", "client_id": oauth2_provider.client_id,
+            "client_secret": oauth2_provider.client_secret, "refresh_token": "idle-refresh-token",
+            "token_url": oauth2_provider.token_url, "scopes": "imap"}})
+    lane = lane_for(broker_settings)
+    wait_for(lambda: settled(lane, user), what="held in IDLE with an access token")
+    append(imap_account, generated(0, 1))
+    wait_for(lambda: stored() == 1, what="the message stored by the IDLE sync")
