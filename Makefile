@@ -38,6 +38,9 @@ bench: install
 	@$(PY) bench/smtp_ingest.py
 	@$(PY) bench/scheduler_tick.py
 	@$(PY) bench/imap_sync.py
+	@$(PY) bench/imap_idle.py
+	@$(PY) bench/events.py
+	@$(PY) bench/fidelity.py
 
 clean:
 	rm -rf var/ .pytest_cache
