@@ -53,12 +53,9 @@ def imap_test(args) -> int:
     configs = EmailConfigManager(settings)
     config = configs.get_imap_config(user)
     started = time.perf_counter()
-    timeout = float(settings.imap_timeout)
-    if config.oauth2:  # with a live access token, refreshed if need be, as a fetch logs in
-        session = oauth2.login(imap_client.connect, config, user.id,
-                               oauth2.TokenSource(configs), timeout)
-    else:
-        session = imap_client.connect(config, timeout)
+    # As a fetch logs in: with the password, or a live OAuth2 token (refreshed if need be).
+    session = oauth2.login(imap_client.connect, config, user.id,
+                           lambda: oauth2.TokenSource(configs), float(settings.imap_timeout))
     try:
         folder = session.select(config.folder, readonly=True)  # EXAMINE: changes nothing
     finally:

@@ -228,9 +228,8 @@ class ImapSession:
         peer closed it; the caller counts that (a TLS record without data looks the same once)."""
         with translated("idle read", self.where):
             responses = self.client.idle_check(timeout=0)
-        exists = any(len(r) >= 2 and r[1] == b"EXISTS" for r in responses)
         bye = any(r and r[0] == b"BYE" for r in responses)
-        return exists, bye or not responses
+        return _new_mail(responses), bye or not responses
 
     def idle_renew(self) -> bool:
         """DONE, then IDLE again (servers may end an IDLE after 30 minutes); True when the
@@ -238,7 +237,7 @@ class ImapSession:
         with translated("idle renew", self.where):
             _, responses = self.client.idle_done()
             self.client.idle()
-        return any(len(r) >= 2 and r[1] == b"EXISTS" for r in responses)
+        return _new_mail(responses)
 
     def limit_literals(self, max_bytes: int) -> None:
         """Refuse any literal the server announces larger than ``max_bytes`` before reading
@@ -276,6 +275,11 @@ class ImapSession:
 # LIST flags of folders never synced: not selectable, or SPECIAL-USE without inbound mail.
 _NOT_SYNCED = {b"\\noselect", b"\\nonexistent", b"\\trash", b"\\junk", b"\\sent",
                b"\\drafts", b"\\all"}
+
+
+def _new_mail(responses: list) -> bool:
+    """True when the untagged IDLE responses hold an ``n EXISTS``."""
+    return any(len(r) >= 2 and r[1] == b"EXISTS" for r in responses)
 
 
 def uid_ranges(uids: Iterable[int]) -> str:

@@ -49,14 +49,15 @@ from peewee import chunked
 from consumer import imap_client
 from consumer.imap_client import ImapSession
 from consumer.imap_sync import MailboxSync, checkpoint
-from consumer.imap_worker import run_fetch_task
+from consumer.imap_worker import arm_watchdog, run_fetch_task
 from mailferry import broker, metrics, oauth2, tasks
 from mailferry.config import Settings
 from mailferry.db import translated
 from mailferry.errors import EmailConfigError, MailferryError, PermanentError
-from mailferry.mailbox_config import CONFIG_KEY, EmailConfigManager, ImapConfig, validate_imap_config
-from mailferry.models import Settings as SettingsRow
-from mailferry.models import MailboxState, TaskSource, TaskStatus, User, utcnow
+from mailferry.mailbox_config import (
+    EmailConfigManager, ImapConfig, active_imap_configs, validate_imap_config,
+)
+from mailferry.models import MailboxState, TaskSource, TaskStatus, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +170,6 @@ class IdleLane:
         self._next_load = 0.0
         self._next_gauges = 0.0
         self.crashed: str | None = None
-        self.loaded = threading.Event()  # the mailbox list was read once: for tests
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -282,13 +282,17 @@ class IdleLane:
     def _lost(self, watch: Watch, kind: str, reason: str) -> None:
         """Connection gone or unusable: closed (on a connector) and reconnected after backoff."""
         metrics.imap_idle_lost.labels(kind).inc()
-        session, watch.session = watch.session, None
-        self._unregister(watch)
+        self._let_go(watch)
         watch.failures += 1
         delay = REFUSED_RETRY if kind == "auth" else backoff(watch.failures)
         watch.state, watch.due = WAITING, self.clock() + delay
         log.warning("IDLE user=%s folder=%s: %s; reconnecting in %.0f s", watch.user_id,
                     watch.folder, reason, delay)
+
+    def _let_go(self, watch: Watch) -> None:
+        """Stop watching the connection and close it (on a connector)."""
+        session, watch.session = watch.session, None
+        self._unregister(watch)
         if session is not None:
             self._connectors.submit(self._close_job, watch, session)
 
@@ -347,7 +351,6 @@ class IdleLane:
         for user_id, (fingerprint, folder, marks_idle) in wanted.items():
             if user_id not in self.watches:
                 self.watches[user_id] = Watch(user_id, fingerprint, folder, marks_idle)
-        self.loaded.set()
 
     def _load_failed(self) -> None:
         self._loading = False
@@ -356,10 +359,7 @@ class IdleLane:
     def _drop(self, watch: Watch) -> None:
         del self.watches[watch.user_id]
         watch.gone = True
-        session, watch.session = watch.session, None
-        self._unregister(watch)
-        if session is not None:
-            self._connectors.submit(self._close_job, watch, session)
+        self._let_go(watch)
 
     def _connected(self, watch: Watch, session: ImapSession, sock, behind: bool) -> None:
         self._connecting -= 1
@@ -413,16 +413,11 @@ class IdleLane:
     def _wanted(self) -> dict[int, tuple[str, str, bool]]:
         """{user id: (fingerprint, folder, marks_idle)} of this shard's IDLE mailboxes."""
         index, count = self.settings.idle_shard
-        rows = (SettingsRow.select(SettingsRow.user, SettingsRow.value)
-                .join(User, on=(SettingsRow.user == User.id))
-                .where(SettingsRow.key == CONFIG_KEY, SettingsRow.is_active == True,  # noqa: E712
-                       User.is_active == True).tuples())  # noqa: E712
         wanted = {}
         with translated("reading the IDLE mailboxes"):
-            for user_id, value in rows:
-                if user_id % count != index or not isinstance(value, dict):
+            for user_id, raw in active_imap_configs():
+                if user_id % count != index:
                     continue
-                raw = value.get("imap_config")
                 try:
                     config = validate_imap_config(raw)
                 except EmailConfigError:
@@ -494,11 +489,7 @@ class IdleLane:
         if task is None:
             return True  # cancelled before it started
         local = self._thread_local()
-        try:
-            tasks.publish_watchdog(local.publisher, task)
-        except MailferryError as exc:  # the stale-task cleanup still ends it (imap_worker)
-            tasks.add_execution_log(task.task_id, "watchdog", f"watchdog not published: {exc}",
-                                    "WARNING")
+        arm_watchdog(local.publisher, task)
         run_fetch_task(task, watch.folder, sync=local.sync, configs=self.configs,
                        attempt_deadline=self.settings.imap_fetch_deadline)
         return True
@@ -512,14 +503,14 @@ class IdleLane:
         return local
 
     def _login(self, user_id: int) -> ImapSession:
-        config = self.configs.get_imap_config(user_id)
-        timeout = float(self.settings.imap_timeout)
-        if not config.oauth2:
-            return self.connect(config, timeout)
-        with self._tokens_lock:
-            if self._tokens is None:
+        return oauth2.login(self.connect, self.configs.get_imap_config(user_id), user_id,
+                            self._token_source, float(self.settings.imap_timeout))
+
+    def _token_source(self) -> oauth2.TokenSource:
+        with self._tokens_lock:  # connectors log in at once
+            if self._tokens is None:  # made for the first OAuth2 mailbox
                 self._tokens = oauth2.TokenSource(self.configs)
-        return oauth2.login(self.connect, config, user_id, self._tokens, timeout)
+            return self._tokens
 
     def _mark_idle_until(self, watch: Watch) -> None:
         until = utcnow() + dt.timedelta(seconds=self.settings.imap_idle_renew + IDLE_GRACE)

@@ -139,13 +139,14 @@ class MailboxSync:
 
     def _login(self, user: User, config: ImapConfig) -> ImapSession:
         """A logged-in session: with the password, or with a live OAuth2 access token."""
-        timeout = float(self.settings.imap_timeout)
-        if not config.oauth2:
-            return self.connect(config, timeout)
-        if self.tokens is None:
+        return oauth2.login(self.connect, config, user.id, self._token_source,
+                            float(self.settings.imap_timeout))
+
+    def _token_source(self) -> oauth2.TokenSource:
+        if self.tokens is None:  # made for the first OAuth2 mailbox
             from mailferry.mailbox_config import EmailConfigManager
             self.tokens = oauth2.TokenSource(EmailConfigManager(self.settings))
-        return oauth2.login(self.connect, config, user.id, self.tokens, timeout)
+        return self.tokens
 
     def close(self) -> None:
         """Stop the parser helper process, if one was started."""

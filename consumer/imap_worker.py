@@ -68,21 +68,24 @@ class ImapFetchHandler(Handler):
             tasks.fail_task(job.task_id, f"fetch job names user {job.user_id}, "
                                          f"its task user {task.user_id}")
             return Outcome.ack()
-        self._publish_watchdog(task)
+        arm_watchdog(self.publisher, task)
         run_fetch_task(task, job.folder, sync=self.sync, configs=self.configs,
                        backoff=self.backoff, attempt_deadline=self.settings.imap_fetch_deadline)
         metrics.batch_seconds.labels(self.queue).observe(time.perf_counter() - started)
         return Outcome.ack()
 
-    def _publish_watchdog(self, task: EmailTask) -> None:
-        try:
-            tasks.publish_watchdog(self.publisher, task)
-        except MailferryError as exc:
-            # Without its watchdog the task is still ended by stale-task cleanup once past
-            # timeout_at; not worth failing a fetch over.
-            log.warning("task=%s: watchdog not published: %s", task.task_id, exc)
-            tasks.add_execution_log(task.task_id, "watchdog", f"watchdog not published: {exc}",
-                                    "WARNING")
+
+
+def arm_watchdog(publisher, task: EmailTask) -> None:
+    """Publish the watchdog of a task just started (by a fetch job or by the IDLE lane)."""
+    try:
+        tasks.publish_watchdog(publisher, task)
+    except MailferryError as exc:
+        # Without its watchdog the task is still ended by stale-task cleanup once past
+        # timeout_at; not worth failing a fetch over.
+        log.warning("task=%s: watchdog not published: %s", task.task_id, exc)
+        tasks.add_execution_log(task.task_id, "watchdog", f"watchdog not published: {exc}",
+                                "WARNING")
 
 
 def run_fetch_task(task: EmailTask, folder: str | None, *, sync: MailboxSync,

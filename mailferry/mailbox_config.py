@@ -14,7 +14,7 @@ import os
 import stat
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from cryptography.fernet import Fernet, InvalidToken
 
@@ -154,6 +154,19 @@ def validate_imap_config(cfg: dict[str, Any] | None) -> ImapConfig:
                       mark_seen=mark_seen, move_to=move_to, ca_file=str(ca_file) if ca_file else None,
                       folders=folders, delete=delete, oauth2=dict(oauth2) if oauth2 else None,
                       idle=idle)
+
+
+def active_imap_configs() -> Iterator[tuple[int, Any]]:
+    """(user id, stored ``imap_config`` or None) of every active user with an active
+    ``email_config`` row, by user id, in one query; secrets still encrypted (the scheduler
+    and the IDLE lane only validate them)."""
+    query = (SettingsRow.select(SettingsRow.user, SettingsRow.value)
+             .join(User, on=(SettingsRow.user == User.id))
+             .where(SettingsRow.key == CONFIG_KEY, SettingsRow.is_active == True,  # noqa: E712
+                    User.is_active == True)  # noqa: E712
+             .order_by(SettingsRow.user).tuples())
+    for user_id, value in query:
+        yield user_id, value.get("imap_config") if isinstance(value, dict) else None
 
 
 def _folders(value, move_to: str | None) -> tuple[str, ...]:

@@ -18,6 +18,7 @@ import dataclasses
 import datetime as dt
 import threading
 from collections import defaultdict
+from typing import Callable
 
 import httpx
 
@@ -54,17 +55,20 @@ def resolved(oauth2: dict) -> dict:
     return out
 
 
-def login(connect, config, user_id: int, tokens: "TokenSource", timeout: float):
-    """``connect(config, timeout)`` with a live access token in ``config``.
+def login(connect, config, user_id: int, tokens: Callable[[], "TokenSource"], timeout: float):
+    """``connect(config, timeout)``: with the password, or, for an OAuth2 mailbox, with a live
+    access token from ``tokens()`` (called only then: a TokenSource holds an HTTP client).
 
-    A refused login is tried once more with a freshly refreshed token: a provider may end a
-    token before the expiry it announced (a revoked session, rotated signing keys), and the
-    cache would present the dead one until then. Refused again, it is refused."""
+    A refused OAuth2 login is tried once more with a freshly refreshed token: a provider may
+    end a token before the expiry it announced (a revoked session, rotated signing keys), and
+    the cache would present the dead one until then. Refused again, it is refused."""
     from mailferry.db import translated
+    if not config.oauth2:
+        return connect(config, timeout)
 
     def attempt():
         with translated("reading the OAuth2 token"):
-            token = tokens.access_token(user_id, config.oauth2)
+            token = tokens().access_token(user_id, config.oauth2)
         return connect(dataclasses.replace(config, access_token=token), timeout)
 
     try:

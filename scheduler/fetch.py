@@ -20,9 +20,8 @@ from mailferry.config import Settings
 from mailferry.contracts import FetchJob
 from mailferry.db import translated
 from mailferry.errors import EmailConfigError, MailferryError
-from mailferry.mailbox_config import CONFIG_KEY, validate_imap_config
-from mailferry.models import Settings as SettingsRow
-from mailferry.models import EmailTask, MailboxState, TaskSource, TaskStatus, User, utcnow
+from mailferry.mailbox_config import active_imap_configs, validate_imap_config
+from mailferry.models import EmailTask, MailboxState, TaskSource, TaskStatus, utcnow
 from mailferry.tasks import cancel_where, create_many
 
 log = logging.getLogger(__name__)
@@ -60,15 +59,10 @@ def held_in_idle(poll_interval: int) -> set[int]:
 
 def fetchable_users() -> tuple[list[tuple[int, str]], int, int]:
     """([(user id, folder)], users with a config, invalid ones) in one query."""
-    query = (SettingsRow.select(SettingsRow.user, SettingsRow.value)
-             .join(User, on=(SettingsRow.user == User.id))
-             .where(SettingsRow.key == CONFIG_KEY, SettingsRow.is_active == True,  # noqa: E712
-                    User.is_active == True)  # noqa: E712
-             .order_by(SettingsRow.user).tuples())
     found, total = [], 0
-    for user_id, value in query:
+    for user_id, imap_config in active_imap_configs():
         total += 1
-        folder = imap_folder(value.get("imap_config") if isinstance(value, dict) else None)
+        folder = imap_folder(imap_config)
         if folder is not None:
             found.append((user_id, folder))
     return found, total, total - len(found)

@@ -59,9 +59,7 @@ def settled(lane: IdleLane, user) -> bool:
 @pytest.fixture
 def idle_user(broker_settings, imap_account) -> ImapUser:
     """A mailbox set to IDLE, on a broker whose topology is declared (for the watchdogs)."""
-    connection = broker.connect(broker_settings.amqp_url)
-    broker.declare_topology(connection.channel(), broker_settings)
-    connection.close()
+    broker.setup_topology(broker_settings)
     from mailferry.mailbox_config import EmailConfigManager
     user = User.create(email=f"{imap_account.username}@example.org")
     result = ImapUser(user, EmailConfigManager(broker_settings), imap_account, broker_settings)
@@ -255,9 +253,7 @@ def test_the_watcher_sleeps_while_the_mailbox_list_is_being_read(sqlite_settings
 
 def test_an_oauth2_mailbox_is_held_and_synced_with_its_token(broker_settings, imap_account,
                                                              oauth2_provider, lane_for):
-    connection = broker.connect(broker_settings.amqp_url)
-    broker.declare_topology(connection.channel(), broker_settings)
-    connection.close()
+    broker.setup_topology(broker_settings)
     from mailferry.mailbox_config import EmailConfigManager
     oauth2_provider.username = imap_account.username
     oauth2_provider.refresh_tokens = {"idle-refresh-token"}
