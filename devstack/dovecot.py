@@ -42,6 +42,7 @@ from .ports import (
     wait_until,
 )
 from .postgres import remove_service_dir, service_dir
+from .tls import self_signed
 
 MARKER = "MAILFERRY_HARNESS_DOVECOT"
 START_TIMEOUT = 30.0
@@ -155,19 +156,7 @@ class DovecotServer:
         mail.chmod(0o700)
         os.chown(mail, uid, gid)
         if self.ssl and not (self.root / "cert.pem").exists():
-            subprocess.run(
-                [
-                    "openssl", "req", "-x509", "-newkey", "ec",
-                    "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-                    "-keyout", str(self.root / "key.pem"), "-out", str(self.root / "cert.pem"),
-                    "-days", "7", "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
-                ],
-                check=True,
-                capture_output=True,
-                timeout=60,
-            )
-            (self.root / "key.pem").chmod(0o600)
+            self_signed(self.root / "cert.pem", self.root / "key.pem")
         self._write_users()
         self.config_path.write_text(self._config(uid, gid))
 

@@ -6,7 +6,6 @@ up without one is refused with that advice until then."""
 from __future__ import annotations
 
 import re
-import subprocess
 import threading
 import time
 
@@ -14,6 +13,7 @@ import httpx
 import pytest
 
 from devstack.oauth2_server import OAuth2Server
+from devstack.tls import self_signed
 from mailferry.errors import EmailAuthError
 from mailferry.mailbox_config import EmailConfigManager
 from mailferry.models import User
@@ -24,12 +24,7 @@ from tests.imap_fixtures import imap_set
 @pytest.fixture(scope="module")
 def certificate(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tls")
-    cert, key = folder / "cert.pem", folder / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
-                    "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", str(key), "-out", str(cert),
-                    "-days", "2", "-subj", "/CN=127.0.0.1", "-addext",
-                    "subjectAltName=IP:127.0.0.1,DNS:localhost"],
-                   check=True, capture_output=True, timeout=60)
+    cert, key = self_signed(folder / "cert.pem", folder / "key.pem", days=2)
     return str(cert), str(key)
 
 
