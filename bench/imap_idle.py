@@ -62,9 +62,14 @@ def status_of(pid: int) -> dict[str, str]:
     return out
 
 
-def idling(dovecot: DovecotServer, name: str) -> IMAPClient:
+def logged_in(dovecot: DovecotServer, name: str) -> IMAPClient:
     client = IMAPClient(dovecot.host, dovecot.port, ssl=False, timeout=30)
     client.login(name, PASSWORD)
+    return client
+
+
+def idling(dovecot: DovecotServer, name: str) -> IMAPClient:
+    client = logged_in(dovecot, name)
     client.select_folder("INBOX", readonly=True)
     client.idle()
     return client
@@ -108,13 +113,11 @@ def main() -> int:
             settings.var_dir.mkdir()
             open_database(settings.resolved_database_url)
             configs = EmailConfigManager(settings)
-            boxes = {}
             for name in users:
                 user = User.create(email=f"{name}@example.org")
                 configs.set_imap_config(user, {"host": dovecot.host, "port": dovecot.port,
                                                "username": name, "password": PASSWORD,
                                                "security": "none"})
-                boxes[name] = user
             close_database()
 
             consumer = consumer_process(settings, base / "consumer.log")
@@ -142,8 +145,7 @@ def main() -> int:
             names = list(users)
             for n in range(args.samples):
                 name = rng.choice(names)
-                client = IMAPClient(dovecot.host, dovecot.port, ssl=False, timeout=30)
-                client.login(name, PASSWORD)
+                client = logged_in(dovecot, name)
                 watcher = idling(dovecot, name)  # the server's own share: APPEND → EXISTS
                 raw = message(n)
                 appended = time.monotonic()

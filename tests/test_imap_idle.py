@@ -5,6 +5,7 @@ mailbox held in IDLE to it and polls it again once the lane lets go; reconnects 
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import socket
 import time
@@ -57,14 +58,12 @@ def settled(lane: IdleLane, user) -> bool:
 
 
 @pytest.fixture
-def idle_user(broker_settings, imap_account) -> ImapUser:
-    """A mailbox set to IDLE, on a broker whose topology is declared (for the watchdogs)."""
+def idle_user(imap_user, broker_settings) -> ImapUser:
+    """``imap_user``'s mailbox set to IDLE, on a broker whose topology is declared (for the
+    watchdogs)."""
     broker.setup_topology(broker_settings)
-    from mailferry.mailbox_config import EmailConfigManager
-    user = User.create(email=f"{imap_account.username}@example.org")
-    result = ImapUser(user, EmailConfigManager(broker_settings), imap_account, broker_settings)
-    result.configure(idle=True)
-    return result
+    imap_user.configure(idle=True)
+    return dataclasses.replace(imap_user, settings=broker_settings)
 
 
 @pytest.fixture
