@@ -23,7 +23,9 @@ from email.utils import getaddresses, parsedate_to_datetime
 from consumer.charsets import decode_header_bytes, decode_header_value, decode_text, without_surrogates
 from consumer.legacy import BINHEX_TYPES, type_for, unbinhex, uuencoded_files
 from consumer.quiet_flanker import Stream, decode_body, flanker_errors, mime, transfer_decode
-from consumer.repair import HEADER_END as _HEADER_END, GLOBAL_MARKER, declared_charset, for_flanker, tidy_header_block, with_found_boundary
+from consumer.repair import (HEADER_END as _HEADER_END, GLOBAL_MARKER, declared_charset, for_flanker,
+                             original_type, tidy_header_block, with_found_boundary,
+                             with_header_blocks_ended)
 from mailferry.config import Settings
 from mailferry.errors import EmailParseError
 
@@ -117,6 +119,9 @@ def _parse(raw: bytes, limits: Limits) -> ParsedEmail:
         raise EmailParseError(
             f"header block is {header_size} bytes, over the limit of {limits.max_header_bytes}")
     sha256, size = hashlib.sha256(raw).hexdigest(), len(raw)
+    ended = with_header_blocks_ended(raw)
+    if ended is not raw:
+        raw, header_end = ended, _HEADER_END.search(ended)
     tidied = tidy_header_block(raw, header_end)  # for the parsers' eyes; the hash is of what came
     if tidied is not raw:
         raw, header_end = tidied, _HEADER_END.search(tidied)
@@ -215,7 +220,7 @@ def _walk(root, limits: Limits, charset: str | None):
         data = transfer_decode(part)
         if not data and not filename:
             continue  # an empty non-text leaf (e.g. a bare multipart preamble)
-        content_type = str(ctype.value).lower()[:255]
+        content_type = original_type(str(ctype.value).lower())[:255]
         if content_type in BINHEX_TYPES and (unpacked := unbinhex(data)) is not None:
             filename, data = unpacked[0] or filename, unpacked[1]
             content_type = type_for(filename)

@@ -23,6 +23,7 @@ it must keep its work under ``if __name__ == "__main__"``.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import signal
@@ -187,7 +188,9 @@ class ParsePool:
             while time.monotonic() < deadline and pid_alive(pid):
                 time.sleep(0.02)
             if pid_alive(pid):
-                os.kill(pid, signal.SIGKILL)
+                # It may leave between the look and the kill: gone is what was wanted.
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
 
 
 def _watch_owner(owner: int) -> None:

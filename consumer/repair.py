@@ -35,15 +35,35 @@ def for_flanker(raw: bytes) -> bytes:
     - RFC 6532's ``message/global`` (a forwarded message with UTF-8 headers) is not a
       container to flanker, which then fails the whole message: it is read as
       ``message/rfc822`` with a marker, and stored under its own type.
+    - Any other ``message/`` type flanker does not know (RFC 2046 §5.2.2's
+      ``message/partial``, an ``x-`` type) is neither a leaf nor a container to it, and it
+      fails the whole message: such a part is read as an opaque leaf
+      (``application/x-mailferry-message-partial``) and stored under its own type
+      (``original_type``).
     """
     boundaries = declared_boundaries(raw)
     if boundaries and len(boundaries) <= MAX_BOUNDARIES and _any_padded(raw, boundaries):
         names = b"|".join(re.escape(b) for b in sorted(boundaries, key=len, reverse=True))
         padded = re.compile(rb"^(--(?:" + names + rb")(?:--)?)[ \t]+(?=\r?$)", re.M)
         raw = padded.sub(rb"\1", raw)
-    if b"/global" not in raw and b"/Global" not in raw and b"/GLOBAL" not in raw:
-        return raw  # a find is ten times cheaper than the regex over a large message
+    if not any(spelling in raw for spelling in (b"message/", b"Message/", b"MESSAGE/")):
+        return raw  # a find is ten times cheaper than the regexes over a large message
+    raw = _UNKNOWN_MESSAGE.sub(rb"\1" + OPAQUE_MESSAGE + rb"\2", raw)
     return _GLOBAL.sub(rb"\1message/rfc822; " + GLOBAL_MARKER + rb"=1", raw)
+
+
+def original_type(content_type: str) -> str:
+    """The type a part declared, for one ``for_flanker`` made opaque."""
+    prefix = OPAQUE_MESSAGE.decode()
+    return "message/" + content_type[len(prefix):] if content_type.startswith(prefix) else content_type
+
+
+# The message/ types flanker reads (global is rewritten as rfc822 below).
+_KNOWN_MESSAGE = (rb"rfc822|news|global|delivery-status|disposition-notification|"
+                  rb"feedback-report|external-body")
+_UNKNOWN_MESSAGE = re.compile(rb"^(Content-Type:[ \t]*)message/(?!(?:" + _KNOWN_MESSAGE
+                              + rb")(?![\w.+-]))([\w.+-]{1,60})", re.I | re.M)
+OPAQUE_MESSAGE = b"application/x-mailferry-message-"
 
 
 def declared_boundaries(raw: bytes) -> set[bytes]:
@@ -113,6 +133,48 @@ def tidy_header_block(raw: bytes, header_end) -> bytes:
             kept.append(line + ending)
         # else: not a header line; dropped (it stays in the stored raw source)
     return b"".join(kept) + raw[block_end:] if kept else raw
+
+
+def with_header_blocks_ended(raw: bytes) -> bytes:
+    """``raw`` with a blank line before each delimiter line that a header block runs into.
+
+    A part whose header lines run straight into the next delimiter (an empty text part
+    written without its blank line), or a message whose header block runs straight into its
+    first delimiter, makes flanker read the rest of the message, delimiters, HTML and base64
+    of the images, as that part's text. RFC 2046 §5.1.1 reads such lines as the part's
+    headers and its body as empty. The line break before a delimiter belongs to the
+    delimiter, so two are added: the blank line that ends the headers, and the delimiter's.
+    """
+    boundaries = declared_boundaries(raw)
+    if not boundaries or len(boundaries) > MAX_BOUNDARIES:
+        return raw
+    out, kept, segment_start = [], 0, 0
+    for start, end in _delimiter_lines(raw, boundaries):
+        if start > segment_start and _HEADER_LINES.fullmatch(raw, segment_start, start):
+            ending = b"\r\n" if raw[start - 2:start] == b"\r\n" else b"\n"
+            out += [raw[kept:start], ending * 2]
+            kept = start
+        segment_start = end
+    return b"".join(out) + raw[kept:] if out else raw
+
+
+def _delimiter_lines(raw: bytes, boundaries: set[bytes]) -> list[tuple[int, int]]:
+    """(start, end after its line break) of every delimiter line of ``boundaries``, in order."""
+    found = []
+    for boundary in boundaries:
+        token = b"\n--" + boundary
+        pos = raw.find(token)
+        while pos >= 0:
+            after = pos + len(token)
+            if raw[after:after + 1] in (b"\r", b"\n", b"-", b" ", b"\t"):
+                line_end = raw.find(b"\n", after)
+                found.append((pos + 1, len(raw) if line_end < 0 else line_end + 1))
+            pos = raw.find(token, after)
+    return sorted(found)
+
+
+# One or more header field or continuation lines, and nothing else (no blank line).
+_HEADER_LINES = re.compile(rb"(?:[!-9;-~]+[ \t]*:[^\r\n]*\r?\n|[ \t]+[^\r\n]*\S[^\r\n]*\r?\n)+")
 
 
 _DELIMITER_LINE = re.compile(rb"^--([0-9A-Za-z'()+_,./:=?-]{1,70}?)(?:--)?[ \t]*\r?$", re.M)

@@ -108,10 +108,11 @@ class OAuth2Server:
             if path == "/devicecode":
                 code = secrets.token_urlsafe(12)
                 self.devices[code] = False
-                return 200, {"device_code": code, "user_code": "MF-" + code[:6].upper(),
+                user_code = "MF-" + user_code_of(secrets.token_bytes(6))
+                return 200, {"device_code": code, "user_code": user_code,
                              "verification_uri": f"{self.base}/device", "expires_in": 600,
                              "interval": 1, "message": f"To sign in, open {self.base}/device "
-                             f"and enter the code MF-{code[:6].upper()}."}
+                             f"and enter the code {user_code}."}
             if path != "/token":
                 return 404, {"error": "not_found"}
             if form.get("client_id") != self.client_id or (
@@ -179,3 +180,11 @@ class OAuth2Server:
     def __exit__(self, *exc) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+USER_CODE_LETTERS = "BCDFGHJKLMNPQRSTVWXZ"  # as providers do: no vowels, nothing read two ways
+
+
+def user_code_of(random: bytes) -> str:
+    """A code a person types: letters only (a urlsafe token may begin with ``-`` or hold ``_``)."""
+    return "".join(USER_CODE_LETTERS[b % len(USER_CODE_LETTERS)] for b in random)

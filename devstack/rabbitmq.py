@@ -409,6 +409,10 @@ class RabbitMQServer:
         self._reaper = None
         self.last_stop_seconds = time.monotonic() - t0
 
+    def kill(self) -> None:
+        """End every process of this node now (no graceful stop): a forced shutdown."""
+        terminate_pids(self._pids(), grace=0)
+
     def _kill_leftovers(self) -> None:
         # epmd (private to this node), erl_child_setup, inet_gethost, a hung rabbitmqctl...
         terminate_pids(self._pids(), grace=5)

@@ -9,6 +9,7 @@ everything.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import signal
@@ -31,7 +32,8 @@ MANAGEMENT_PORT = int(os.environ.get("MAILFERRY_RUN_MANAGEMENT_PORT", "15672"))
 SMTP_PORT = int(os.environ.get("MAILFERRY_RUN_SMTP_PORT", "2525"))
 
 
-def start_rabbitmq(var: Path) -> RabbitMQServer | None:
+def rabbitmq_for(var: Path) -> RabbitMQServer | None:
+    """The node `make run` starts, or None when a broker already listens on the port."""
     if port_open(AMQP_PORT):
         print(f"RabbitMQ: already listening on 127.0.0.1:{AMQP_PORT}, using it")
         return None
@@ -40,8 +42,61 @@ def start_rabbitmq(var: Path) -> RabbitMQServer | None:
     # beside a test) each get their own node instead of finding the other's.
     server.node = f"mailferry-{hashlib.sha1(str(var).encode()).hexdigest()[:8]}@localhost"
     server.amqp_port, server.management_port = AMQP_PORT, MANAGEMENT_PORT
-    server.start()
     return server
+
+
+class Stopping(Exception):
+    """The first SIGINT or SIGTERM, raised where the main thread is (starting or watching)."""
+
+
+class Signals:
+    """Ctrl-C (SIGINT to the whole process group) or SIGTERM (to this process alone): the first
+    stops the stack in order; a second, while that runs, kills what is left at once. Haraka
+    runs in its own session, so only this process can stop it: it must never be skipped."""
+
+    def __init__(self, stack: "Stack"):
+        self.stack, self.seen = stack, False
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self.handle)
+
+    def handle(self, signum, frame) -> None:
+        if not self.seen:
+            self.seen = True
+            raise Stopping(signal.Signals(signum).name)
+        print("\nsecond signal: killing what is left", flush=True)
+        self.stack.kill()
+        os._exit(1)
+
+
+class Stack:
+    """What `make run` started, stopped in reverse order of start."""
+
+    STOP_TIMEOUT = 15.0  # seconds the Python processes get to drain before they are killed
+
+    def __init__(self):
+        self.rabbit: RabbitMQServer | None = None
+        self.haraka: HarakaServer | None = None
+        self.processes: list[Supervised] = []
+
+    def stop(self) -> None:
+        for process in self.processes:
+            process.terminate()
+        deadline = time.monotonic() + self.STOP_TIMEOUT
+        for process in self.processes:
+            process.wait(max(0.1, deadline - time.monotonic()))
+        if self.haraka is not None:
+            self.haraka.stop()
+        if self.rabbit is not None:
+            self.rabbit.stop()
+
+    def kill(self) -> None:
+        for process in self.processes:
+            process.kill()
+        if self.haraka is not None and self.haraka.process is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.haraka.process.pid, signal.SIGKILL)
+        if self.rabbit is not None:
+            self.rabbit.kill()
 
 
 def main() -> int:
@@ -50,43 +105,43 @@ def main() -> int:
     os.umask(0o077)  # var/, the database, the spool and the logs are this user's alone
     var = settings.var_dir.resolve()
     var.mkdir(parents=True, exist_ok=True, mode=0o700)
-    print("starting RabbitMQ …", flush=True)
-    rabbit = start_rabbitmq(var)
-    amqp_url = settings.amqp_url if rabbit is None else rabbit.amqp_url
-    env = dict(os.environ, MAILFERRY_AMQP_URL=amqp_url, PYTHONPATH=str(ROOT))
-    env.setdefault("MAILFERRY_MANAGEMENT_URL", f"http://guest:guest@127.0.0.1:{MANAGEMENT_PORT}")
-    processes: list[tuple[str, subprocess.Popen]] = []
-    haraka = None
+    stack = Stack()
+    signals = Signals(stack)
     try:
-        # The consumer declares the queues; Haraka's plugin only checks the exchange.
-        subprocess.run([sys.executable, "-c", "from mailferry.app import bootstrap; "
-                        "bootstrap(topology=True, quiet=True)"], env=env, check=True)
-        for name in ("consumer", "scheduler", "relay", "consumer.webhook_worker", "api"):
-            processes.append(Supervised(name, [sys.executable, "-m", name], env))
-        print("starting Haraka …", flush=True)
-        haraka = HarakaServer(var / "haraka", amqp_url, settings.resolved_spool_dir, port=SMTP_PORT)
-        haraka.log_path = var / "haraka.log"
-        haraka.start()
-        print_banner(settings, amqp_url)
-        stop = []
-        signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
-        while not stop:
-            for process in processes:
+        start(stack, settings, var)
+        while True:
+            for process in stack.processes:
                 process.keep_running()
             time.sleep(0.5)
-    except KeyboardInterrupt:
+    except Stopping:
         pass
     finally:
+        signals.seen = True  # from here on a signal forces
         print("\nstopping …", flush=True)
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            process.wait()
-        if haraka is not None:
-            haraka.stop()
-        if rabbit is not None:
-            rabbit.stop()
+        stack.stop()
+        print("stopped", flush=True)
     return 0
+
+
+def start(stack: Stack, settings, var: Path) -> None:
+    print("starting RabbitMQ …", flush=True)
+    stack.rabbit = rabbitmq_for(var)
+    if stack.rabbit is not None:
+        stack.rabbit.start()
+    amqp_url = settings.amqp_url if stack.rabbit is None else stack.rabbit.amqp_url
+    env = dict(os.environ, MAILFERRY_AMQP_URL=amqp_url, PYTHONPATH=str(ROOT))
+    env.setdefault("MAILFERRY_MANAGEMENT_URL", f"http://guest:guest@127.0.0.1:{MANAGEMENT_PORT}")
+    # The consumer declares the queues; Haraka's plugin only checks the exchange.
+    subprocess.run([sys.executable, "-c", "from mailferry.app import bootstrap; "
+                    "bootstrap(topology=True, quiet=True)"], env=env, check=True)
+    for name in ("consumer", "scheduler", "relay", "consumer.webhook_worker", "api"):
+        stack.processes.append(Supervised(name, [sys.executable, "-m", name], env))
+    print("starting Haraka …", flush=True)
+    stack.haraka = HarakaServer(var / "haraka", amqp_url, settings.resolved_spool_dir,
+                                port=SMTP_PORT)
+    stack.haraka.log_path = var / "haraka.log"
+    stack.haraka.start()
+    print_banner(settings, amqp_url)
 
 
 class Supervised:
@@ -127,11 +182,17 @@ class Supervised:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
 
-    def wait(self) -> None:
+    def wait(self, timeout: float) -> None:
         try:
-            self.process.wait(30)
+            self.process.wait(timeout)
         except subprocess.TimeoutExpired:
+            print(f"{self.name}: did not stop in time, killing it", flush=True)
+            self.kill()
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
             self.process.kill()
+            self.process.wait()
 
 
 def print_banner(settings, amqp_url: str) -> None:

@@ -93,7 +93,7 @@ def test_device_code_flow_stores_a_refresh_token_the_provider_honours(
     user = set_custom(monkeypatch, settings, imap_account, provider, secret="")
     command = Command(["imap", "authorize", user.email])
     command.start()
-    printed(capsys, r"enter the code MF-\w+")  # what the user is told to do
+    printed(capsys, r"enter the code MF-[A-Z]{6}\.")  # what the user is told to do
     assert provider.approve_devices() == 1  # … and does, on another device
     command.join(timeout=30)
     assert (command.error, command.code) == (None, 0)

@@ -17,28 +17,31 @@ import pytest
 
 from tests.harness.fixtures import require_service
 from devstack.haraka import haraka_available
-from devstack.ports import free_port
+from devstack.ports import free_port, listening, pids_with_env, terminate_pids
 from devstack.rabbitmq import rabbitmq_available
 from tests.pipeline import ROOT, wait_for
 from tests.test_hostile_input import HOSTILE_HEADERS, hostile
 from tests.test_smtp_pipeline import crlf
 
 
-@pytest.fixture
-def stack(tmp_path):
+PORTS = {"amqp": "MAILFERRY_RUN_AMQP_PORT", "management": "MAILFERRY_RUN_MANAGEMENT_PORT",
+         "smtp": "MAILFERRY_RUN_SMTP_PORT", "consumer": "MAILFERRY_CONSUMER_METRICS_PORT",
+         "scheduler": "MAILFERRY_SCHEDULER_METRICS_PORT", "relay": "MAILFERRY_RELAY_METRICS_PORT",
+         "webhook": "MAILFERRY_WEBHOOK_METRICS_PORT", "api": "MAILFERRY_API_PORT"}
+
+
+def start_make_run(tmp_path):
+    """The real `make run` on free ports and tmp_path/var, in its own process group (as a
+    terminal's foreground job is); returns (env, ports, output lines, the make process)."""
     if not haraka_available():
         require_service("Haraka", "haraka_plugin/node_modules or node is missing")
     if not rabbitmq_available():
         require_service("RabbitMQ", "rabbitmq-server is not installed")
-    ports = {name: free_port() for name in ("amqp", "management", "smtp", "consumer", "scheduler")}
+    ports = {name: free_port() for name in PORTS}
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAILFERRY_")}
+    env.update({variable: str(ports[name]) for name, variable in PORTS.items()})
     env.update({
         "MAILFERRY_VAR_DIR": str(tmp_path / "var"),
-        "MAILFERRY_RUN_AMQP_PORT": str(ports["amqp"]),
-        "MAILFERRY_RUN_MANAGEMENT_PORT": str(ports["management"]),
-        "MAILFERRY_RUN_SMTP_PORT": str(ports["smtp"]),
-        "MAILFERRY_CONSUMER_METRICS_PORT": str(ports["consumer"]),
-        "MAILFERRY_SCHEDULER_METRICS_PORT": str(ports["scheduler"]),
         "MAILFERRY_SCHEDULE_INTERVAL": "5",
         "MAILFERRY_SPOOL_SWEEP_AGE": "10",
     })
@@ -48,18 +51,36 @@ def stack(tmp_path):
                                start_new_session=True)
     reader = threading.Thread(target=lambda: output.extend(process.stdout), daemon=True)
     reader.start()
+    wait_for(lambda: any("Mailferry is running" in line for line in output) or
+             process.poll() is not None, timeout=120, interval=0.5, message="make run up")
+    assert process.poll() is None, "".join(output[-50:])
+    return env, ports, output, process
+
+
+def started_by(env) -> list[int]:
+    """Every process the stack started: each inherits its MAILFERRY_VAR_DIR (Haraka and
+    RabbitMQ too, though they run in sessions of their own)."""
+    return pids_with_env("MAILFERRY_VAR_DIR", env["MAILFERRY_VAR_DIR"])
+
+
+def end(env, process) -> None:
+    """Leave nothing behind, whatever the test did."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(90)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+    terminate_pids(started_by(env), grace=5)
+
+
+@pytest.fixture
+def stack(tmp_path):
+    env, ports, output, process = start_make_run(tmp_path)
     try:
-        wait_for(lambda: any("Mailferry is running" in line for line in output) or
-                 process.poll() is not None, timeout=120, interval=0.5, message="make run up")
-        assert process.poll() is None, "".join(output[-50:])
         yield env, ports, output, process
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(90)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
+        end(env, process)
 
 
 def cli(env, *args) -> subprocess.CompletedProcess:
@@ -109,3 +130,49 @@ def test_make_run_stores_hostile_mail_and_keeps_answering(stack):
     table = cli(env, "messages").stdout
     assert "\x1b" not in table and "\u202e" not in table and "\x07" not in table
     assert "\\x1b]0;owned\\x07\\x1b[31mred \\u202egpj.exe" in table  # shown, escaped
+
+
+def stopped(env, ports, process, timeout: float) -> float:
+    """Seconds until `make run` exited and nothing it started runs or listens any more."""
+    t0 = time.monotonic()
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        pass
+    wait_for(lambda: not started_by(env) and not any(listening(p) for p in ports.values()),
+             timeout=max(0.1, timeout - (time.monotonic() - t0)), interval=0.2,
+             message="everything make run started gone")
+    return time.monotonic() - t0
+
+
+@pytest.mark.parametrize("how", ["ctrl-c to the process group", "sigterm to make alone"])
+def test_one_signal_stops_everything_make_run_started_without_a_traceback(tmp_path, how):
+    env, ports, output, process = start_make_run(tmp_path)
+    try:
+        assert len(started_by(env)) >= 7  # five Python processes, Haraka, RabbitMQ
+        if how.startswith("ctrl-c"):
+            os.killpg(process.pid, signal.SIGINT)
+        else:
+            process.send_signal(signal.SIGTERM)
+        assert stopped(env, ports, process, timeout=30) <= 30
+        text = "".join(output)
+        assert "Traceback" not in text and "KeyboardInterrupt" not in text, text[-3000:]
+        assert "stopped" in output[-1], text[-3000:]
+    finally:
+        end(env, process)
+
+
+def test_a_second_signal_kills_what_is_left_at_once(tmp_path):
+    env, ports, output, process = start_make_run(tmp_path)
+    try:
+        launcher = next(pid for pid in started_by(env) if b"run_stack.py" in
+                        open(f"/proc/{pid}/cmdline", "rb").read())
+        os.kill(launcher, signal.SIGTERM)
+        wait_for(lambda: any("stopping" in line for line in output), timeout=10, interval=0.05,
+                 message="the stop begun")
+        os.kill(launcher, signal.SIGTERM)
+        assert stopped(env, ports, process, timeout=15) <= 15
+        assert any("second signal: killing what is left" in line for line in output)
+        assert "Traceback" not in "".join(output), "".join(output)[-3000:]
+    finally:
+        end(env, process)

@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Every line a command prints may carry mail text: escape terminal controls and bidi
     # overrides once, here, for every command (mailferry.display).
-    stdout, sys.stdout = sys.stdout, EscapingWriter(sys.stdout)
+    stdout = sys.stdout
+    sys.stdout = writer = EscapingWriter(stdout)
     try:
         return args.func(args) or 0
     except MailferryError as exc:
@@ -50,4 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         return 0
     finally:
-        sys.stdout = stdout
+        # Put back only our own writer: sys.stdout is the process's, and a command run in a
+        # thread that ends late must not put back a stream its caller has since closed.
+        if sys.stdout is writer:
+            sys.stdout = stdout
