@@ -174,7 +174,7 @@ def _delimiter_lines(raw: bytes, boundaries: set[bytes]) -> list[tuple[int, int]
 
 
 # One or more header field or continuation lines, and nothing else (no blank line).
-_HEADER_LINES = re.compile(rb"(?:[!-9;-~]+[ \t]*:[^\r\n]*\r?\n|[ \t]+[^\r\n]*\S[^\r\n]*\r?\n)+")
+_HEADER_LINES = re.compile(rb"(?:[!-9;-~]+[ \t]*:[^\r\n]*\r?\n|[ \t]+[^\s][^\r\n]*\r?\n)+")
 
 
 _DELIMITER_LINE = re.compile(rb"^--([0-9A-Za-z'()+_,./:=?-]{1,70}?)(?:--)?[ \t]*\r?$", re.M)
