@@ -159,7 +159,10 @@ class Supervised:
         self.start()
 
     def start(self) -> None:
-        self.process = subprocess.Popen(self.argv, env=self.env)
+        # Ctrl-C reaches the whole process group; a child still importing would die of it
+        # with a KeyboardInterrupt traceback. Started with SIGINT ignored, each child stops on
+        # the SIGTERM this supervisor sends, or on SIGINT once its own handler is in place.
+        self.process = subprocess.Popen(self.argv, env=self.env, preexec_fn=_ignore_sigint)
         self.started = time.monotonic()
         self.restart_at = None
 
@@ -193,6 +196,10 @@ class Supervised:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+
+
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def print_banner(settings, amqp_url: str) -> None:
