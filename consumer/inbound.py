@@ -159,10 +159,9 @@ class InboundHandler(Handler):
             metrics.worker_wait_seconds.labels(self.queue, "parse").inc(time.perf_counter() - waited)
             self._take_parsed(batch, parsed)
         prepared, outcomes = batch.prepared, batch.outcomes
-        # The spool file is already durable (Haraka fsynced it): link it, don't copy it. The
-        # stored raw source keeps the envelope record ahead of the message, as the envelope
-        # column does; BlobStore.read_raw gives the message alone.
-        stored = store_batch(self.store, [(None, p.parsed) for p in prepared],  # linked
+        # The raw sources are read from the spool files (parsing ran in a helper process) and
+        # stored without their envelope records: the record stays in the spool and the row.
+        stored = store_batch(self.store, [(None, p.parsed) for p in prepared],
                              [p.path for p in prepared])
         for item, files in zip(prepared, stored):
             item.files = files

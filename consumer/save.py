@@ -80,8 +80,8 @@ def store_files_many(store: BlobStore, items: list[tuple[bytes, ParsedEmail]],
                      raw_sources: list[Path | None] | None = None) -> list[StoredFiles]:
     """Store the raw sources and attachments of a batch with one durability barrier.
 
-    ``raw_sources`` may give, per item, a durable file holding the raw source (a spool
-    file): it is linked into storage rather than written again.
+    ``raw_sources`` may give, per item, the spool file holding the raw source behind its
+    envelope record: the message alone is read from it and stored.
     """
     blobs: list[Blob] = []
     for index, (raw, parsed) in enumerate(items):

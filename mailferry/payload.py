@@ -82,8 +82,9 @@ def _attachments(message: EmailMessage) -> list[EmailAttachment]:
 
 
 def raw_span(store: BlobStore, relative: str) -> tuple[str, int, int]:
-    """(path, offset, length) of a stored raw source's message: a source linked from a spool
-    file starts with its envelope record, which is not the sender's message."""
+    """(path, offset, length) of a stored raw source's message: a source stored before
+    2026-12-06 was linked from its spool file and starts with its envelope record, which is not
+    the sender's message."""
     path = str(store.path_of(relative))
     with open(path, "rb") as handle:
         head = handle.read(len(ENVELOPE_MARK))

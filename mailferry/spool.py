@@ -74,7 +74,7 @@ def split_envelope(data: bytes) -> tuple[bytes | None, int]:
 
 
 def message_of(data: bytes) -> bytes:
-    """The message in a spool file's bytes (or a stored raw source linked from one)."""
+    """The message in a spool file's bytes (or a raw source stored, before 2026-12-06, as a link to one)."""
     _, start = split_envelope(data)
     return data[start:] if start else data
 

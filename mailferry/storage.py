@@ -8,10 +8,13 @@ a folder per message, and those fsyncs were most of the consumer's own cost (doc
 Nothing taken from a message ever becomes part of a path here.
 
 Files are durable before the database commit that points at them. A new blob's content is
-durable before its final name exists (fsynced temporary file, then rename; or a hard link to a
-spool file that is durable already), so a crash can never leave a final name over partial
+durable before its final name exists (fsynced temporary file, then rename), so a crash can never leave a final name over partial
 content — which matters because a present name means "stored". Folder entries are made
 durable per batch: each folder that changed is fsynced once.
+
+A stored raw source is the message's own bytes, an RFC 5322 message any tool can open. It is
+never linked from the spool file: that begins with the envelope record, whose RCPT list
+(Bcc included) is the whole transaction's, not one recipient's (docs/DESIGN.md, "Spool").
 """
 
 from __future__ import annotations
@@ -26,9 +29,9 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class Blob:
-    """Bytes to store. ``source``: a durable file holding these bytes (a spool file Haraka
-    fsynced, where they follow the envelope record), hard-linked instead of written again;
-    ``data`` may then be None.
+    """Bytes to store. ``source``: a spool file holding these bytes behind its envelope record,
+    read here when ``data`` is None (the inbound worker parses in a helper process, so the
+    bytes are not in this one).
     ``raw``: a message's raw source, filed by day rather than by hash prefix."""
 
     data: bytes | None
@@ -57,10 +60,8 @@ class BlobStore:
     def put_many(self, blobs: list[Blob]) -> list[tuple[str, str]]:
         """Store blobs durably; (relative path, sha256) each.
 
-        A blob with a ``source`` is hard-linked into place — no second write of the message,
-        and a link is as atomic as a rename. Other blobs are written under temporary names,
-        fsynced, and renamed. Then every folder that gained an entry is fsynced once, however
-        many files it gained.
+        Blobs are written under temporary names, fsynced, and renamed. Then every folder that
+        gained an entry is fsynced once, however many files it gained.
         """
         # Plain strings, not Paths, below: this runs for every message and every attachment.
         day = time.strftime("%Y-%m-%d", time.gmtime())
@@ -76,15 +77,10 @@ class BlobStore:
             queued.add(relative)
             target = f"{root}/{relative}"
             folder = target.rpartition("/")[0]
-            if blob.source is None and os.path.exists(target):
-                continue  # stored before
+            if os.path.exists(target):
+                continue  # stored before: the name is the hash of the bytes
             touched.update(self._ensure_folder(folder))
-            # A name that exists already holds the same bytes (the name is their hash): a
-            # link that meets one has nothing left to do, so it needs no exists() first.
-            if blob.source is not None and _link(blob.source, target):
-                touched.add(folder)
-                continue
-            data = blob.data if blob.data is not None else Path(blob.source).read_bytes()
+            data = blob.data if blob.data is not None else _message_in(blob.source)
             pending.append((target, folder, data))
         # Write every file first, then fsync them in turn, in this thread. (fsyncs side by
         # side in a thread pool cost the process more CPU in thread hand-offs than the
@@ -119,8 +115,9 @@ class BlobStore:
         return (self.root / relative).read_bytes()
 
     def read_raw(self, relative: str) -> bytes:
-        """A message's raw source as the sender's MTA handed it over: a source linked from a
-        spool file starts with its envelope record (``mailferry.spool``), left out here."""
+        """A message's raw source as the sender's MTA handed it over. Sources stored before
+        2026-12-06 were linked from their spool file and begin with its envelope record
+        (``mailferry.spool``): that is left out here."""
         from mailferry.spool import message_of  # spool builds on storage's durable writes
         return message_of(self.read(relative))
 
@@ -138,14 +135,9 @@ class BlobStore:
         return changed
 
 
-def _link(source: Path, target: str) -> bool:
-    try:
-        os.link(source, target)
-        return True
-    except FileExistsError:
-        return True  # the same content, stored meanwhile by another consumer
-    except OSError:
-        return False  # another filesystem, or links not allowed: copy instead
+def _message_in(spool_file: Path) -> bytes:
+    from mailferry.spool import message_of  # spool builds on storage's durable writes
+    return message_of(Path(spool_file).read_bytes())
 
 
 def _open_temporary(folder: str) -> tuple[int, str]:

@@ -110,8 +110,9 @@ def test_attachment_sent_over_smtp_is_stored_with_its_bytes(broker_settings, har
     assert attachment.file_size == len(payload)
     store = BlobStore(settings.resolved_storage_dir)
     assert store.read(attachment.file_path) == payload
-    # The raw message as stored is what the client sent, after the Received: header Haraka adds.
-    stored_raw = store.read_raw(message.raw_path)
+    # The raw file as stored is the message the client sent, after the Received: header Haraka
+    # adds: an RFC 5322 message for any tool, without the spool's envelope record.
+    stored_raw = store.read(message.raw_path)
     assert stored_raw.startswith(b"Received: ")
     assert stored_raw.endswith(crlf(raw))
     assert spooled(settings) == []
@@ -137,6 +138,12 @@ def test_bcc_only_recipient_gets_the_message(broker_settings, haraka_installed, 
     assert rows[bob.id].message_id == "<test-1@example.net>"
     assert rows[bob.id].envelope["rcpt_to"] == ["alice@example.org", "bob@example.org"]
     assert "bob@" not in (rows[bob.id].recipients or "")
+    # The one raw file both rows share is the message alone: the RCPT list (bob, the Bcc)
+    # stays in the spool's record and each row's envelope, never in what alice can download.
+    assert rows[alice.id].raw_path == rows[bob.id].raw_path
+    shared = BlobStore(settings.resolved_storage_dir).read(rows[alice.id].raw_path)
+    assert shared.endswith(crlf(raw)) and b"MAILFERRY-ENVELOPE" not in shared
+    assert b"bob@" not in shared
     assert InboundReceipt.get(InboundReceipt.queue_id == qid).stored_count == 2
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from consumer.save import safe_filename
 from mailferry.errors import ContractError
-from mailferry.spool import Spool
+from mailferry.spool import Spool, envelope_record
 from mailferry.storage import Blob, BlobStore
 
 
@@ -77,32 +77,47 @@ def test_safe_filename_is_bounded():
     assert name.endswith(".pdf") and len(name.encode()) <= 200 and "/" not in name
 
 
-def test_a_durable_source_file_is_linked_into_storage_not_copied(tmp_path):
+def test_a_spool_file_is_stored_as_its_message_alone(tmp_path):
+    # The spool file begins with the envelope record, whose RCPT list is the whole
+    # transaction's (Bcc included): what is stored is the message after it, its own file.
     store = BlobStore(tmp_path / "storage")
     source = tmp_path / "spool.eml"
-    source.write_bytes(b"raw message")
-    digest = hashlib.sha256(b"raw message").hexdigest()
+    record = envelope_record(b'{"rcpt_to":["alice@example.org","bcc@example.org"]}')
+    source.write_bytes(record + b"Subject: hi\r\n\r\nraw message\r\n")
+    message = b"Subject: hi\r\n\r\nraw message\r\n"
+    digest = hashlib.sha256(message).hexdigest()
     [(relative, _)] = store.put_many([Blob(None, digest, source, raw=True)])
     assert relative.startswith("raw/") and relative.endswith(f"/{digest}.eml")
     stored = store.path_of(relative)
-    assert stored.read_bytes() == b"raw message"
-    assert stored.stat().st_ino == source.stat().st_ino  # one inode, two names
+    assert stored.read_bytes() == message
+    assert stored.stat().st_ino != source.stat().st_ino  # not a second name of the spool file
     source.unlink()  # the spool file goes after the commit; the stored copy stays
-    assert store.read(relative) == b"raw message"
+    assert store.read(relative) == message == store.read_raw(relative)
     assert list((tmp_path / "storage").rglob(".tmp-*")) == []
 
 
-def test_a_source_stored_before_is_not_linked_again(tmp_path):
+def test_a_raw_source_linked_before_still_reads_as_its_message(tmp_path):
+    # Installations older than 2026-12-06 hold raw sources linked from spool files.
+    store = BlobStore(tmp_path / "storage")
+    record = envelope_record(b'{"rcpt_to":["alice@example.org"]}')
+    old = store.path_of("raw/2026-12-01/old.eml")
+    old.parent.mkdir(parents=True)
+    old.write_bytes(record + b"Subject: old\r\n\r\nbody\r\n")
+    assert store.read_raw("raw/2026-12-01/old.eml") == b"Subject: old\r\n\r\nbody\r\n"
+
+
+def test_a_source_stored_before_is_not_written_again(tmp_path):
     store = BlobStore(tmp_path / "storage")
     digest = hashlib.sha256(b"raw message").hexdigest()
     first, second = tmp_path / "first.eml", tmp_path / "second.eml"
     first.write_bytes(b"raw message")
     second.write_bytes(b"raw message")
     [(relative, _)] = store.put_many([Blob(None, digest, first, raw=True)])
+    written = store.path_of(relative).stat().st_ino
     # A redelivery: the same bytes under the same name, whatever file they come from now.
     assert store.put_many([Blob(None, digest, second, raw=True),
                            Blob(None, digest, second, raw=True)]) == [(relative, digest)] * 2
-    assert store.path_of(relative).stat().st_ino == first.stat().st_ino
+    assert store.path_of(relative).stat().st_ino == written
 
 
 def _record_disk_steps(monkeypatch, fail_fsync_of: int | None = None) -> list[tuple]:
@@ -148,12 +163,14 @@ def test_a_batch_is_durable_before_its_names_and_its_folders_after_them(tmp_path
                               Blob(b"second file")])
     files = [hashlib.sha256(data).hexdigest() for data in (b"first file", b"second file")]
     assert [r[1] for r in results] == [raw_digest] + files
-    # Both files' contents are on disk before either gets its final name …
-    assert steps[:2] == [("fsync", b"first file"), ("fsync", b"second file")]
-    assert steps[2:4] == [("rename", files[0]), ("rename", files[1])]
+    # Every file's contents, the raw source's included, are on disk before any gets its
+    # final name …
+    assert steps[:3] == [("fsync", b"raw message"), ("fsync", b"first file"),
+                         ("fsync", b"second file")]
+    assert steps[3:6] == [("rename", f"{raw_digest}.eml"), ("rename", files[0]), ("rename", files[1])]
     # … and then every folder that changed is fsynced, the deepest first.
-    folders = [s[1] for s in steps[4:]]
-    assert all(kind == "fsync_dir" for kind, _ in steps[4:])
+    folders = [s[1] for s in steps[6:]]
+    assert all(kind == "fsync_dir" for kind, _ in steps[6:])
     root = str(tmp_path / "storage")
     expected = {root, f"{root}/raw", store.path_of(results[0][0]).parent.as_posix()}
     for digest in files:
