@@ -30,7 +30,7 @@ from common import (descendants, inject_backlog, machine, message_mix, peak_rss_
                     stop_consumers, wait_consuming)
 from consumer_cpu import cpu_seconds, machine_cpu
 
-from consumer.parse import parse_email
+from mailread.parse import parse_email
 from mailferry.config import Settings
 from mailferry.db import close_database, open_database
 from mailferry.models import InboundReceipt

@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from consumer.charsets import decode_text  # noqa: E402
+from mailread.charsets import decode_text  # noqa: E402
 from tests.fidelity import generated  # noqa: E402
 from tests.fidelity.cases import SOURCES, differences, load, outcome  # noqa: E402
 from tests.fidelity.differential import SOURCES as SECOND_OPINION, disagreements  # noqa: E402

@@ -35,7 +35,7 @@ from imapclient import IMAPClient
 
 from consumer.imap_sync import MailboxSync
 from consumer.imap_worker import run_fetch_task
-from consumer.parse import parse_email
+from mailread.parse import parse_email
 from mailferry.config import Settings
 from mailferry.db import close_database, open_database
 from mailferry import metrics, tasks

@@ -24,7 +24,7 @@ import peewee
 
 from consumer import imap_client
 from consumer.imap_client import FolderState, ImapSession
-from consumer.parse import Limits, ParsedEmail
+from mailread.parse import Limits, ParsedEmail
 from consumer.parse_pool import InProcess, Parsed, ParsePool, worth_a_helper
 from consumer.pipeline import PIPELINE_DEPTH, STOP, run_ahead
 from consumer.route import Route

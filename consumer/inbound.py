@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import peewee
 
-from consumer.parse import Limits, ParsedEmail
+from mailread.parse import Limits, ParsedEmail
 from consumer.route import Route, Router
 from consumer.parse_pool import parser_for
 from consumer.save import (

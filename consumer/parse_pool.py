@@ -32,7 +32,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
-from consumer.parse import Limits, ParsedEmail, parse_email
+from mailread.parse import Limits, ParsedEmail, parse_email
 from mailferry.errors import EmailParseError, TransientError
 from mailferry.pids import pid_alive
 from mailferry.spool import message_of, read_regular

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import peewee
 
-from consumer.parse import ParsedEmail
+from mailread.parse import ParsedEmail
 from consumer.route import Route
 from mailferry import metrics, outbox
 from mailferry.db import insert_rows, translated, write_transaction

@@ -19,7 +19,7 @@ import pytest
 import uvicorn
 
 from api.app import content_disposition
-from consumer.parse import parse_email
+from mailread.parse import parse_email
 from consumer.route import Route
 from consumer.save import SaveRequest, save_many, store_batch
 from devstack import mailgen

@@ -8,7 +8,7 @@ import json
 import pika
 import pytest
 
-from consumer.parse import parse_email
+from mailread.parse import parse_email
 from mailferry import broker
 from mailferry.inject import Injector
 from mailferry.users import add_alias, add_user

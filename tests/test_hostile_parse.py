@@ -9,8 +9,8 @@ import os
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from consumer.charsets import codec_for, decode_header_value, decode_text
-from consumer.parse import ParsedEmail, parse_email
+from mailread.charsets import codec_for, decode_header_value, decode_text
+from mailread.parse import ParsedEmail, parse_email
 from mailferry.errors import EmailParseError
 
 GOOD_TAIL = b"From: a@example.net\r\nMessage-ID: <m@example.net>\r\n\r\nbody\r\n"

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from consumer.parse import Limits
+from mailread.parse import Limits
 from consumer.parse_pool import ParsePool, parse_many
 from mailferry.errors import TransientError
 from devstack import mailgen

@@ -9,7 +9,7 @@ import pytest
 
 from consumer import imap_client
 from consumer.imap_sync import MailboxSync
-from consumer.parse import parse_email
+from mailread.parse import parse_email
 from mailferry.errors import (
     EmailAuthError, EmailConfigError, EmailFetchError, TransientError,
 )

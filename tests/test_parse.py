@@ -1,4 +1,4 @@
-"""consumer.parse: real corpus mail, national charsets, broken input and the limits."""
+"""mailread.parse: real corpus mail, national charsets, broken input and the limits."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import hashlib
 
 import pytest
 
-from consumer.parse import Limits, parse_email
+from mailread.parse import Limits, parse_email
 from mailferry.errors import EmailParseError
 from devstack import mailgen
 

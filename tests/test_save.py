@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from consumer.parse import parse_email
+from mailread.parse import parse_email
 from consumer.route import Route
 from consumer.save import SaveRequest, save_for_users, save_many, store_files
 from mailferry.users import add_user

@@ -24,7 +24,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from consumer.parse import parse_email
+from mailread.parse import parse_email
 from devstack.mailgen import CORPUS
 from mailferry.errors import EmailParseError
 

@@ -19,7 +19,7 @@ with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.St
     from flanker.mime.message import errors as _errors  # noqa: E402
     from flanker.mime.message.part import Stream, _decode_transfer_encoding  # noqa: E402
 
-from consumer.legacy import UUENCODINGS, uudecode  # noqa: E402
+from mailread.legacy import UUENCODINGS, uudecode  # noqa: E402
 
 flanker_errors = (_errors.MimeError, _errors.DecodingError, ValueError, LookupError,
                   UnicodeError, IndexError, KeyError, TypeError, AttributeError)
@@ -48,7 +48,7 @@ def decode_body(encoding: str, body: str | bytes) -> bytes:
 
 def _as_bytes(body) -> bytes:
     if isinstance(body, str):
-        # The message was given to flanker decoded with surrogateescape (consumer.parse):
+        # The message was given to flanker decoded with surrogateescape (mailread.parse):
         # this gives back its exact bytes.
         return body.encode("utf-8", errors="surrogateescape")
     return body or b""

@@ -1,9 +1,9 @@
 """Parsing: raw RFC 5322 bytes -> one plain ``ParsedEmail`` value.
 
-flanker gives the MIME tree, of a copy tidied for it (``consumer.repair``);
+flanker gives the MIME tree, of a copy tidied for it (``mailread.repair``);
 headers are read from their raw bytes with the standard library (flanker returns None for
 some Message-IDs that are present, and decodes some charsets wrongly), and text is decoded
-here with the rules of ``consumer.charsets``; a multipart flanker cannot split is recovered
+here with the rules of ``mailread.charsets``; a multipart flanker cannot split is recovered
 (``_recovered``). Limits are checked before and during the walk, so an oversized or absurdly
 nested message becomes an EmailParseError with a reason instead of eating the worker.
 DESIGN.md, "Decoding", says why each piece is ours.
@@ -20,12 +20,13 @@ from email.parser import BytesHeaderParser
 from email.policy import compat32
 from email.utils import getaddresses, parsedate_to_datetime
 
-from consumer.charsets import decode_header_bytes, decode_header_value, decode_text, without_surrogates
-from consumer.legacy import BINHEX_TYPES, type_for, unbinhex, uuencoded_files
-from consumer.quiet_flanker import Stream, decode_body, flanker_errors, mime, transfer_decode
-from consumer.repair import (HEADER_END as _HEADER_END, GLOBAL_MARKER, declared_charset, for_flanker,
+from mailread.charsets import decode_header_bytes, decode_header_value, decode_text, without_surrogates
+from mailread.legacy import BINHEX_TYPES, type_for, unbinhex, uuencoded_files
+from mailread.quiet_flanker import Stream, decode_body, flanker_errors, mime, transfer_decode
+from mailread.repair import (HEADER_END as _HEADER_END, GLOBAL_MARKER, declared_charset, for_flanker,
                              original_type, tidy_header_block, with_found_boundary,
                              with_header_blocks_ended)
+from mailread.understand import Understanding, understand
 from mailferry.config import Settings
 from mailferry.errors import EmailParseError
 
@@ -88,6 +89,7 @@ class ParsedEmail:
     sha256: str
     nested_subjects: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    understanding: Understanding | None = None  # mailread.understand: reply, automatic, bounce, thread
 
 
 def parse_email(raw: bytes, limits: Limits = Limits()) -> ParsedEmail:
@@ -144,7 +146,7 @@ def _parse(raw: bytes, limits: Limits) -> ParsedEmail:
     text, html, attachments, nested, warnings = parts
 
     senders = _addresses(_raw_all(headers, "From"), charset)
-    return ParsedEmail(
+    parsed = ParsedEmail(
         message_id=message_id_of(headers.get("Message-ID"), sha256),
         subject=decode_header_bytes(b" ".join(_raw_all(headers, "Subject")[:1]), charset),
         sender=senders[0] if senders else "",
@@ -162,6 +164,22 @@ def _parse(raw: bytes, limits: Limits) -> ParsedEmail:
         nested_subjects=nested,
         warnings=warnings,
     )
+    parsed.understanding = _understood(raw, headers, parsed)
+    return parsed
+
+
+def _understood(raw: bytes, headers, parsed: ParsedEmail) -> Understanding | None:
+    """The message's reading; None (with a warning) when hostile bytes defeat it: the
+    message is still stored, only its reading is missing."""
+    try:
+        return understand(raw, headers, subject=parsed.subject, text=parsed.text,
+                          html=parsed.html, in_reply_to=parsed.in_reply_to,
+                          references=parsed.references)
+    except RecursionError as exc:
+        parsed.warnings.append(f"not understood: RecursionError: {exc}"[:300])
+    except Exception as exc:  # noqa: BLE001 - hostile input may raise anything
+        parsed.warnings.append(f"not understood: {type(exc).__name__}: {exc}"[:300])
+    return None
 
 
 def message_id_of(header: str | None, sha256: str) -> str:
