@@ -223,17 +223,15 @@ def stored_ids(database: Path) -> tuple[int, set[str]]:
 
 
 def consumer_count(port: int, outcome: str) -> float:
-    """``mailferry_emails_total{outcome=…}`` of the consumer's /metrics (smtp)."""
+    """``mailferry_emails_total{outcome=…}`` of the consumer's /metrics (smtp), all kinds."""
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
             text = reply.read().decode()
     except OSError:
         return float("nan")
-    for line in text.splitlines():
-        if line.startswith("mailferry_emails_total{") and f'outcome="{outcome}"' in line \
-                and 'source="smtp"' in line:
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("mailferry_emails_total{") and f'outcome="{outcome}"' in line
+               and 'source="smtp"' in line)  # one series per kind
 
 
 def plot(samples: list[Sample], path: Path, title: str) -> None:

@@ -14,6 +14,7 @@ The server is left exactly as it was (EXAMINE + BODY.PEEK[]) unless the user ask
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import time
@@ -58,12 +59,14 @@ class Counts:
     saved: int = 0
     duplicates: int = 0
     failed: int = 0
+    kinds: collections.Counter = field(default_factory=collections.Counter)  # (outcome, kind)
 
     def add(self, other: "Counts") -> None:
         self.fetched += other.fetched
         self.saved += other.saved
         self.duplicates += other.duplicates
         self.failed += other.failed
+        self.kinds.update(other.kinds)
 
 
 @dataclass
@@ -320,6 +323,8 @@ class MailboxSync:
                 continue
             batch.counts.saved += len(saved.stored)
             batch.counts.duplicates += saved.duplicates
+            batch.counts.kinds["stored", saved.kind] += len(saved.stored)
+            batch.counts.kinds["duplicate", saved.kind] += saved.duplicates
         _count(batch.counts)
         run.result.add(batch.counts)
         run.result.batches += 1
@@ -455,6 +460,6 @@ def _save_checkpoint(state: MailboxState, folder: FolderState, last_uid: int, *,
 
 
 def _count(counts: Counts) -> None:
-    for outcome, number in (("stored", counts.saved), ("duplicate", counts.duplicates),
-                            ("quarantined", counts.failed)):
-        metrics.record(SOURCE, outcome, number)
+    for (outcome, kind), number in counts.kinds.items():
+        metrics.record(SOURCE, outcome, number, kind)
+    metrics.record(SOURCE, "quarantined", counts.failed)

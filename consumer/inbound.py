@@ -220,10 +220,10 @@ class InboundHandler(Handler):
         if not prepared:
             return {}
 
-        def fast() -> tuple[dict[int, Outcome], list[tuple[str, int]]]:
+        def fast() -> tuple[dict[int, Outcome], list[tuple]]:
             return {item.index: Outcome.ack() for item in prepared}, self._save_bulk(prepared)
 
-        def one_by_one() -> tuple[dict[int, Outcome], list[tuple[str, int]]]:
+        def one_by_one() -> tuple[dict[int, Outcome], list[tuple]]:
             # A queue id twice (a message stored meanwhile is only a duplicate), or a value
             # the database refuses: found here, and only that message is quarantined.
             outcomes, counts = {}, []
@@ -233,11 +233,11 @@ class InboundHandler(Handler):
             return outcomes, counts
 
         outcomes, counts = commit_batch("committing a batch", fast=fast, one_by_one=one_by_one)
-        for outcome_name, number in counts:
-            metrics.record(SOURCE, outcome_name, number)
+        for count in counts:  # (outcome, number[, kind])
+            metrics.record(SOURCE, *count)
         return outcomes
 
-    def _save_bulk(self, prepared: list[_Prepared]) -> list[tuple[str, int]]:
+    def _save_bulk(self, prepared: list[_Prepared]) -> list[tuple]:
         routed = [item for item in prepared if item.routes]
         results = save_many([SaveRequest(item.parsed, item.files, item.routes, SOURCE,
                                          item.job.envelope()) for item in routed])
@@ -269,7 +269,7 @@ class InboundHandler(Handler):
         log.warning("queue_id=%s message_id=%s unrouted: no user for %s",
                     item.job.queue_id, item.parsed.message_id, ", ".join(item.job.rcpt_to))
 
-    def _save_one(self, item: _Prepared) -> tuple[Outcome, list[tuple[str, int]]]:
+    def _save_one(self, item: _Prepared) -> tuple[Outcome, list[tuple]]:
         job = item.job
         try:
             with db.atomic():  # savepoint: this message alone rolls back on error
@@ -311,12 +311,12 @@ def _unrouted_event(item: _Prepared) -> outbox.NewEvent:
         "mail_from": job.mail_from, "rcpt_to": job.rcpt_to, "size": item.parsed.size})
 
 
-def _outcome_of(result: SaveResult) -> tuple[str, list[tuple[str, int]]]:
+def _outcome_of(result: SaveResult) -> tuple[str, list[tuple]]:
     """A routed message's receipt outcome and its metric counts: stored for the users who got
     it, duplicate for those who had it already."""
     if not result.stored:
-        return "duplicate", [("duplicate", result.duplicates)]
-    counts = [("stored", len(result.stored))]
+        return "duplicate", [("duplicate", result.duplicates, result.kind)]
+    counts = [("stored", len(result.stored), result.kind)]
     if result.duplicates:
-        counts.append(("duplicate", result.duplicates))
+        counts.append(("duplicate", result.duplicates, result.kind))
     return "stored", counts

@@ -22,7 +22,9 @@ from pathlib import Path
 import peewee
 
 from mailread.parse import ParsedEmail
-from consumer.route import Route
+from consumer.route import Route, Router
+from consumer.threads import Wanted, assign
+from mailread.thread import ThreadKeys, thread_keys
 from mailferry import metrics, outbox
 from mailferry.db import insert_rows, translated, write_transaction
 from mailferry.errors import TransientError
@@ -45,6 +47,7 @@ class StoredFiles:
 class SaveResult:
     stored: list[int]  # EmailMessage ids
     duplicates: int
+    kind: str = "unknown"  # the message's, for counting: person, auto_reply, bulk, bounce, complaint
 
 
 def observe_parse(parsed: ParsedEmail, seconds: float, *, context: str) -> None:
@@ -103,8 +106,8 @@ def save_many(requests: list[SaveRequest]) -> list[SaveResult]:
     messages, skips those already stored (before, or by another consumer meanwhile) and
     returns the ids of the rows it inserted. A message twice in the batch is skipped here.
     """
-    results = [SaveResult([], 0) for _ in requests]
-    rows, owners, in_batch = [], [], set()
+    results = [SaveResult([], 0, _kind(r.parsed)) for r in requests]
+    pairs, owners, in_batch = [], [], set()
     now = utcnow()
     for index, request in enumerate(requests):
         for route in request.routes:
@@ -113,8 +116,9 @@ def save_many(requests: list[SaveRequest]) -> list[SaveResult]:
                 results[index].duplicates += 1
                 continue
             in_batch.add(key)
-            rows.append(_message_values(request, route, now))
+            pairs.append((request, route))
             owners.append((index, key))
+    rows = _rows(pairs, now)
     inserted = insert_rows(EmailMessage, MESSAGE_COLUMNS, rows, skip_duplicates=True,
                            returning=("id", "user", "message_id"))
     new_ids = {(user_id, message_id): id_ for id_, user_id, message_id in inserted}
@@ -163,12 +167,12 @@ def save_for_users(parsed: ParsedEmail, files: StoredFiles, routes: list[Route],
                    source: str, envelope: dict | None = None) -> SaveResult:
     """Insert the message for every routed user, one savepoint each; call inside a transaction."""
     request = SaveRequest(parsed, files, routes, source, envelope)
-    result = SaveResult([], 0)
+    result = SaveResult([], 0, _kind(parsed))
     for route in routes:
         try:
             with db.atomic():  # a savepoint: a duplicate for one user spares the others
                 [(message_id,)] = insert_rows(EmailMessage, MESSAGE_COLUMNS,
-                                              [_message_values(request, route, utcnow())],
+                                              _rows([(request, route)], utcnow()),
                                               returning=("id",))
                 insert_rows(EmailAttachment, ATTACHMENT_COLUMNS,
                             _attachment_values(message_id, route.user_id, parsed, files))
@@ -185,11 +189,48 @@ MESSAGE_COLUMNS = (
     "user", "message_id", "subject", "sender", "recipients", "cc", "reply_to", "sent_at",
     "received_at", "text_content", "html_content", "raw_path", "size", "sha256", "source",
     "envelope", "queue_id", "plus_tag", "in_reply_to", "references", "status", "created_at",
+    "reply_text", "auto_reply", "bulk", "loop", "bounce", "thread_id",
 )
 ATTACHMENT_COLUMNS = (
     "user", "email_message", "filename", "safe_filename", "content_type", "file_size",
     "file_path", "sha256", "is_image", "is_inline", "content_id", "position", "enclosed_by",
 )
+
+
+def _rows(pairs: list[tuple[SaveRequest, Route]], now) -> list[tuple]:
+    """The rows of (request, route) pairs, in order: their threads found together."""
+    threads = assign([Wanted(route.user_id, request.parsed.message_id, _keys(request.parsed))
+                      for request, route in pairs])
+    looping = _looping([request.parsed for request, _ in pairs])
+    return [_message_values(request, route, now) + _understood_values(request.parsed, thread, loop)
+            for (request, route), thread, loop in zip(pairs, threads, looping)]
+
+
+def _keys(parsed: ParsedEmail) -> ThreadKeys:
+    if parsed.understanding is not None:
+        return parsed.understanding.thread
+    return thread_keys(parsed.in_reply_to, parsed.references, parsed.subject)
+
+
+def _looping(messages: list[ParsedEmail]) -> list[bool]:
+    """Loop verdicts: an X-Loop naming one of this installation's addresses (a user's, or an
+    alias), or more Received lines than the limit."""
+    named = {a for m in messages if m.understanding for a in m.understanding.automatic.loop_addresses}
+    ours = set(Router().lookup(named)) if named else set()
+    return [bool(m.understanding) and m.understanding.automatic.loop(ours.__contains__)
+            for m in messages]
+
+
+def _kind(parsed: ParsedEmail) -> str:
+    return parsed.understanding.kind if parsed.understanding else "unknown"
+
+
+def _understood_values(parsed: ParsedEmail, thread: str, loop: bool) -> tuple:
+    reading = parsed.understanding
+    if reading is None:  # hostile bytes defeated the reading; the message is stored all the same
+        return (None, False, False, loop, None, thread)
+    bounce = reading.bounce.as_dict() if reading.bounce else None
+    return (reading.reply_text, reading.auto_reply, reading.bulk, loop, json_text(bounce), thread)
 
 
 def _message_values(request: SaveRequest, route: Route, now) -> tuple:

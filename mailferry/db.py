@@ -68,12 +68,28 @@ def _v5_idle_until(database: peewee.Database) -> None:
             table, "idle_until", models.MailboxState._meta.fields["idle_until"]))
 
 
+UNDERSTOOD_COLUMNS = ("reply_text", "auto_reply", "bulk", "loop", "bounce", "thread_id")
+
+
+def _v6_understood(database: peewee.Database) -> None:
+    table = models.EmailMessage._meta.table_name
+    columns = {c.name for c in database.get_columns(table)}
+    fields = models.EmailMessage._meta.fields
+    migrator = SchemaMigrator.from_database(database)
+    steps = [migrator.add_column(table, name, fields[name])
+             for name in UNDERSTOOD_COLUMNS if name not in columns]  # v1 made them
+    if steps:
+        steps.append(migrator.add_index(table, ("thread_id",), False))
+    migrate(*steps)
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[peewee.Database], None]]] = [
     (1, "initial schema", _v1_initial),
     (2, "attachments: position and the forwarded message they came in", _v2_attachment_nesting),
     (3, "events outbox, webhook endpoints and attempts, API tokens", _v3_events),
     (4, "IMAP checkpoints: the stored UIDs whose after-fetch action is pending", _v4_pending_actions),
     (5, "IMAP checkpoints: until when a consumer holds the folder in IDLE", _v5_idle_until),
+    (6, "messages: reply text, automatic, bounce and thread", _v6_understood),
 ]
 
 

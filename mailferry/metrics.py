@@ -14,9 +14,11 @@ import threading
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
 
+KINDS = ("person", "auto_reply", "bulk", "bounce", "complaint", "unknown")
 emails = Counter(
-    "mailferry_emails", "Messages handled, by source (smtp, imap) and outcome "
-    "(stored, duplicate, unrouted, failed, quarantined)", ["source", "outcome"])
+    "mailferry_emails", "Messages handled, by source (smtp, imap), outcome "
+    "(stored, duplicate, unrouted, failed, quarantined) and kind (person, auto_reply, bulk, "
+    "bounce, complaint; unknown when not read)", ["source", "outcome", "kind"])
 parse_seconds = Histogram(
     "mailferry_parse_seconds", "Time to parse one message",
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5))
@@ -34,12 +36,12 @@ last_success = Gauge(
     ["source"])
 
 
-def record(source: str, outcome: str, count: int = 1) -> None:
+def record(source: str, outcome: str, count: int = 1, kind: str = "unknown") -> None:
     """What happened to ``count`` messages from ``source``: the one place a message's outcome
     is counted (``mailferry_emails``), and a stored one moves ``last_success``."""
     if count <= 0:
         return
-    emails.labels(source, outcome).inc(count)
+    emails.labels(source, outcome, kind).inc(count)
     if outcome == "stored":
         last_success.labels(source).set_to_current_time()
 events_published = Counter(
@@ -123,7 +125,8 @@ def _initialise_series() -> None:
     from mailferry.models import TaskSource, TaskStatus
     for source in ("smtp", "imap"):
         for outcome in ("stored", "duplicate", "unrouted", "failed", "quarantined"):
-            emails.labels(source, outcome)
+            for kind in KINDS:
+                emails.labels(source, outcome, kind)
     for source in TaskSource.ALL:
         for status in TaskStatus.ALL:
             if status != TaskStatus.PENDING:

@@ -218,12 +218,20 @@ class EmailMessage(BaseModel):
     references = JSONField(default=list)
     status = CharField(max_length=32, default="stored")  # stored | partial (MIME fallback)
     created_at = DateTimeField(default=utcnow)
+    # What mailread.understand made of it (null thread_id: stored before, not yet reindexed).
+    reply_text = TextField(null=True)
+    auto_reply = BooleanField(default=False)
+    bulk = BooleanField(default=False)
+    loop = BooleanField(default=False)
+    bounce = JSONField(null=True)  # {"kind", "original_message_id", "recipients": [...]}
+    thread_id = CharField(max_length=32, null=True)
 
     class Meta:
         indexes = (
             (("user", "message_id"), True),
             (("user", "received_at"), False),
             (("sha256",), False),
+            (("thread_id",), False),  # names embed the user
         )
 
 

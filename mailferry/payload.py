@@ -3,9 +3,10 @@
 inbound-parse services' (Postmark, Mailgun): addresses, subject, bodies, the headers as a
 list, attachments by URL only.
 
-Fields a later issue fills are here already and null today: ``reply_text`` (the new text of
-a reply, quotes and signature cut), ``auto_reply`` (an out-of-office or bounce verdict) and
-``thread_id``.
+What Mailferry made of it (``mailread.understand``): ``reply_text`` (what the sender wrote,
+quotes and signature cut), ``auto_reply``, ``bulk``, ``loop``, ``bounce`` (null, or the kind,
+the original's Message-ID and each recipient's action and status) and ``thread_id``. A
+message stored before these existed has them null (false) until ``mailferry reindex``.
 """
 
 from __future__ import annotations
@@ -55,9 +56,12 @@ def message_payload(message: EmailMessage, settings: Settings, store: BlobStore)
         "status": message.status,
         "in_reply_to": message.in_reply_to,
         "references": message.references,
-        "reply_text": None,
-        "auto_reply": None,
-        "thread_id": None,
+        "reply_text": message.reply_text,
+        "auto_reply": message.auto_reply,
+        "bulk": message.bulk,
+        "loop": message.loop,
+        "bounce": message.bounce,
+        "thread_id": message.thread_id,
     }
 
 
