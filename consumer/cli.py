@@ -4,11 +4,14 @@
 - ``mailferry consumer``: run the consumer (as ``python -m consumer``);
 - ``mailferry imap test EMAIL``: log in, open the folder read-only, report what is there;
 - ``mailferry fetch EMAIL``: one IMAP fetch in the foreground, with a progress bar, for the
-  first sync of a large mailbox.
+  first sync of a large mailbox;
+- ``mailferry reindex [--user EMAIL]``: read mail stored before ``mailread.understand``
+  existed (reply text, automatic, bounce, thread), resumable after a kill.
 """
 
 from __future__ import annotations
 
+import io
 import sys
 import time
 
@@ -38,6 +41,12 @@ def register(sub, groups: dict) -> None:
                      help=f"the task's timeout (default {FOREGROUND_TIMEOUT})")
     cmd.add_argument("--quiet", action="store_true", help="no progress bar")
     cmd.set_defaults(func=fetch_command)
+
+    cmd = sub.add_parser("reindex", help="compute reply text, automatic, bounce and thread "
+                                         "for mail stored before they existed (resumable)")
+    cmd.add_argument("--user", metavar="EMAIL", help="only this user's mail")
+    cmd.add_argument("--quiet", action="store_true", help="no progress bar")
+    cmd.set_defaults(func=reindex_command)
 
 
 def _run() -> int:
@@ -126,3 +135,19 @@ class FetchProgress:
 
     def close(self) -> None:
         self.progress.close()
+
+
+def reindex_command(args) -> int:
+    from consumer.reindex import pending, reindex
+    from mailferry.storage import BlobStore
+    settings = open_app()
+    user_id = find_user(args.user).id if args.user else None
+    progress = Progress(io.StringIO() if args.quiet else sys.stdout)
+    progress.start(pending(user_id).count())
+    try:
+        counts = reindex(BlobStore(settings.resolved_storage_dir), user_id, progress.advance)
+    finally:
+        progress.close()
+    print(f"reindexed {counts.read} messages ({counts.unreadable} without a readable source: "
+          f"threaded by their stored headers)")
+    return 0

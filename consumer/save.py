@@ -26,7 +26,7 @@ from consumer.route import Route, Router
 from consumer.threads import Wanted, assign
 from mailread.thread import ThreadKeys, thread_keys
 from mailferry import metrics, outbox
-from mailferry.db import insert_rows, translated, write_transaction
+from mailferry.db import UNDERSTOOD_COLUMNS, insert_rows, translated, write_transaction
 from mailferry.errors import TransientError
 from mailferry.models import EmailAttachment, EmailMessage, db, json_text, utcnow
 from mailferry.storage import Blob, BlobStore
@@ -119,9 +119,11 @@ def save_many(requests: list[SaveRequest]) -> list[SaveResult]:
             pairs.append((request, route))
             owners.append((index, key))
     rows = _rows(pairs, now)
+    row_of = dict(zip((key for _, key in owners), rows))
     inserted = insert_rows(EmailMessage, MESSAGE_COLUMNS, rows, skip_duplicates=True,
                            returning=("id", "user", "message_id"))
     new_ids = {(user_id, message_id): id_ for id_, user_id, message_id in inserted}
+    index_of = {key: index for index, key in owners}
     attachments = []
     for index, key in owners:
         message_id = new_ids.get(key)
@@ -132,7 +134,8 @@ def save_many(requests: list[SaveRequest]) -> list[SaveResult]:
         request = requests[index]
         attachments.extend(_attachment_values(message_id, key[0], request.parsed, request.files))
     insert_rows(EmailAttachment, ATTACHMENT_COLUMNS, attachments)
-    outbox.add(outbox.stored([(id_, user_id) for id_, user_id, _ in inserted]))
+    outbox.add(_events([(id_, user_id, requests[index_of[(user_id, mid)]].parsed, row_of[(user_id, mid)])
+                        for id_, user_id, mid in inserted]))
     return results
 
 
@@ -171,12 +174,12 @@ def save_for_users(parsed: ParsedEmail, files: StoredFiles, routes: list[Route],
     for route in routes:
         try:
             with db.atomic():  # a savepoint: a duplicate for one user spares the others
-                [(message_id,)] = insert_rows(EmailMessage, MESSAGE_COLUMNS,
-                                              _rows([(request, route)], utcnow()),
+                [row] = _rows([(request, route)], utcnow())
+                [(message_id,)] = insert_rows(EmailMessage, MESSAGE_COLUMNS, [row],
                                               returning=("id",))
                 insert_rows(EmailAttachment, ATTACHMENT_COLUMNS,
                             _attachment_values(message_id, route.user_id, parsed, files))
-                outbox.add(outbox.stored([(message_id, route.user_id)]))
+                outbox.add(_events([(message_id, route.user_id, parsed, row)]))
         except peewee.IntegrityError:
             result.duplicates += 1
             continue
@@ -189,7 +192,7 @@ MESSAGE_COLUMNS = (
     "user", "message_id", "subject", "sender", "recipients", "cc", "reply_to", "sent_at",
     "received_at", "text_content", "html_content", "raw_path", "size", "sha256", "source",
     "envelope", "queue_id", "plus_tag", "in_reply_to", "references", "status", "created_at",
-    "reply_text", "auto_reply", "bulk", "loop", "bounce", "thread_id",
+    *UNDERSTOOD_COLUMNS,
 )
 ATTACHMENT_COLUMNS = (
     "user", "email_message", "filename", "safe_filename", "content_type", "file_size",
@@ -202,8 +205,40 @@ def _rows(pairs: list[tuple[SaveRequest, Route]], now) -> list[tuple]:
     threads = assign([Wanted(route.user_id, request.parsed.message_id, _keys(request.parsed))
                       for request, route in pairs])
     looping = _looping([request.parsed for request, _ in pairs])
-    return [_message_values(request, route, now) + _understood_values(request.parsed, thread, loop)
-            for (request, route), thread, loop in zip(pairs, threads, looping)]
+    rows = []
+    for (request, route), thread, loop in zip(pairs, threads, looping):
+        reply, auto, bulk, loop, bounce, thread = _understood_values(request.parsed, thread, loop)
+        rows.append(_message_values(request, route, now)
+                    + (reply, auto, bulk, loop, json_text(bounce), thread))
+    return rows
+
+
+_AUTOMATIC = [MESSAGE_COLUMNS.index(c) for c in ("auto_reply", "bulk", "loop", "bounce")]
+
+
+def _events(stored: list[tuple[int, int, ParsedEmail, tuple]]) -> list[outbox.NewEvent]:
+    """``message.stored`` of each (row id, user id, parse, row), and ``message.bounced`` of
+    the bounces, linked to the message they are about when this user has it."""
+    events = outbox.stored([(id_, user_id, any(row[i] for i in _AUTOMATIC))
+                            for id_, user_id, _, row in stored])
+    for id_, user_id, parsed, _ in stored:
+        bounce = parsed.understanding.bounce if parsed.understanding else None
+        if bounce is not None:
+            original = bounce.original_message_id and EmailMessage.get_or_none(
+                (EmailMessage.user == user_id) & (EmailMessage.message_id == bounce.original_message_id))
+            events.append(outbox.bounced(id_, user_id, bounce.as_dict(), original.id if original else None))
+    return events
+
+
+def understood_columns(rows: list[EmailMessage], parsed: list[ParsedEmail | None]) -> list[dict]:
+    """The understanding columns of stored ``rows`` read again (``mailferry reindex``);
+    a row whose source could not be read again (None) is threaded by its stored headers."""
+    threads = assign([Wanted(row.user_id, row.message_id, _keys(p) if p else
+                             thread_keys(row.in_reply_to, row.references or [], row.subject))
+                      for row, p in zip(rows, parsed)])
+    looping = _looping(parsed)
+    return [dict(zip(UNDERSTOOD_COLUMNS, _understood_values(p, thread, loop)))
+            for p, thread, loop in zip(parsed, threads, looping)]
 
 
 def _keys(parsed: ParsedEmail) -> ThreadKeys:
@@ -212,25 +247,25 @@ def _keys(parsed: ParsedEmail) -> ThreadKeys:
     return thread_keys(parsed.in_reply_to, parsed.references, parsed.subject)
 
 
-def _looping(messages: list[ParsedEmail]) -> list[bool]:
+def _looping(messages: list[ParsedEmail | None]) -> list[bool]:
     """Loop verdicts: an X-Loop naming one of this installation's addresses (a user's, or an
     alias), or more Received lines than the limit."""
-    named = {a for m in messages if m.understanding for a in m.understanding.automatic.loop_addresses}
+    readings = [m.understanding if m is not None else None for m in messages]
+    named = {a for r in readings if r for a in r.automatic.loop_addresses}
     ours = set(Router().lookup(named)) if named else set()
-    return [bool(m.understanding) and m.understanding.automatic.loop(ours.__contains__)
-            for m in messages]
+    return [r is not None and r.automatic.loop(ours.__contains__) for r in readings]
 
 
 def _kind(parsed: ParsedEmail) -> str:
     return parsed.understanding.kind if parsed.understanding else "unknown"
 
 
-def _understood_values(parsed: ParsedEmail, thread: str, loop: bool) -> tuple:
-    reading = parsed.understanding
+def _understood_values(parsed: ParsedEmail | None, thread: str, loop: bool) -> tuple:
+    reading = parsed.understanding if parsed is not None else None
     if reading is None:  # hostile bytes defeated the reading; the message is stored all the same
         return (None, False, False, loop, None, thread)
     bounce = reading.bounce.as_dict() if reading.bounce else None
-    return (reading.reply_text, reading.auto_reply, reading.bulk, loop, json_text(bounce), thread)
+    return (reading.reply_text, reading.auto_reply, reading.bulk, loop, bounce, thread)
 
 
 def _message_values(request: SaveRequest, route: Route, now) -> tuple:

@@ -105,6 +105,9 @@ class WebhookHandler(Handler):
             data = event.get("data")
             user_id = data.get("user_id") if isinstance(data, dict) else None
             targets = webhooks.wanted_by(endpoints, event["type"], user_id)
+            if (event["type"] == STORED and self.settings.webhook_automatic == "skip"
+                    and isinstance(data, dict) and data.get("automatic")):
+                targets = []  # kept out by the routing setting; the API still has it
             attempt = 1
         return [_Job(delivery.body, event, e, attempt) for e in targets]
 

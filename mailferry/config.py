@@ -126,6 +126,10 @@ class Settings:
     relay_poll_ms: int = field(default=100, metadata=_meta(
         "milliseconds the relay waits when the outbox is empty", minimum=10, maximum=60_000))
     # Webhooks and the read API.
+    webhook_automatic: str = field(default="deliver", metadata=_meta(
+        "automatic mail (auto-replies, bulk, loops, bounces) in message.stored webhooks: "
+        "deliver (flagged in the body) or skip; message.bounced is always delivered",
+        choices=("deliver", "skip")))
     webhook_schedule: str = field(default="5,30,120,600,1800,3600,7200,10800,10800",
                                   metadata=_meta(
         "seconds before each retry of a failed webhook delivery (comma-separated); one more "

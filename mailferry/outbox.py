@@ -20,7 +20,8 @@ STORED = "message.stored"
 UNROUTED = "message.unrouted"
 QUARANTINED = "message.quarantined"
 TASK_FAILED = "task.failed"
-TYPES = (STORED, UNROUTED, QUARANTINED, TASK_FAILED)
+BOUNCED = "message.bounced"
+TYPES = (STORED, UNROUTED, QUARANTINED, TASK_FAILED, BOUNCED)
 
 # Fixed for ever: changing it would give every future event a new id.
 _NAMESPACE = uuid.UUID("6f1d3c1e-8d1b-4c55-9d0e-5a2f0c7b9e41")
@@ -58,10 +59,19 @@ def write(events: list[NewEvent]) -> None:
         add(events)
 
 
-def stored(messages: list[tuple[int, int]]) -> list[NewEvent]:
-    """``message.stored`` of each (message row id, user id)."""
-    return [NewEvent(STORED, message_id, {"message_id": message_id, "user_id": user_id}, user_id)
-            for message_id, user_id in messages]
+def stored(messages: list[tuple[int, int, bool]]) -> list[NewEvent]:
+    """``message.stored`` of each (message row id, user id, automatic): ``automatic`` lets
+    the webhook worker leave such mail out (``webhook_automatic``) without reading the row."""
+    return [NewEvent(STORED, message_id, {"message_id": message_id, "user_id": user_id,
+                                          "automatic": automatic}, user_id)
+            for message_id, user_id, automatic in messages]
+
+
+def bounced(message_id: int, user_id: int, bounce: dict, original_id: int | None) -> NewEvent:
+    """``message.bounced``: a delivery report or complaint, and the stored message it is
+    about (``original``: its row id, when this user has it)."""
+    return NewEvent(BOUNCED, message_id, {"message_id": message_id, "user_id": user_id,
+                                          "original": original_id, **bounce}, user_id)
 
 
 def envelope_of(event: Event) -> dict:

@@ -4,7 +4,10 @@ mail in one thread."""
 
 from __future__ import annotations
 
+import json
 from email.message import EmailMessage as Mail
+
+import pytest
 
 from consumer.route import Route
 from consumer.save import SaveRequest, save_many, store_batch
@@ -13,6 +16,7 @@ from mailferry.db import write_transaction
 from mailferry.models import EmailMessage
 from mailferry.storage import BlobStore
 from mailferry.users import add_user
+from tests.ops_helpers import run_cli
 
 
 def mail(message_id: str, subject: str, *, in_reply_to: str | None = None,
@@ -105,3 +109,55 @@ def test_smtp_and_imap_mail_of_one_user_share_a_thread(settings):
     store(settings, bob, C, source="smtp")
     assert {thread_of(bob, m) for m in ("<a@x>", "<b@x>", "<c@x>")} == {thread_of(bob, "<a@x>")}
     assert EmailMessage.get(EmailMessage.message_id == "<b@x>").source == "imap"
+
+
+def _as_stored_before_reading(*message_ids: str) -> None:
+    """Rows as a version before mailread.understand stored them: nothing read."""
+    EmailMessage.update(reply_text=None, auto_reply=False, bulk=False, loop=False, bounce=None,
+                        thread_id=None).where(EmailMessage.message_id.in_(message_ids)).execute()
+
+
+def test_reindex_reads_mail_stored_before_and_resumes_where_it_stopped(settings):
+    bob = add_user("bob@example.org")
+    store(settings, bob, A, B, C)
+    want = thread_of(bob, "<a@x>")
+    _as_stored_before_reading("<a@x>", "<b@x>", "<c@x>")
+    # The first run is "killed" after one batch of one message: the rest waits, unread.
+    import consumer.reindex as reindex
+
+    class Stop(Exception):
+        pass
+
+    def one_batch_then_killed(count):
+        raise Stop
+
+    original = reindex.BATCH
+    reindex.BATCH = 1
+    try:
+        with pytest.raises(Stop):
+            reindex.reindex(BlobStore(settings.resolved_storage_dir), progress=one_batch_then_killed)
+    finally:
+        reindex.BATCH = original
+    assert reindex.pending().count() == 2
+    result = run_cli(settings, "reindex", "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert "reindexed 2 messages" in result.stdout
+    assert reindex.pending().count() == 0
+    assert {thread_of(bob, m) for m in ("<a@x>", "<b@x>", "<c@x>")} == {want}
+    row = EmailMessage.get(EmailMessage.message_id == "<b@x>")
+    assert row.reply_text == "text of <b@x>"
+
+
+def test_mailferry_thread_lists_one_conversation_oldest_first(settings):
+    bob = add_user("bob@example.org")
+    store(settings, bob, C)
+    store(settings, bob, A, B)
+    store(settings, bob, mail("<other@x>", "Something else"))
+    result = run_cli(settings, "thread", thread_of(bob, "<a@x>"), "--json")
+    assert result.returncode == 0, result.stderr
+    listed = json.loads(result.stdout)
+    assert listed["thread_id"] == thread_of(bob, "<a@x>")
+    assert sorted(m["message_id"] for m in listed["messages"]) == ["<a@x>", "<b@x>", "<c@x>"]
+    by_row = run_cli(settings, "thread", str(EmailMessage.get(EmailMessage.message_id == "<c@x>").id))
+    assert by_row.returncode == 0 and "3 messages" in by_row.stdout
+    assert run_cli(settings, "thread", "t_nothing").returncode == 1

@@ -1,4 +1,5 @@
-"""`mailferry inject` and `mailferry messages`: put mail in, see what was stored."""
+"""`mailferry inject`, `mailferry messages` and `mailferry thread`: put mail in, see what was
+stored, and one conversation."""
 
 from __future__ import annotations
 
@@ -25,6 +26,11 @@ def register(sub) -> None:
     messages.add_argument("--limit", type=int, default=0, help="newest N only")
     messages.add_argument("--json", action="store_true")
     messages.set_defaults(func=messages_command)
+
+    thread = sub.add_parser("thread", help="the messages of one conversation, oldest first")
+    thread.add_argument("thread", metavar="ID", help="a thread_id, or a message's row id")
+    thread.add_argument("--json", action="store_true")
+    thread.set_defaults(func=thread_command)
 
 
 def inject_command(args) -> int:
@@ -69,13 +75,40 @@ def messages_command(args) -> int:
     return 0
 
 
+def thread_command(args) -> int:
+    open_app()
+    thread_id = args.thread.strip()
+    if thread_id.isdigit():  # a message's id: its thread
+        message = EmailMessage.get_or_none(EmailMessage.id == int(thread_id))
+        thread_id = message.thread_id if message else ""
+    messages = list(EmailMessage.select(EmailMessage, User).join(User)
+                    .where(EmailMessage.thread_id == thread_id)
+                    .order_by(EmailMessage.sent_at, EmailMessage.received_at, EmailMessage.id))
+    if not messages:
+        print(f"no thread {args.thread!r}", file=sys.stderr)
+        return 1
+    rows = [{"id": m.id, "user": m.user.email, "message_id": m.message_id, "date": str(m.sent_at or ""),
+             "from": m.sender, "subject": m.subject, "in_reply_to": m.in_reply_to,
+             "reply_text": m.reply_text, "source": m.source} for m in messages]
+    if args.json:
+        print_json({"thread_id": thread_id, "messages": rows})
+    else:
+        print(f"thread {thread_id}: {len(rows)} messages")
+        print_table(["ID", "DATE", "FROM", "SUBJECT", "SAID"],
+                    [[r["id"], r["date"][:19], r["from"][:30], r["subject"][:40],
+                      " ".join((r["reply_text"] or "").split())[:50]] for r in rows])
+    return 0
+
+
 def _message_dict(m: EmailMessage, atts: list[EmailAttachment]) -> dict:
     return {
         "id": m.id, "user": m.user.email, "message_id": m.message_id, "subject": m.subject,
         "sender": m.sender, "recipients": m.recipients, "cc": m.cc,
         "received_at": m.received_at.isoformat(), "source": m.source, "size": m.size,
         "sha256": m.sha256, "raw_path": m.raw_path, "plus_tag": m.plus_tag, "status": m.status,
-        "in_reply_to": m.in_reply_to, "text_length": len(m.text_content),
+        "in_reply_to": m.in_reply_to, "thread_id": m.thread_id, "reply_text": m.reply_text,
+        "auto_reply": m.auto_reply, "bulk": m.bulk, "loop": m.loop, "bounce": m.bounce,
+        "text_length": len(m.text_content),
         "html_length": len(m.html_content),
         "attachments": [{"filename": a.filename, "safe_filename": a.safe_filename,
                          "content_type": a.content_type, "size": a.file_size, "sha256": a.sha256,
