@@ -25,6 +25,7 @@ _STATUS = re.compile(r"(?<![\d.])([245])\.(\d{1,3})\.(\d{1,3})(?![\d.])")
 _MESSAGE_ID = re.compile(r"^message-id:\s*(<[^<>\s]{1,500}>)", re.IGNORECASE | re.MULTILINE)
 _ADDRESS = r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9-]+)+"
 _FAILED_ACTIONS = {"failed", "delayed"}
+_REPORT_TYPES = {"multipart/report", "message/delivery-status", "message/feedback-report"}
 
 _BOUNCE_SENDER = re.compile(r"mailer-daemon|postmaster|mail delivery|mail.?delivery.?subsystem|"
                             r"mail administrator|maildelivery|bounce", re.IGNORECASE)
@@ -41,7 +42,8 @@ _LIST_STARTS = re.compile(
     r"to the following address|could not be delivered to|delivery has failed to these|"
     r"wasn't able to deliver your message|unable to deliver your message|"
     r"delivery to the following recipient|your message to .{1,320} couldn't be delivered|"
-    r"message could not be delivered|following message to|an error occurred while trying to deliver",
+    r"message could not be delivered|following message to|an error occurred while trying to deliver|"
+    r"^delivery failed\b",
     re.IGNORECASE)
 _LIST_ENDS = re.compile(r"below this line is a copy|original message|^-{3,}|"
                         r"^content-type:|^received:|^return-path:", re.IGNORECASE)
@@ -73,11 +75,9 @@ def bounce_of(raw: bytes, headers: Message, text: str) -> Bounce | None:
     """The bounce or complaint ``raw`` is, or None. ``headers``: its parsed header block;
     ``text``: its decoded plain text (for the reports that are only text)."""
     ctype = (headers.get_content_type() or "").lower()
-    report = (headers.get_param("report-type") or "")
-    report = report.lower() if isinstance(report, str) else ""
-    if ctype == "multipart/report" or _looks_like_a_bounce(headers) or "hmxmr" in raw[:200_000].decode("latin-1").lower():
+    if ctype in _REPORT_TYPES or _looks_like_a_bounce(headers) or b"X-HmXmrOriginalRecipient" in raw:
         tree = BytesParser(policy=compat32).parsebytes(raw)
-        found = _from_report(tree, report) or _from_jmrp(tree)
+        found = _from_report(tree) or _from_jmrp(tree)
         if found is not None:
             return found
     if _looks_like_a_bounce(headers):
@@ -97,7 +97,7 @@ def _is_autoreply_header(headers: Message) -> bool:
     return "vacation" in value
 
 
-def _from_report(tree: Message, report_type: str) -> Bounce | None:
+def _from_report(tree: Message) -> Bounce | None:
     for part in tree.walk():
         kind = part.get_content_type().lower()
         if kind in ("message/delivery-status", "message/global-delivery-status"):
@@ -174,7 +174,7 @@ def _from_text(text: str, raw: bytes) -> Bounce | None:
     for index, line in enumerate(lines):
         if _LIST_STARTS.search(line):
             listing = True
-            for address in re.findall(_ADDRESS, line.split(":", 1)[-1]) if "couldn't" in line.lower() else ():
+            for address in re.findall(_ADDRESS, line):  # "… couldn't be delivered", "failed: x@y"
                 recipients.append(_text_recipient(address, lines, index, text))
             continue
         if not listing:
@@ -231,8 +231,8 @@ def _original_message_id(tree: Message) -> str | None:
 
 def _original_message_id_in_text(text: str, raw: bytes) -> str | None:
     # The copy of the original follows the bounce's own header block.
-    body = raw.split(b"\n\n", 1)[-1] if b"\n\n" in raw else raw
-    body = body.replace(b"\r\n", b"\n")
+    normal = raw.replace(b"\r\n", b"\n")
+    body = normal.split(b"\n\n", 1)[1] if b"\n\n" in normal else b""
     found = _MESSAGE_ID.search(body.decode("utf-8", "replace")) or _MESSAGE_ID.search(text)
     return found.group(1) if found else None
 

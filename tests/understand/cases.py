@@ -31,6 +31,15 @@ def cases(category: str) -> list[Case]:
     return found
 
 
+from devstack.mailgen import CORPUS  # noqa: E402 (the shared corpus, read in place)
+
+
+def corpus_bounces() -> list[Case]:
+    """The real bounces and complaints of the shared corpus, expectations in corpus.toml."""
+    expected = tomllib.loads((Path(__file__).resolve().parent / "corpus.toml").read_text())
+    return [Case("corpus", name, (CORPUS / name).read_bytes(), want) for name, want in expected.items()]
+
+
 def normalised(text: str | None) -> str:
     """The comparison is of words, in order: line breaks and spacing do not count."""
     return " ".join((text or "").split())
