@@ -202,15 +202,10 @@ ATTACHMENT_COLUMNS = (
 
 def _rows(pairs: list[tuple[SaveRequest, Route]], now) -> list[tuple]:
     """The rows of (request, route) pairs, in order: their threads found together."""
-    threads = assign([Wanted(route.user_id, request.parsed.message_id, _keys(request.parsed))
-                      for request, route in pairs])
-    looping = _looping([request.parsed for request, _ in pairs])
-    rows = []
-    for (request, route), thread, loop in zip(pairs, threads, looping):
-        reply, auto, bulk, loop, bounce, thread = _understood_values(request.parsed, thread, loop)
-        rows.append(_message_values(request, route, now)
-                    + (reply, auto, bulk, loop, json_text(bounce), thread))
-    return rows
+    readings = _readings([Wanted(route.user_id, request.parsed.message_id, _keys(request.parsed))
+                          for request, route in pairs], [request.parsed for request, _ in pairs])
+    return [_message_values(request, route, now) + (*values[:4], json_text(values[4]), values[5])
+            for (request, route), values in zip(pairs, readings)]
 
 
 _AUTOMATIC = [MESSAGE_COLUMNS.index(c) for c in ("auto_reply", "bulk", "loop", "bounce")]
@@ -233,12 +228,18 @@ def _events(stored: list[tuple[int, int, ParsedEmail, tuple]]) -> list[outbox.Ne
 def understood_columns(rows: list[EmailMessage], parsed: list[ParsedEmail | None]) -> list[dict]:
     """The understanding columns of stored ``rows`` read again (``mailferry reindex``);
     a row whose source could not be read again (None) is threaded by its stored headers."""
-    threads = assign([Wanted(row.user_id, row.message_id, _keys(p) if p else
-                             thread_keys(row.in_reply_to, row.references or [], row.subject))
-                      for row, p in zip(rows, parsed)])
-    looping = _looping(parsed)
-    return [dict(zip(UNDERSTOOD_COLUMNS, _understood_values(p, thread, loop)))
-            for p, thread, loop in zip(parsed, threads, looping)]
+    readings = _readings([Wanted(row.user_id, row.message_id, _keys(p) if p else
+                                 thread_keys(row.in_reply_to, row.references or [], row.subject))
+                          for row, p in zip(rows, parsed)], parsed)
+    return [dict(zip(UNDERSTOOD_COLUMNS, values)) for values in readings]
+
+
+def _readings(wanted: list[Wanted], parsed: list[ParsedEmail | None]) -> list[tuple]:
+    """The values of UNDERSTOOD_COLUMNS for each message, in order (the bounce as a dict):
+    their threads and loop verdicts found together, one lookup each for the batch."""
+    threads = assign(wanted)
+    return [_understood_values(p, thread, loop)
+            for p, thread, loop in zip(parsed, threads, _looping(parsed))]
 
 
 def _keys(parsed: ParsedEmail) -> ThreadKeys:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from email.message import Message
-from email.utils import getaddresses
 from typing import Callable
 
 RECEIVED_LIMIT = 50  # Received lines before a message counts as looping (Postfix's hopcount_limit)
@@ -81,10 +80,6 @@ def is_bulk(headers: Message) -> bool:
     if {_first_token(v) for v in _values(headers, "precedence")} & _BULK_PRECEDENCE:
         return True
     return any(headers.get(name) is not None for name in _BULK_FIELDS)
-
-
-def sender_addresses(headers: Message) -> list[str]:
-    return [a.lower() for _, a in getaddresses(_values(headers, "from")) if "@" in a]
 
 
 def _values(headers: Message, name: str) -> list[str]:

@@ -47,6 +47,14 @@ _LIST_STARTS = re.compile(
     re.IGNORECASE)
 _LIST_ENDS = re.compile(r"below this line is a copy|original message|^-{3,}|"
                         r"^content-type:|^received:|^return-path:", re.IGNORECASE)
+# An address alone on its line (qmail's "<x@y>:", Exim's indented list), maybe with a comment;
+# or a name with the address in parentheses after it (Exchange 2010's "Name (x@y)").
+_ADDRESSES = re.compile(_ADDRESS)
+_ADDRESS_LINE = re.compile(rf"^<?({_ADDRESS})>?(\s*\(.*\))?\s*:?\s*$")
+_BARE_ADDRESS_LINE = re.compile(rf"^<?{_ADDRESS}>?\s*:?\s*$")
+_NAME_THEN_ADDRESS = re.compile(rf"\(\s*{_ADDRESS}\s*\)\s*$")
+_NAMED_ADDRESS_LINE = re.compile(rf"^\S.*?\(?<?({_ADDRESS})>?\)?\s*$")
+_PERMANENT_WORDS = re.compile(r"permanent|given up|giving up|failed permanently", re.IGNORECASE)
 _DELAY_WORDS = re.compile(r"\bdelayed\b|will (be )?retr(y|ied)|not yet been delivered|"
                           r"temporar(y|ily) (failure|problem|error)|still trying|"
                           r"delivery incomplete|has not been delivered yet", re.IGNORECASE)
@@ -75,14 +83,13 @@ def bounce_of(raw: bytes, headers: Message, text: str) -> Bounce | None:
     """The bounce or complaint ``raw`` is, or None. ``headers``: its parsed header block;
     ``text``: its decoded plain text (for the reports that are only text)."""
     ctype = (headers.get_content_type() or "").lower()
-    if ctype in _REPORT_TYPES or _looks_like_a_bounce(headers) or b"X-HmXmrOriginalRecipient" in raw:
+    says_so = _looks_like_a_bounce(headers)
+    if ctype in _REPORT_TYPES or says_so or b"X-HmXmrOriginalRecipient" in raw:
         tree = BytesParser(policy=compat32).parsebytes(raw)
         found = _from_report(tree) or _from_jmrp(tree)
         if found is not None:
             return found
-    if _looks_like_a_bounce(headers):
-        return _from_text(text, raw)
-    return None
+    return _from_text(text, raw) if says_so else None
 
 
 def _looks_like_a_bounce(headers: Message) -> bool:
@@ -169,41 +176,43 @@ def _from_jmrp(tree: Message) -> Bounce | None:
 
 def _from_text(text: str, raw: bytes) -> Bounce | None:
     lines = text.replace("\r\n", "\n").split("\n")
+    head = text[:4000]  # the MTA's own words, before any copy of the original
+    delayed = bool(_DELAY_WORDS.search(head)) and not _PERMANENT_WORDS.search(head)
     recipients: list[Recipient] = []
     listing = False
     for index, line in enumerate(lines):
         if _LIST_STARTS.search(line):
             listing = True
-            for address in re.findall(_ADDRESS, line):  # "… couldn't be delivered", "failed: x@y"
-                recipients.append(_text_recipient(address, lines, index, text))
+            for address in _ADDRESSES.findall(line):  # "… couldn't be delivered", "failed: x@y"
+                recipients.append(_text_recipient(address, lines, index, delayed))
             continue
         if not listing:
             continue
-        if _LIST_ENDS.search(line.strip()):
-            break
         stripped = line.strip()
-        found = re.match(rf"^<?({_ADDRESS})>?(\s*\(.*\))?\s*:?\s*$", stripped)
-        if found is None:
-            found = re.match(rf"^\S.*?\(?<?({_ADDRESS})>?\)?\s*$", stripped) if \
-                re.search(r"\(\s*" + _ADDRESS + r"\s*\)\s*$", stripped) else None
+        if _LIST_ENDS.search(stripped):
+            break
+        found = _ADDRESS_LINE.match(stripped)
+        if found is None and _NAME_THEN_ADDRESS.search(stripped):
+            found = _NAMED_ADDRESS_LINE.match(stripped)
         if found:
-            recipients.append(_text_recipient(found.group(1), lines, index, text))
+            recipients.append(_text_recipient(found.group(1), lines, index, delayed))
     recipients = _unique(recipients)
     if not recipients:
         return None
     return Bounce(_kind(recipients), _original_message_id_in_text(text, raw), recipients)
 
 
-def _text_recipient(address: str, lines: list[str], index: int, text: str) -> Recipient:
-    # The reason follows the address: the lines up to the next address or blank pair.
+def _text_recipient(address: str, lines: list[str], index: int, delayed: bool) -> Recipient:
+    """``delayed``: what the bounce's own words say of all its recipients; a 4.x.x status
+    quoted for this one says it is only delayed."""
+    # The reason follows the address: the lines up to the next address or the end of the list.
     reason_lines = []
     for line in lines[index + 1:index + 8]:
-        if re.match(rf"^\s*<?{_ADDRESS}>?\s*:?\s*$", line.strip()) or _LIST_ENDS.search(line.strip()):
+        stripped = line.strip()
+        if _BARE_ADDRESS_LINE.match(stripped) or _LIST_ENDS.search(stripped):
             break
-        reason_lines.append(line.strip())
+        reason_lines.append(stripped)
     reason = " ".join(l for l in reason_lines if l) or None
-    delayed = bool(_DELAY_WORDS.search(text[:4000])) and not re.search(
-        r"permanent|given up|giving up|failed permanently", text[:4000], re.IGNORECASE)
     status = _status(reason)
     if status and status.startswith("4"):
         delayed = True
@@ -248,7 +257,7 @@ def _typed_address(value) -> str | None:
 
 
 def _address_in(text: str) -> str | None:
-    found = re.search(_ADDRESS, text)
+    found = _ADDRESSES.search(text)
     return found.group(0).lower() if found else None
 
 
