@@ -1,5 +1,7 @@
 """A webhook receiver on loopback, started by a test or a benchmark: it answers each POST with the next
-status of its script (then the last one, for ever) and keeps what it got."""
+status of its script (then the last one, for ever) and keeps what it got. ``hold(after=n)``
+answers n requests and keeps every later one waiting until ``release()``: a test that must act
+while a stream is still in flight (a broker restart) holds the stream there instead of racing it."""
 
 from __future__ import annotations
 
@@ -28,6 +30,9 @@ class Receiver:
         self.statuses = list(statuses)
         self.received: list[Received] = []
         self.lock = threading.Lock()
+        self._admitted = 0
+        self._hold_after: int | None = None
+        self._released = threading.Event()
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -35,6 +40,7 @@ class Receiver:
 
             def do_POST(self):  # noqa: N802
                 body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                receiver._wait_if_held()
                 with receiver.lock:
                     status = receiver.statuses.pop(0) if len(receiver.statuses) > 1 else receiver.statuses[0]
                     receiver.received.append(Received(time.monotonic(), dict(self.headers.items()), body, status))
@@ -54,8 +60,27 @@ class Receiver:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.release()
         self.server.shutdown()
         self.server.server_close()
+
+    def hold(self, after: int) -> None:
+        """Answer ``after`` more requests, then keep the rest waiting until release()."""
+        with self.lock:
+            self._hold_after = self._admitted + after
+            self._released.clear()
+
+    def release(self) -> None:
+        with self.lock:
+            self._hold_after = None
+        self._released.set()
+
+    def _wait_if_held(self) -> None:
+        with self.lock:
+            self._admitted += 1
+            held = self._hold_after is not None and self._admitted > self._hold_after
+        if held:
+            self._released.wait(300)  # bounded: a test that forgets release() still ends
 
     def got(self) -> list[Received]:
         with self.lock:
