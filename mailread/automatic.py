@@ -56,9 +56,10 @@ class Automatic:
 
 
 def automatic(headers: Message, subject: str) -> Automatic:
+    auto_reply = is_auto_reply(headers, subject)
     return Automatic(
-        auto_reply=is_auto_reply(headers, subject),
-        bulk=is_bulk(headers),
+        auto_reply=auto_reply,
+        bulk=is_bulk(headers, auto_reply),
         loop_addresses=tuple(sorted({a.lower() for v in _values(headers, "x-loop")
                                      for a in _ADDRESS.findall(v)})),
         received=len(headers.get_all("received") or ()),
@@ -76,8 +77,11 @@ def is_auto_reply(headers: Message, subject: str) -> bool:
     return bool(_VACATION.match(subject or ""))
 
 
-def is_bulk(headers: Message) -> bool:
-    if {_first_token(v) for v in _values(headers, "precedence")} & _BULK_PRECEDENCE:
+def is_bulk(headers: Message, auto_reply: bool = False) -> bool:
+    """An auto-reply's ``Precedence: bulk``/``junk`` is not a sign of mass mail: vacation
+    programs set it so that other responders keep quiet. Precedence: list still counts."""
+    precedence = {_first_token(v) for v in _values(headers, "precedence")}
+    if precedence & (_BULK_PRECEDENCE - {"bulk", "junk"} if auto_reply else _BULK_PRECEDENCE):
         return True
     return any(headers.get(name) is not None for name in _BULK_FIELDS)
 
