@@ -388,5 +388,5 @@ def build_app(settings: Settings) -> Starlette:
         Route("/docs", docs, include_in_schema=False),
     ], exception_handlers={HTTPException: _http_error})
     app.state.settings = settings
-    app.state.store = BlobStore(settings.resolved_storage_dir)
+    app.state.store = BlobStore.of(settings)
     return app

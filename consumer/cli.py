@@ -145,7 +145,7 @@ def reindex_command(args) -> int:
     progress = Progress(io.StringIO() if args.quiet else sys.stdout)
     progress.start(pending(user_id).count())
     try:
-        counts = reindex(BlobStore(settings.resolved_storage_dir), user_id, progress.advance)
+        counts = reindex(BlobStore.of(settings), user_id, progress.advance)
     finally:
         progress.close()
     print(f"reindexed {counts.read} messages ({counts.unreadable} without a readable source: "

@@ -134,7 +134,7 @@ class MailboxSync:
         self.batch_size = settings.imap_batch_size
         self.batch_bytes = settings.imap_batch_bytes
         self.limits = Limits.from_settings(settings)
-        self.store = store or BlobStore(settings.resolved_storage_dir)
+        self.store = store or BlobStore.of(settings)
         self.spool = (spool or Spool(settings.resolved_spool_dir)).ensure()
         self.connect = connect
         self.parse_pool = ParsePool() if parse_in_helper and worth_a_helper() else None

@@ -68,7 +68,7 @@ class InboundHandler(Handler):
         self.settings = settings
         self.prefetch = settings.prefetch
         self.spool = (spool or Spool(settings.resolved_spool_dir)).ensure()
-        self.store = store or BlobStore(settings.resolved_storage_dir)
+        self.store = store or BlobStore.of(settings)
         self.limits = Limits.from_settings(settings)
         self.router = Router()
         # Parsing is the CPU-bound part: in a helper process it runs on its own core while

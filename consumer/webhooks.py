@@ -63,7 +63,7 @@ class WebhookHandler(Handler):
         self.publisher = publisher or broker.Publisher(settings, declare=True)  # the wait queues
         self.client = client or httpx.Client(follow_redirects=False)
         self.pool = ThreadPoolExecutor(CONCURRENCY, thread_name_prefix="webhook-post")
-        self.store = BlobStore(settings.resolved_storage_dir)
+        self.store = BlobStore.of(settings)
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)

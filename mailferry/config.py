@@ -40,6 +40,10 @@ class Settings:
         "spool root shared with Haraka; empty means <var_dir>/spool"))
     storage_dir: Path = field(default=Path(""), metadata=_meta(
         "root of raw messages and attachments; empty means <var_dir>/storage"))
+    storage_sync: str = field(default="auto", metadata=_meta(
+        "how a batch's files are made durable: auto (one syncfs per batch where Linux reports "
+        "its errors, else fsync) or fsync (each file; for storage sharing a filesystem with a "
+        "busy database)", choices=("auto", "fsync")))
     secret_key: str = field(default="", metadata=_meta(
         "Fernet key for IMAP passwords at rest; empty means <var_dir>/secret.key, made once"))
     queue_type: str = field(default="classic", metadata=_meta(

@@ -56,38 +56,51 @@ class Automatic:
 
 
 def automatic(headers: Message, subject: str) -> Automatic:
-    auto_reply = is_auto_reply(headers, subject)
+    fields = _index(headers)
+    auto_reply = is_auto_reply(fields, subject)
     return Automatic(
         auto_reply=auto_reply,
-        bulk=is_bulk(headers, auto_reply),
-        loop_addresses=tuple(sorted({a.lower() for v in _values(headers, "x-loop")
-                                     for a in _ADDRESS.findall(v)})),
-        received=len(headers.get_all("received") or ()),
+        bulk=is_bulk(fields, auto_reply),
+        loop_addresses=tuple(sorted({a.lower() for v in fields.get("x-loop", ()) for a in _ADDRESS.findall(v)})),
+        received=len(fields.get("received", ())),
     )
 
 
-def is_auto_reply(headers: Message, subject: str) -> bool:
-    submitted = _first_token(headers.get("auto-submitted"))
+Fields = dict[str, list[str]]  # a header block's values by lower-cased name, in order
+
+
+def _index(headers: Message) -> Fields:
+    """One pass over the header block: a message has dozens of fields and each verdict asks
+    for twenty names, so asking the block itself would read it hundreds of times."""
+    fields: Fields = {}
+    for name, value in headers.items():
+        fields.setdefault(name.lower(), []).append(str(value))
+    return fields
+
+
+def is_auto_reply(fields: Fields, subject: str) -> bool:
+    submitted = _first_token(_first(fields, "auto-submitted"))
     if submitted and submitted != "no":
         return True
-    if any(_flag(headers.get(name)) for name in _AUTO_FIELDS):
+    if any(_flag(_first(fields, name)) for name in _AUTO_FIELDS):
         return True
-    if {_first_token(v) for v in _values(headers, "precedence")} & _AUTO_PRECEDENCE:
+    if {_first_token(v) for v in fields.get("precedence", ())} & _AUTO_PRECEDENCE:
         return True
     return bool(_VACATION.match(subject or ""))
 
 
-def is_bulk(headers: Message, auto_reply: bool = False) -> bool:
+def is_bulk(fields: Fields, auto_reply: bool = False) -> bool:
     """An auto-reply's ``Precedence: bulk``/``junk`` is not a sign of mass mail: vacation
     programs set it so that other responders keep quiet. Precedence: list still counts."""
-    precedence = {_first_token(v) for v in _values(headers, "precedence")}
+    precedence = {_first_token(v) for v in fields.get("precedence", ())}
     if precedence & (_BULK_PRECEDENCE - {"bulk", "junk"} if auto_reply else _BULK_PRECEDENCE):
         return True
-    return any(headers.get(name) is not None for name in _BULK_FIELDS)
+    return any(name in fields for name in _BULK_FIELDS)
 
 
-def _values(headers: Message, name: str) -> list[str]:
-    return [str(v) for v in headers.get_all(name) or ()]
+def _first(fields: Fields, name: str) -> str | None:
+    values = fields.get(name)
+    return values[0] if values else None
 
 
 def _first_token(value) -> str:

@@ -154,7 +154,7 @@ def _record_disk_steps(monkeypatch, fail_fsync_of: int | None = None) -> list[tu
 
 
 def test_a_batch_is_durable_before_its_names_and_its_folders_after_them(tmp_path, monkeypatch):
-    store = BlobStore(tmp_path / "storage")
+    store = BlobStore(tmp_path / "storage", sync="fsync")
     source = tmp_path / "spool.eml"
     source.write_bytes(b"raw message")
     raw_digest = hashlib.sha256(b"raw message").hexdigest()
@@ -181,8 +181,59 @@ def test_a_batch_is_durable_before_its_names_and_its_folders_after_them(tmp_path
 
 
 def test_a_failed_fsync_leaves_no_temporary_and_no_final_name(tmp_path, monkeypatch):
-    store = BlobStore(tmp_path / "storage")
+    store = BlobStore(tmp_path / "storage", sync="fsync")
     _record_disk_steps(monkeypatch, fail_fsync_of=1)  # the second file's fsync fails
+    with pytest.raises(OSError):
+        store.put_many([Blob(b"first file"), Blob(b"second file")])
+    assert [p for p in (tmp_path / "storage").rglob("*") if p.is_file()] == []
+
+
+def _with_syncfs_logged(store: BlobStore, monkeypatch, fail: bool = False) -> list[tuple]:
+    """The steps of ``store``'s batch: each syncfs (with the files under the root then, by
+    their content) and each rename; nothing of the per-file path may run."""
+    import os
+
+    import mailferry.storage as storage
+
+    assert store._syncfs is not None, "this Linux's syncfs reports errors (5.8 and later)"
+    steps: list[tuple] = []
+    real_syncfs, real_replace = store._syncfs, os.replace
+
+    def syncfs(fd):
+        if fail:
+            raise OSError(5, "Input/output error")
+        real_syncfs(fd)
+        steps.append(("syncfs", sorted(p.read_bytes() for p in store.root.rglob("*") if p.is_file())))
+
+    def replace(src, dst):
+        real_replace(src, dst)
+        steps.append(("rename", os.path.basename(dst)))
+
+    def refused(*_):
+        raise AssertionError("a per-file fsync on the syncfs path")
+
+    monkeypatch.setattr(store, "_syncfs", syncfs)
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(os, "fsync", refused)
+    monkeypatch.setattr(storage, "fsync_dir", refused)
+    return steps
+
+
+def test_with_syncfs_a_batch_has_two_barriers_contents_then_names(tmp_path, monkeypatch):
+    store = BlobStore(tmp_path / "storage")  # auto: syncfs on this Linux
+    steps = _with_syncfs_logged(store, monkeypatch)
+    results = store.put_many([Blob(b"raw message", raw=True), Blob(b"first file"), Blob(b"second file")])
+    names = [f"{results[0][1]}.eml", results[1][1], results[2][1]]
+    contents = sorted([b"raw message", b"first file", b"second file"])
+    # One barrier while every file still has its temporary name, then the renames, then one
+    # barrier for the names and the folders: two journal commits for the whole batch.
+    assert steps == [("syncfs", contents), *[("rename", name) for name in names], ("syncfs", contents)]
+    assert [store.read(relative) for relative, _ in results] == [b"raw message", b"first file", b"second file"]
+
+
+def test_a_failed_syncfs_leaves_no_temporary_and_no_final_name(tmp_path, monkeypatch):
+    store = BlobStore(tmp_path / "storage")
+    _with_syncfs_logged(store, monkeypatch, fail=True)
     with pytest.raises(OSError):
         store.put_many([Blob(b"first file"), Blob(b"second file")])
     assert [p for p in (tmp_path / "storage").rglob("*") if p.is_file()] == []

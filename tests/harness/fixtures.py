@@ -51,6 +51,7 @@ __all__ = [
     "oauth2_provider",
     "rabbitmq",
     "rabbitmq_vhost",
+    "module_rabbitmq_vhost",
     "restartable_rabbitmq",
     "postgres",
     "pg_database",
@@ -162,6 +163,19 @@ def rabbitmq(tmp_path_factory):
 @pytest.fixture
 def rabbitmq_vhost(rabbitmq):
     """A fresh vhost on the session broker; yields its amqp URL; deleted after the test."""
+    with fresh_vhost(rabbitmq) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def module_rabbitmq_vhost(rabbitmq):
+    """A fresh vhost for a module whose tests share one pipeline run."""
+    with fresh_vhost(rabbitmq) as url:
+        yield url
+
+
+@contextmanager
+def fresh_vhost(rabbitmq):
     base = _management_base(rabbitmq)
     if base is None:
         require_service(
