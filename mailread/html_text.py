@@ -10,6 +10,7 @@ from __future__ import annotations
 import lxml.etree
 import lxml.html
 from inscriptis import Inscriptis
+from inscriptis.css_profiles import CSS_PROFILES
 from inscriptis.model.config import ParserConfig
 
 HTML_LIMIT = 2 * 1024 * 1024  # characters of HTML read: enough for any person's reply
@@ -29,7 +30,9 @@ _HISTORY_STARTS = (
     " | //div[contains(translate(@style, 'ABCDEF ', 'abcdef'), 'border-top:solid#e1e1e1')"
     " or contains(translate(@style, 'ABCDEF ', 'abcdef'), 'border-top:solid#b5c4df')]"
 )
-_CONFIG = ParserConfig(display_links=False, display_images=False)
+# "strict": inline elements add no spaces of their own ("relaxed" pads each <span>, which
+# splits 発行後、<span>PDF</span>で and any word a client styled in parts).
+_CONFIG = ParserConfig(css=CSS_PROFILES["strict"], display_links=False, display_images=False)
 
 
 def html_to_text(html: str, *, drop_quotes: bool = False) -> str:

@@ -28,6 +28,8 @@ _ATTRIBUTIONS = [
     r"^.{2,300}\b(wrote|schrieb|a écrit|escribió|escreveu|ha scritto|schreef|написал\(а\)|"
     r"написал|написала|пишет)\s*:$",
     r"^.{2,200}\s(schrieb am|a écrit le|escribió el|escreveu em|ha scritto il)\b.{2,120}:$",
+    # Dutch and Scandinavian Gmail put the verb before the name: "Op … schreef Anna <a@b>:".
+    r"^(op|den|på)\b.{4,200}\s(schreef|skrev)\s.{1,200}:$",
     r"^.{0,200}(写道|寫道)\s*[：:]$",
     r"^.{0,200}(さんは書きました|は書きました|のメッセージ)\s*[：:]$",
     r"^.{0,200}(wrote|書きました)\s*[：:]$",
@@ -68,9 +70,11 @@ _FIELD_OTHER = re.compile(rf"^\s*\**\s*({_OTHER})\s*\**\s*[:：]", re.IGNORECASE
 # a mobile client's line, or a sign-off line.
 _SIG_DELIMITER = re.compile(r"^-- ?$")
 _MOBILE = re.compile(
-    r"^\s*(sent from|sent with|sent via|get outlook for|envoyé de|envoyé depuis|enviado desde|"
+    r"^\s*((sent from|sent with|sent via|get outlook for|envoyé de|envoyé depuis|enviado desde|"
     r"enviado do|enviado de|von meinem|gesendet von|inviato da|verstuurd vanaf|verzonden vanaf|"
-    r"отправлено с|发自我的|从我的|iphoneから送信|ipadから送信|android.{0,20}から送信)\b.{0,80}$",
+    r"отправлено с)\b.{0,80}"
+    # Chinese and Japanese have no word boundary before "iPhone": no \b there.
+    r"|(发自我的|从我的|來自我的|发自|寄自我的).{0,40}|.{0,30}(から送信|より送信)\s*)$",
     re.IGNORECASE,
 )
 _SIGN_OFFS = (
