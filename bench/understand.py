@@ -131,21 +131,27 @@ def _bounce_score(found, case) -> tuple[bool, bool]:
 def replies_table() -> list[str]:
     set_ = cases("replies")
     parsed = [parse_email(c.raw) for c in set_]
-    lines = ["| reader | exact | of | text | HTML-only | by language (worst) |", "|---|---|---|---|---|---|"]
+    lines = ["| reader | exact | history right (same signature step) | of | text | HTML-only | "
+             "by language (worst) |", "|---|---|---|---|---|---|---|"]
     for name, reader in REPLY_READERS.items():
-        right, by_kind, by_language = 0, defaultdict(list), defaultdict(list)
+        right, history, by_kind, by_language = 0, 0, defaultdict(list), defaultdict(list)
         for case, p in zip(set_, parsed):
             try:
                 got = reader(*_input(p))
             except Exception:  # noqa: BLE001 - a library that fails on a message misses it
                 got = None
-            ok = normalised(got) == normalised(case.expected["reply_text"])
+            want = normalised(case.expected["reply_text"])
+            ok = normalised(got) == want
+            # Most libraries keep sign-offs and "Sent from" lines by design: this column asks
+            # only whether they found where the history begins.
+            history += normalised(reply.without_signature(got or "")) == want
             right += ok
             by_kind["html" if case.expected["html_only"] else "text"].append(ok)
             by_language[case.expected["language"]].append(ok)
         worst = min(by_language.items(), key=lambda kv: sum(kv[1]) / len(kv[1]))
         share = lambda xs: f"{sum(xs)}/{len(xs)}"  # noqa: E731
-        lines.append(f"| {name} | **{right / len(set_):.0%}** | {len(set_)} | {share(by_kind['text'])} | "
+        lines.append(f"| {name} | **{right / len(set_):.0%}** | {history / len(set_):.0%} | {len(set_)} | "
+                     f"{share(by_kind['text'])} | "
                      f"{share(by_kind['html'])} | {worst[0]} {share(worst[1])} |")
     return lines
 

@@ -109,6 +109,12 @@ def reply_text(text: str, html: str = "") -> str | None:
     return "\n".join(own).strip()
 
 
+def without_signature(text: str) -> str:
+    """``text`` less its signature (the second half of reply_text on its own: the benchmark
+    gives every library's output the same step, to compare quote removal alone)."""
+    return "\n".join(_without_signature(text.split("\n"))).strip()
+
+
 def _without_quotes(lines: list[str]) -> list[str]:
     kept: list[str] = []
     index = 0
