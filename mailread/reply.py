@@ -179,7 +179,10 @@ def _next_content(lines: list[str], start: int) -> int | None:
 def _without_signature(lines: list[str]) -> list[str]:
     for index, line in enumerate(lines):
         if _SIG_DELIMITER.match(line) or _MOBILE.match(line):
-            return _trimmed(lines[:index]) or lines  # never cut a message down to nothing
+            # Never cut a message down to nothing; a sign-off may still stand above the cut
+            # ("Bien à vous, / Gaëlle / Envoyé depuis Yahoo Mail").
+            lines = _trimmed(lines[:index]) or lines
+            break
     content = [i for i, line in enumerate(lines) if line.strip()]
     for position, index in enumerate(content):
         if len(content) - position - 1 > SIGN_OFF_TAIL:
