@@ -40,9 +40,10 @@ _ATTRIBUTIONS = [
 ]
 _ATTRIBUTION = re.compile("|".join(f"(?:{p})" for p in _ATTRIBUTIONS), re.IGNORECASE)
 
-# Lines that begin forwarded or quoted history outright.
-_SEPARATORS = re.compile(
-    r"^\s*(-{2,}\s*)?("
+# Lines that begin forwarded or quoted history outright: a marker alone on its line (between
+# dashes or not), or between dashes with the forwarded header run on after it (Yahoo's plain
+# part: "----- Forwarded Message ----- From: … To: …").
+_MARKERS = (
     r"original message|forwarded message|begin forwarded message|"
     r"ursprüngliche nachricht|weitergeleitete nachricht|"
     r"message d'origine|message original|message transféré|"
@@ -52,7 +53,9 @@ _SEPARATORS = re.compile(
     r"oorspronkelijk bericht|origineel bericht|doorgestuurd bericht|"
     r"исходное сообщение|пересылаемое сообщение|пересланное сообщение|"
     r"原始邮件|原始郵件|转发的邮件|轉寄的郵件|原始メッセージ|転送されたメッセージ|転送メッセージ"
-    r")\s*(-{2,}\s*)?:?\s*$",
+)
+_SEPARATORS = re.compile(
+    rf"^\s*(-{{2,}}\s*)?({_MARKERS})\s*(-{{2,}}\s*)?:?\s*$|^\s*-{{2,}}\s*({_MARKERS})\s*-{{2,}}",
     re.IGNORECASE,
 )
 _RULE = re.compile(r"^\s*(_{10,}|-{10,}|={10,})\s*$")
