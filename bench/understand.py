@@ -156,6 +156,13 @@ def replies_table() -> list[str]:
     return lines
 
 
+def _read(reader, raw: bytes):
+    try:
+        return reader(raw)
+    except Exception:  # noqa: BLE001 - a library that fails on a message misses it
+        return None
+
+
 def bounces_table() -> list[str]:
     """Bounces and complaints (the test set's and the corpus's), then the automatic set, which
     holds none: a reader that calls one of those a bounce would hide mail from a person."""
@@ -164,18 +171,9 @@ def bounces_table() -> list[str]:
              f"(of {len(bounces)}) | false bounces (of {len(others)} automatic, none a bounce) |",
              "|---|---|---|---|"]
     for name, reader in BOUNCE_READERS.items():
-        right = apart = false = 0
-        for case in bounces + others:
-            try:
-                found = reader(case.raw)
-            except Exception:  # noqa: BLE001
-                found = None
-            if case in others:
-                false += found is not None
-                continue
-            ok, told = _bounce_score(found, case)
-            right += ok
-            apart += told
+        scores = [_bounce_score(_read(reader, case.raw), case) for case in bounces]
+        right, apart = sum(ok for ok, _ in scores), sum(told for _, told in scores)
+        false = sum(_read(reader, case.raw) is not None for case in others)
         share = lambda n: f"{n / len(bounces):.0%}"  # noqa: E731
         lines.append(f"| {name} | **{share(right)}** | {share(apart)} | {false} |")
     return lines

@@ -131,11 +131,7 @@ class BlobStore:
         return results
 
     def _sync_root(self) -> None:
-        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            self._syncfs(fd)
-        finally:
-            os.close(fd)
+        _on_folder(self.root, self._syncfs)
 
     def read(self, relative: str) -> bytes:
         return (self.root / relative).read_bytes()
@@ -227,8 +223,13 @@ _SYNCFS = _load_syncfs()
 
 
 def fsync_dir(folder: Path | str) -> None:
+    _on_folder(folder, os.fsync)
+
+
+def _on_folder(folder: Path | str, sync) -> None:
+    """``sync`` (fsync or syncfs) on an fd of ``folder``."""
     fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        os.fsync(fd)
+        sync(fd)
     finally:
         os.close(fd)

@@ -86,7 +86,7 @@ _SIGN_OFFS = (
     "mit freundlichen grüßen|mit freundlichen grüssen|freundliche grüße|viele grüße|beste grüße|"
     "liebe grüße|herzliche grüße|schöne grüße|grüße|gruß|lg|vg|mfg|danke|vielen dank|"
     "cordialement|bien cordialement|bien à vous|amicalement|salutations|merci|bonne journée|"
-    "saludos|un saludo|saludos cordiales|atentamente|gracias|¡gracias|muchas gracias|un abrazo|muchas gracias|"
+    "saludos|un saludo|saludos cordiales|atentamente|gracias|¡gracias|un abrazo|muchas gracias|"
     "atenciosamente|abraços|abraço|um abraço|grande abraço|obrigado|obrigada|cumprimentos|att|at\\.te|"
     "cordiali saluti|distinti saluti|saluti|un saluto|grazie|grazie mille|a presto|"
     "met vriendelijke groet|met vriendelijke groeten|vriendelijke groet|groetjes|groeten|"

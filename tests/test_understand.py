@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections import defaultdict
 from email.parser import BytesHeaderParser
 from email.policy import compat32
+from email.utils import getaddresses
 
 import pytest
 
@@ -31,7 +32,7 @@ THE_SET = [case for category in CATEGORIES for case in cases(category)] + corpus
 def _loop_addresses(raw: bytes) -> set[str]:
     """What X-Loop names of this installation: those addresses are its users here too."""
     headers = BytesHeaderParser(policy=compat32).parsebytes(raw)
-    found = {a.strip(" <>").lower() for v in headers.get_all("x-loop") or () for a in str(v).split(",")}
+    found = {a.lower() for _, a in getaddresses([str(v) for v in headers.get_all("x-loop") or ()])}
     return {a for a in found if is_ours(a)}
 
 
