@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -46,55 +47,78 @@ def rabbitmq_for(var: Path) -> RabbitMQServer | None:
 
 
 class Stopping(Exception):
-    """The first SIGINT or SIGTERM, raised where the main thread is (starting or watching)."""
+    """The first SIGINT or SIGTERM while the stack is still starting: it interrupts the
+    start (a RabbitMQ node can take many seconds to come up)."""
 
 
 class Signals:
     """Ctrl-C (SIGINT to the whole process group) or SIGTERM (to this process alone): the first
     stops the stack in order; a second, while that runs, kills what is left at once. Haraka
-    runs in its own session, so only this process can stop it: it must never be skipped."""
+    runs in its own session, so only this process can stop it: it must never be skipped.
+
+    Once the stack is up, a signal only sets ``stopping``: an exception raised between two
+    bytecodes of ``Popen.poll()`` can leave its internal lock held, and the stop's own wait
+    for that process would then block forever."""
 
     def __init__(self, stack: "Stack"):
-        self.stack, self.seen = stack, False
+        self.stack = stack
+        self.stopping = threading.Event()
+        self.starting = True
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, self.handle)
 
     def handle(self, signum, frame) -> None:
-        if not self.seen:
-            self.seen = True
-            raise Stopping(signal.Signals(signum).name)
+        if not self.stopping.is_set():
+            self.stopping.set()
+            if self.starting:
+                raise Stopping(signal.Signals(signum).name)
+            return
         print("\nsecond signal: killing what is left", flush=True)
         self.stack.kill()
         os._exit(1)
 
 
 class Stack:
-    """What `make run` started, stopped in reverse order of start."""
+    """What `make run` started. Stopped with Haraka first (no new mail) while the Python
+    processes drain, all at once so the slowest sets the time, and RabbitMQ last."""
 
     STOP_TIMEOUT = 15.0  # seconds the Python processes get to drain before they are killed
 
     def __init__(self):
         self.rabbit: RabbitMQServer | None = None
         self.haraka: HarakaServer | None = None
+        self.haraka_group: int | None = None  # kept apart: haraka.stop() forgets its process
         self.processes: list[Supervised] = []
 
-    def stop(self) -> None:
+    def stop(self) -> str:
+        """Stop everything; returns how long each part took, for the last line printed (a
+        slow stop then says which part was slow)."""
+        took: dict[str, float] = {}
+        t0 = time.monotonic()
+        haraka = threading.Thread(target=self._timed, args=("Haraka", self.haraka, took))
+        haraka.start()
         for process in self.processes:
             process.terminate()
-        deadline = time.monotonic() + self.STOP_TIMEOUT
         for process in self.processes:
-            process.wait(max(0.1, deadline - time.monotonic()))
-        if self.haraka is not None:
-            self.haraka.stop()
-        if self.rabbit is not None:
-            self.rabbit.stop()
+            process.wait(max(0.1, t0 + self.STOP_TIMEOUT - time.monotonic()))
+        took["Python processes"] = time.monotonic() - t0
+        haraka.join()
+        self._timed("RabbitMQ", self.rabbit, took)
+        return ", ".join(f"{name} {seconds:.1f} s" for name, seconds in took.items())
+
+    @staticmethod
+    def _timed(name: str, part, took: dict) -> None:
+        if part is not None:
+            t0 = time.monotonic()
+            part.stop()
+            took[name] = time.monotonic() - t0
 
     def kill(self) -> None:
         for process in self.processes:
             process.kill()
-        if self.haraka is not None and self.haraka.process is not None:
+        if self.haraka_group is not None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.haraka.process.pid, signal.SIGKILL)
+                os.killpg(self.haraka_group, signal.SIGKILL)
         if self.rabbit is not None:
             self.rabbit.kill()
 
@@ -109,17 +133,18 @@ def main() -> int:
     signals = Signals(stack)
     try:
         start(stack, settings, var)
-        while True:
+        signals.starting = False
+        while not signals.stopping.wait(0.5):
             for process in stack.processes:
                 process.keep_running()
-            time.sleep(0.5)
     except Stopping:
         pass
     finally:
-        signals.seen = True  # from here on a signal forces
+        signals.starting = False
+        signals.stopping.set()  # from here on a signal forces
         print("\nstopping …", flush=True)
-        stack.stop()
-        print("stopped", flush=True)
+        took = stack.stop()
+        print(f"stopped ({took})", flush=True)
     return 0
 
 
@@ -141,6 +166,7 @@ def start(stack: Stack, settings, var: Path) -> None:
                                 port=SMTP_PORT)
     stack.haraka.log_path = var / "haraka.log"
     stack.haraka.start()
+    stack.haraka_group = stack.haraka.process.pid  # its own session: group id = its pid
     print_banner(settings, amqp_url)
 
 

@@ -132,16 +132,34 @@ def test_make_run_stores_hostile_mail_and_keeps_answering(stack):
     assert "\\x1b]0;owned\\x07\\x1b[31mred \\u202egpj.exe" in table  # shown, escaped
 
 
-def stopped(env, ports, process, timeout: float) -> float:
-    """Seconds until `make run` exited and nothing it started runs or listens any more."""
+def command_line(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")[:120]
+    except OSError:
+        return f"{pid} (gone)"
+
+
+def stopped(env, ports, process, output, timeout: float) -> float:
+    """Seconds until `make run` exited and nothing it started runs or listens any more; a
+    failure names what was left and shows the stack's last lines (the stop times among them)."""
     t0 = time.monotonic()
     try:
         process.wait(timeout)
     except subprocess.TimeoutExpired:
         pass
-    wait_for(lambda: not started_by(env) and not any(listening(p) for p in ports.values()),
-             timeout=max(0.1, timeout - (time.monotonic() - t0)), interval=0.2,
-             message="everything make run started gone")
+
+    def gone():
+        return not started_by(env) and not any(listening(p) for p in ports.values())
+
+    deadline = t0 + timeout
+    while not gone() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if not gone():
+        left = [command_line(pid) for pid in started_by(env)]
+        raise AssertionError(f"after {timeout} s still running: {left}; listening: "
+                             f"{[n for n, p in ports.items() if listening(p)]}; last lines:\n"
+                             + "".join(output[-15:]))
     return time.monotonic() - t0
 
 
@@ -154,7 +172,7 @@ def test_one_signal_stops_everything_make_run_started_without_a_traceback(tmp_pa
             os.killpg(process.pid, signal.SIGINT)
         else:
             process.send_signal(signal.SIGTERM)
-        assert stopped(env, ports, process, timeout=30) <= 30
+        assert stopped(env, ports, process, output, timeout=30) <= 30
         text = "".join(output)
         assert "Traceback" not in text and "KeyboardInterrupt" not in text, text[-3000:]
         assert "stopped" in output[-1], text[-3000:]
@@ -171,7 +189,7 @@ def test_a_second_signal_kills_what_is_left_at_once(tmp_path):
         wait_for(lambda: any("stopping" in line for line in output), timeout=10, interval=0.05,
                  message="the stop begun")
         os.kill(launcher, signal.SIGTERM)
-        assert stopped(env, ports, process, timeout=15) <= 15
+        assert stopped(env, ports, process, output, timeout=15) <= 15
         assert any("second signal: killing what is left" in line for line in output)
         assert "Traceback" not in "".join(output), "".join(output)[-3000:]
     finally:
