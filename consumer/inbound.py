@@ -30,7 +30,7 @@ from mailferry.errors import PermanentError
 from mailferry.db import UNAVAILABLE, bulk_insert, insert_rows, translated
 from mailferry.models import InboundReceipt, UnroutedMessage, db, utcnow
 from consumer.handler import Delivery, Handler, Outcome
-from mailferry.spool import Spool
+from mailferry.spool import Spool, SpoolEntry
 from mailferry.storage import BlobStore
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ RECEIPT_COLUMNS = ("queue_id", "outcome", "stored_count", "created_at")
 class _Prepared:
     index: int
     job: InboundJob
-    path: object
+    entry: SpoolEntry
     parsed: ParsedEmail | None
     files: StoredFiles | None = None
     routes: list[Route] | None = None
@@ -127,7 +127,7 @@ class InboundHandler(Handler):
             # Handed to the parser, which reads and parses the files (in its own process
             # when there is one: this thread goes on with the next batch, and commit()
             # collects the result).
-            batch.parsing = self.parser.submit_files([str(p.path) for p in batch.prepared], self.limits)
+            batch.parsing = self.parser.submit_files([p.entry for p in batch.prepared], self.limits)
         return batch
 
     def _take_parsed(self, batch: "_Batch", results) -> None:
@@ -135,16 +135,16 @@ class InboundHandler(Handler):
         kept = []
         for item, result in zip(batch.prepared, results):
             if result.missing:
-                batch.outcomes[item.index] = self._missing(item.job)
+                batch.outcomes[item.index] = self._missing(item.job, result.error)
                 continue
             if result.unreadable:
                 # One file that cannot be read (a folder, a FIFO, no permission) is that
                 # message's outcome, never its batch's.
                 batch.outcomes[item.index] = self._quarantine(
-                    item.job, item.path, f"spool file cannot be read: {result.error}")
+                    item.job, item.entry, f"spool file cannot be read: {result.error}")
                 continue
             if result.email is None:
-                batch.outcomes[item.index] = self._quarantine(item.job, item.path, result.error)
+                batch.outcomes[item.index] = self._quarantine(item.job, item.entry, result.error)
                 continue
             observe_parse(result.email, result.seconds, context=f"queue_id={item.job.queue_id}")
             item.parsed = result.email
@@ -162,7 +162,7 @@ class InboundHandler(Handler):
         # The raw sources are read from the spool files (parsing ran in a helper process) and
         # stored without their envelope records: the record stays in the spool and the row.
         stored = store_batch(self.store, [(None, p.parsed) for p in prepared],
-                             [p.path for p in prepared])
+                             [p.entry for p in prepared])
         for item, files in zip(prepared, stored):
             item.files = files
         for item, routes in zip(prepared, self.router.route_many([p.job.rcpt_to for p in prepared])):
@@ -171,7 +171,7 @@ class InboundHandler(Handler):
             outcomes[index] = outcome
         for item in prepared:
             if outcomes[item.index].action == "ack":
-                self.spool.remove(item.path)
+                self.spool.release(item.entry)
         metrics.batch_seconds.labels(self.queue).observe(time.perf_counter() - batch.started)
         return outcomes  # type: ignore[return-value]
 
@@ -185,36 +185,40 @@ class InboundHandler(Handler):
 
     def _read(self, index: int, job: InboundJob) -> _Prepared | Outcome:
         try:
-            path = self.spool.resolve(job.spool_path)
+            entry = self.spool.entry(job)
         except PermanentError as exc:
             metrics.record(SOURCE, "failed")
             return Outcome.dead(str(exc))
         if len(job.rcpt_to) > self.limits.max_addresses:
-            return self._quarantine(job, path, f"{len(job.rcpt_to)} envelope recipients, over "
-                                               f"the limit of {self.limits.max_addresses}")
-        return _Prepared(index, job, path, None)  # the parser reads it
+            return self._quarantine(job, entry, f"{len(job.rcpt_to)} envelope recipients, over "
+                                                f"the limit of {self.limits.max_addresses}")
+        return _Prepared(index, job, entry, None)  # the parser reads it
 
-    def _missing(self, job: InboundJob) -> Outcome:
+    def _missing(self, job: InboundJob, error: str = "") -> Outcome:
         if self._already_handled({job.queue_id}):
             metrics.record(SOURCE, "duplicate")
             return Outcome.ack()  # stored before, and its file removed after that commit
         metrics.record(SOURCE, "failed")
+        if job.in_segment:
+            # A crash before the group's fdatasync: the sender got no 250 and sends it again.
+            return Outcome.dead(f"spool record {job.spool_path}@{job.spool_offset} is not whole "
+                                f"({error}): never accepted, never stored")
         return Outcome.dead(f"spool file {job.spool_path} is missing and was never stored")
 
-    def _quarantine(self, job: InboundJob, path, reason: str) -> Outcome:
+    def _quarantine(self, job: InboundJob, entry: SpoolEntry, reason: str) -> Outcome:
         log.warning("queue_id=%s quarantined: %s", job.queue_id, reason)
         # The event first: if the database is down, the job is requeued with its file still
         # in place; a second quarantine of the same job is the same event, written once.
         outbox.write([outbox.NewEvent(outbox.QUARANTINED, job.queue_id, {
             "source": SOURCE, "queue_id": job.queue_id, "mail_from": job.mail_from,
-            "rcpt_to": job.rcpt_to, "file": f"spool/failed/{path.name}", "reason": reason})])
+            "rcpt_to": job.rcpt_to, "file": f"spool/failed/{entry.failed_name}", "reason": reason})])
         try:
-            self.spool.quarantine(path, reason)
+            self.spool.quarantine_entry(entry, reason)
         except OSError as exc:  # the message's outcome stays the same; say where it is
             log.error("queue_id=%s cannot be moved to spool/failed: %s", job.queue_id, exc)
             reason = f"{reason} (left in {job.spool_path}: cannot move it: {exc.strerror})"
         metrics.record(SOURCE, "quarantined")
-        return Outcome.dead(f"quarantined in spool/failed/{path.name}: {reason}")
+        return Outcome.dead(f"quarantined in spool/failed/{entry.failed_name}: {reason}")
 
     def _commit(self, prepared: list[_Prepared]) -> dict[int, Outcome]:
         if not prepared:
@@ -294,12 +298,12 @@ class InboundHandler(Handler):
             # The database refused this message (DataError, a NUL psycopg2 will not send):
             # its outcome alone; the message waits in spool/failed for a person.
             reason = f"the database refused it: {type(exc).__name__}: {exc}"[:500]
-            return self._quarantine(job, item.path, reason), []  # counted there
+            return self._quarantine(job, item.entry, reason), []  # counted there
         return Outcome.ack(), counts
 
     def _remove_spool_file(self, job: InboundJob) -> None:
         try:
-            self.spool.remove(self.spool.resolve(job.spool_path))
+            self.spool.release(self.spool.entry(job))
         except PermanentError:
             pass
 

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from mailread.parse import Limits, ParsedEmail, parse_email
 from mailferry.errors import EmailParseError, TransientError
 from mailferry.pids import pid_alive
-from mailferry.spool import message_of, read_regular
+from mailferry.spool import SpoolEntry, TornRecord
 
 CLOSE_TIMEOUT = 5.0  # seconds a worker may take to leave before it is killed
 
@@ -63,19 +63,20 @@ def parse_many(raws: list[bytes], limits: Limits) -> list[Parsed]:
     return out
 
 
-def parse_files(paths: list[str], limits: Limits) -> list[Parsed]:
-    """``parse_many`` of files, read where they are parsed: the bytes never cross processes.
+def parse_files(entries: list[SpoolEntry], limits: Limits) -> list[Parsed]:
+    """``parse_many`` of spooled messages, read where they are parsed: the bytes never cross
+    processes.
 
-    A file that cannot be read comes back ``unreadable``, with ``missing`` telling a vanished
-    file from another failure.
+    One that cannot be read comes back ``unreadable``, with ``missing`` telling a vanished
+    file or a torn segment record (never acknowledged) from another failure.
     """
     out = []
-    for path in paths:
+    for entry in entries:
         try:
-            raw = message_of(read_regular(path))
+            raw = entry.message()
         except OSError as exc:
             out.append(Parsed(None, f"unreadable: {exc.strerror}", 0.0, unreadable=True,
-                              missing=isinstance(exc, FileNotFoundError)))
+                              missing=isinstance(exc, (FileNotFoundError, TornRecord))))
             continue
         out.extend(parse_many([raw], limits))
     return out
@@ -99,8 +100,8 @@ class InProcess:
     def submit(self, raws: list[bytes], limits: Limits) -> list[Parsed]:
         return parse_many(raws, limits)
 
-    def submit_files(self, paths: list[str], limits: Limits) -> list[Parsed]:
-        return parse_files(paths, limits)
+    def submit_files(self, entries: list[SpoolEntry], limits: Limits) -> list[Parsed]:
+        return parse_files(entries, limits)
 
     def collect(self, ticket: list[Parsed]) -> list[Parsed]:
         return ticket
@@ -152,8 +153,8 @@ class ParsePool:
     def submit(self, raws: list[bytes], limits: Limits) -> Future:
         return self._submit(parse_many, raws, limits)
 
-    def submit_files(self, paths: list[str], limits: Limits) -> Future:
-        return self._submit(parse_files, paths, limits)
+    def submit_files(self, entries: list[SpoolEntry], limits: Limits) -> Future:
+        return self._submit(parse_files, entries, limits)
 
     def _submit(self, work, items: list, limits: Limits) -> Future:
         if self._executor is None:

@@ -58,7 +58,7 @@ def observe_parse(parsed: ParsedEmail, seconds: float, *, context: str) -> None:
 
 
 def store_batch(store: BlobStore, items: list[tuple[bytes, ParsedEmail]],
-                raw_sources: list[Path | None] | None = None) -> list[StoredFiles]:
+                raw_sources: list | None = None) -> list[StoredFiles]:
     """``store_files_many`` with storage errors translated to TransientError."""
     try:
         return store_files_many(store, items, raw_sources)
@@ -80,11 +80,12 @@ def store_files(store: BlobStore, raw: bytes, parsed: ParsedEmail) -> StoredFile
 
 
 def store_files_many(store: BlobStore, items: list[tuple[bytes, ParsedEmail]],
-                     raw_sources: list[Path | None] | None = None) -> list[StoredFiles]:
+                     raw_sources: list | None = None) -> list[StoredFiles]:
     """Store the raw sources and attachments of a batch with one durability barrier.
 
-    ``raw_sources`` may give, per item, the spool file holding the raw source behind its
-    envelope record: the message alone is read from it and stored.
+    ``raw_sources`` may give, per item, the spool entry (``mailferry.spool.SpoolEntry``)
+    holding the raw source behind its envelope record: the message alone is read from it and
+    stored.
     """
     blobs: list[Blob] = []
     for index, (raw, parsed) in enumerate(items):

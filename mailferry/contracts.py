@@ -15,6 +15,9 @@ VERSION = 1
 # (``UUID`` or ``UUID.n``) and the injector's fit; nothing that could name a path does.
 QUEUE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 MAX_SIZE = 2 ** 53  # the largest integer JSON carries exactly
+# A spool segment: a file Haraka's plugin appends many messages to (``incoming/<name>.seg``).
+SEGMENT_PATH_RE = re.compile(r"incoming/[A-Za-z0-9][A-Za-z0-9._-]{0,127}\.seg")
+SHA256_RE = re.compile(r"[0-9a-f]{64}")
 
 
 def _load(body: bytes) -> dict:
@@ -73,7 +76,15 @@ class InboundJob:
     received_at: str = ""
     remote_ip: str = ""
     helo: str = ""
+    # Set when the message is a record in a segment: where the record starts, and the
+    # message's sha256 (a record torn by a crash before its 250 never passes for mail).
+    spool_offset: int | None = None
+    sha256: str = ""
     v: int = VERSION
+
+    @property
+    def in_segment(self) -> bool:
+        return self.spool_offset is not None
 
     @classmethod
     def from_body(cls, body: bytes) -> "InboundJob":
@@ -85,7 +96,8 @@ class InboundJob:
         if not QUEUE_ID_RE.fullmatch(queue_id):
             raise ContractError("field 'queue_id' must be 1 to 64 letters, digits, '.', '_' or '-'")
         spool_path = _require(data, "spool_path", str)
-        if spool_path != spool_path_for(queue_id):
+        offset, sha256 = _segment_place(data, spool_path)
+        if offset is None and spool_path != spool_path_for(queue_id):
             # Exactly its own file: not a folder, not failed/, not another message's file.
             raise ContractError(f"field 'spool_path' must be {spool_path_for(queue_id)!r}, "
                                 f"not {spool_path[:200]!r}")
@@ -98,6 +110,8 @@ class InboundJob:
             received_at=_optional_str(data, "received_at"),
             remote_ip=_optional_str(data, "remote_ip"),
             helo=_optional_str(data, "helo"),
+            spool_offset=offset,
+            sha256=sha256,
         )
 
     def envelope(self) -> dict:
@@ -106,7 +120,28 @@ class InboundJob:
                 "remote_ip": self.remote_ip, "helo": self.helo}
 
     def to_body(self) -> bytes:
-        return dumps(asdict(self))
+        body = asdict(self)
+        if not self.in_segment:  # a file of its own: the contract as it was
+            del body["spool_offset"], body["sha256"]
+        return dumps(body)
+
+
+def _segment_place(data: dict, spool_path: str) -> tuple[int | None, str]:
+    """(offset, sha256) of a job whose message is a segment record, (None, "") otherwise.
+    The job itself says where its record is, so the record can be checked against it: the
+    segment's name, a whole-number offset, and the message's sha256."""
+    offset = data.get("spool_offset")
+    if offset is None:
+        return None, ""
+    if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset <= MAX_SIZE:
+        raise ContractError(f"field 'spool_offset' is not a whole number in range: {offset!r}"[:200])
+    if not SEGMENT_PATH_RE.fullmatch(spool_path):
+        raise ContractError(f"field 'spool_path' must name a segment in incoming/ (…/NAME.seg), "
+                            f"not {spool_path[:200]!r}")
+    sha256 = data.get("sha256")
+    if not isinstance(sha256, str) or not SHA256_RE.fullmatch(sha256):
+        raise ContractError("field 'sha256' must be the message's sha256, 64 lowercase hex digits")
+    return offset, sha256
 
 
 def spool_path_for(queue_id: str) -> str:

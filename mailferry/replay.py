@@ -34,7 +34,7 @@ from mailferry import broker
 from mailferry.config import Settings
 from mailferry.contracts import InboundJob
 from mailferry.errors import PermanentError, TransientError
-from mailferry.spool import Spool
+from mailferry.spool import Spool, as_file_job
 from mailferry.storage import fsync_dir
 
 log = logging.getLogger(__name__)
@@ -138,6 +138,9 @@ class Replayer:
             item.detail = "no origin queue in its headers"
             return item
         quarantined = self._quarantined_file(origin, body)
+        if quarantined:
+            body = quarantined[2]
+            quarantined = quarantined[:2]
         if dry_run:
             item.action = "would replay"
             if quarantined:
@@ -164,18 +167,24 @@ class Replayer:
         log.info("replay: message %s back to %s", item.message_id, origin)
         return item
 
-    def _quarantined_file(self, origin: str, body: bytes) -> tuple[Path, Path] | None:
-        """(quarantined path, incoming path) of an inbound job whose file is in spool/failed."""
+    def _quarantined_file(self, origin: str, body: bytes) -> tuple[Path, Path, bytes] | None:
+        """(quarantined path, incoming path, the job to replay) of an inbound job whose file is
+        in spool/failed. A segment record was quarantined as a file of its own: its job is
+        replayed naming that file."""
         if origin != broker.INBOUND:
             return None
         try:
-            path = self.spool.resolve(InboundJob.from_body(body).spool_path)
+            job = InboundJob.from_body(body)
+            entry = self.spool.entry(job)
         except PermanentError:
             return None  # a broken contract: replayed as it is, and dead again
-        failed = self.spool.failed / path.name
-        if path.parent != self.spool.incoming or path.exists() or not failed.is_file():
+        failed = self.spool.failed / entry.failed_name
+        path = self.spool.incoming / entry.failed_name
+        if path.exists() or not failed.is_file():
             return None
-        return failed, path
+        if job.in_segment:
+            body = as_file_job(job).to_body()
+        return failed, path, body
 
     def _restore(self, failed: Path, incoming: Path) -> None:
         incoming.parent.mkdir(parents=True, exist_ok=True)

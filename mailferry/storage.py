@@ -35,14 +35,14 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class Blob:
-    """Bytes to store. ``source``: a spool file holding these bytes behind its envelope record,
-    read here when ``data`` is None (the inbound worker parses in a helper process, so the
+    """Bytes to store. ``source``: a spool entry (``mailferry.spool.SpoolEntry``) holding these
+    bytes behind its envelope record, read here when ``data`` is None (the inbound worker parses in a helper process, so the
     bytes are not in this one).
     ``raw``: a message's raw source, filed by day rather than by hash prefix."""
 
     data: bytes | None
     sha256: str | None = None
-    source: Path | None = None
+    source: object | None = None  # has .message()
     raw: bool = False
 
 
@@ -157,9 +157,9 @@ class BlobStore:
         return changed
 
 
-def _message_in(spool_file: Path) -> bytes:
-    from mailferry.spool import message_of  # spool builds on storage's durable writes
-    return message_of(Path(spool_file).read_bytes())
+def _message_in(source) -> bytes:
+    """The message a spool entry (``mailferry.spool.SpoolEntry``) holds behind its envelope."""
+    return source.message()
 
 
 def _open_temporary(folder: str) -> tuple[int, str]:

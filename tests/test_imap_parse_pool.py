@@ -123,6 +123,7 @@ def test_every_parser_gives_what_parsing_here_gives(kind, tmp_path):
     """The other implementations of the parser interface: the same outcomes, in order, for
     bytes and for files (a missing file is told from a refused message)."""
     import consumer.parse_pool as parse_pool
+    from mailferry.spool import SpoolEntry
     parser = getattr(parse_pool, kind)()
     raws = [mailgen.plain(1), nested_too_deep(1), mailgen.with_attachment(2, "a.pdf", b"%PDF")]
     paths = []
@@ -133,7 +134,7 @@ def test_every_parser_gives_what_parsing_here_gives(kind, tmp_path):
     try:
         parser.start(wait=True)
         from_bytes = parser.collect(parser.submit(raws, Limits()))
-        from_files = parser.collect(parser.submit_files([str(p) for p in paths], Limits()))
+        from_files = parser.collect(parser.submit_files([SpoolEntry(p, p.stem) for p in paths], Limits()))
     finally:
         parser.close()
     here = parse_many(raws, Limits())

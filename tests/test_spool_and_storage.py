@@ -8,7 +8,7 @@ import pytest
 
 from consumer.save import safe_filename
 from mailferry.errors import ContractError
-from mailferry.spool import Spool, envelope_record
+from mailferry.spool import Spool, SpoolEntry, envelope_record
 from mailferry.storage import Blob, BlobStore
 
 
@@ -86,7 +86,7 @@ def test_a_spool_file_is_stored_as_its_message_alone(tmp_path):
     source.write_bytes(record + b"Subject: hi\r\n\r\nraw message\r\n")
     message = b"Subject: hi\r\n\r\nraw message\r\n"
     digest = hashlib.sha256(message).hexdigest()
-    [(relative, _)] = store.put_many([Blob(None, digest, source, raw=True)])
+    [(relative, _)] = store.put_many([Blob(None, digest, SpoolEntry(source, "spool"), raw=True)])
     assert relative.startswith("raw/") and relative.endswith(f"/{digest}.eml")
     stored = store.path_of(relative)
     assert stored.read_bytes() == message
@@ -112,11 +112,11 @@ def test_a_source_stored_before_is_not_written_again(tmp_path):
     first, second = tmp_path / "first.eml", tmp_path / "second.eml"
     first.write_bytes(b"raw message")
     second.write_bytes(b"raw message")
-    [(relative, _)] = store.put_many([Blob(None, digest, first, raw=True)])
+    [(relative, _)] = store.put_many([Blob(None, digest, SpoolEntry(first, "q"), raw=True)])
     written = store.path_of(relative).stat().st_ino
     # A redelivery: the same bytes under the same name, whatever file they come from now.
-    assert store.put_many([Blob(None, digest, second, raw=True),
-                           Blob(None, digest, second, raw=True)]) == [(relative, digest)] * 2
+    assert store.put_many([Blob(None, digest, SpoolEntry(second, "q"), raw=True),
+                           Blob(None, digest, SpoolEntry(second, "q"), raw=True)]) == [(relative, digest)] * 2
     assert store.path_of(relative).stat().st_ino == written
 
 
@@ -159,7 +159,7 @@ def test_a_batch_is_durable_before_its_names_and_its_folders_after_them(tmp_path
     source.write_bytes(b"raw message")
     raw_digest = hashlib.sha256(b"raw message").hexdigest()
     steps = _record_disk_steps(monkeypatch)
-    results = store.put_many([Blob(None, raw_digest, source, raw=True), Blob(b"first file"),
+    results = store.put_many([Blob(None, raw_digest, SpoolEntry(source, "q"), raw=True), Blob(b"first file"),
                               Blob(b"second file")])
     files = [hashlib.sha256(data).hexdigest() for data in (b"first file", b"second file")]
     assert [r[1] for r in results] == [raw_digest] + files
