@@ -2,7 +2,7 @@
 // confirm channel, and answer 250 only after the broker has confirmed it.
 'use strict'
 
-const fsp = require('node:fs/promises')
+const crypto = require('node:crypto')
 const path = require('node:path')
 const { Writable } = require('node:stream')
 
@@ -22,8 +22,7 @@ exports.register = function () {
   this.backoff_ms = this.cfg.amqp.reconnect_initial * 1000
   this.blocked = null // reason string while the broker blocks publishers (resource alarm)
   this.pending = new Map() // messageId -> { returned } for publishes awaiting their confirm
-  this.folders = new Map() // spool folder -> FolderSync: fsynced on behalf of many renames
-  this.io = null // the spool writer threads, started with the first message (spool_io)
+  this.io = null // the spool writer (group commit into segments), made on first use (spool_io)
   this.steps = new StepTimes() // where each accepted message's time went, logged at exit
   // Haraka exits without calling plugins' shutdown unless graceful_shutdown is on.
   process.once('exit', () => {
@@ -43,7 +42,8 @@ exports.load_config = function () {
   const main = ini.main ?? {}
   this.cfg = {
     spool_dir: path.resolve(String(main.spool_dir ?? 'var/spool')),
-    spool_threads: positive(main.spool_threads, 4),
+    segment_bytes: positive(main.segment_mb, 8) * 1024 * 1024,
+    segment_seconds: positive(main.segment_seconds, 10),
     amqp: {
       url: String(amqp.url ?? 'amqp://guest:guest@127.0.0.1:5672/%2F'),
       exchange: String(amqp.exchange ?? 'mailferry'),
@@ -183,20 +183,21 @@ exports.queue_to_rabbitmq = function (next, connection) {
   if (unavailable) return next(constants.denysoft, unavailable)
 
   const id = path.basename(txn.uuid) // a transaction uuid never holds '/', but never trust a name
-  const incoming = path.join(this.cfg.spool_dir, 'incoming')
-  const final = path.join(incoming, `${id}.eml`)
-
   const stamp = this.steps.start()
-  this.spool(connection, incoming, id, stamp)
-    // The file's content is on disk; its name becomes durable (folder fsync) while RabbitMQ
-    // takes its copy of the job (its own fsync, then the confirm): two waits side by side
-    // instead of one after the other. 250 only once both are done. A crash before that
-    // leaves the sender without a 250, so it retries; a job whose file did not survive is
-    // dead-lettered by the consumer as missing.
-    .then(({ job, named }) => Promise.all([
-      this.publish(job, id).then(() => stamp.mark('confirmed')),
-      named.then(() => stamp.mark('named')),
-    ]))
+  let spooled = null
+  this.spool(connection, id, stamp)
+    // The record is in its segment (readable, not yet durable): RabbitMQ takes the job while
+    // the group's fdatasync runs, two waits side by side. 250 only once both are done. A
+    // crash before that leaves the sender without a 250, so it retries; a job whose record
+    // did not survive whole fails its sha256 at the consumer and is dead-lettered as never
+    // accepted.
+    .then((record) => {
+      spooled = record
+      return Promise.all([
+        this.publish(record.job, id).then(() => stamp.mark('confirmed')),
+        record.durable.then(() => stamp.mark('durable')),
+      ])
+    })
     .then(
       () => {
         this.steps.done(stamp)
@@ -205,8 +206,9 @@ exports.queue_to_rabbitmq = function (next, connection) {
       },
       (err) => {
         this.logwarn(`not queued: ${err.message}`, connection)
-        // The sender will retry, so leave nothing behind for the consumer or the sweeper.
-        remove(final).then(() => next(constants.denysoft, err.reply ?? err.message))
+        // The sender will retry: the sweep must never publish this record too.
+        if (spooled) this.spool_io().withdraw(spooled.place, id)
+        next(constants.denysoft, err.reply ?? err.message)
       },
     )
     // Only a throw inside next() lands here; an unhandled rejection would end Haraka.
@@ -220,62 +222,49 @@ exports.unavailable = function () {
   return null
 }
 
-// Write <incoming>/.<id>.tmp, fsync, rename to <id>.eml, fsync the folder: after this the file
-// survives a crash, and a reader never sees a half-written .eml. The file holds the job's
-// envelope record (one line: ENVELOPE_MARK, the job's JSON, CRLF) and then the message, as
-// Postfix keeps the envelope in its queue file: if the job is ever lost, the spool sweep
-// republishes the true envelope (Bcc recipients too). Resolves, once the file is renamed,
-// to { job, named }: the inbound job to publish and the promise of the folder fsync (which
-// rejects with the same kind of error as the other steps).
-//
-// Haraka's one event loop serves every SMTP session (under load it was the bottleneck:
-// bench/smtp_ingest.py, docs/BENCHMARKS.md), so the loop only reads the message into one
-// buffer; the disk work runs in spool writer threads (spool_writer.js), which also create the
-// folder when it is missing, and concurrent messages share folder fsyncs.
-exports.spool = async function (connection, incoming, id, stamp = NO_STAMP) {
+// Read the message and append its record to the spool (spool_writer.js): one line, the
+// envelope record (ENVELOPE_MARK, the job's JSON, CRLF; the job names the record's own place
+// and the message's sha256), then the message, as Postfix keeps the envelope in its queue
+// file: if the job is ever lost, the spool sweep republishes the true envelope (Bcc
+// recipients too). Resolves once the record is written (readable by a consumer, not yet
+// durable) to { job, place, durable }: the job to publish, where the record is, and the
+// promise of its group's fdatasync (which rejects with the same kind of error as the other
+// steps).
+exports.spool = async function (connection, id, stamp = NO_STAMP) {
+  let job = null
   try {
     const data = await read_message(connection.transaction.message_stream)
     stamp.mark('read')
-    const job = this.inbound_body(connection, id, data.length)
-    await this.spool_io().write(incoming, id, Buffer.concat([envelope_record(job), data]))
-    stamp.mark('spooled')
-    const named = this.spool_folder(incoming).sync().catch((err) => {
-      throw spool_error(err)
+    const sha256 = crypto.createHash('sha256').update(data).digest('hex')
+    const incoming = path.join(this.cfg.spool_dir, 'incoming')
+    const { place, durable } = this.spool_io().append(incoming, (where) => {
+      job = this.inbound_body(connection, id, data.length, where, sha256)
+      return Buffer.concat([envelope_record(job), data])
     })
-    named.catch(() => {}) // handled by the caller's Promise.all; never an unhandled rejection
-    return { job, named }
+    stamp.mark('written')
+    const synced = durable.catch((err) => Promise.reject(spool_error(err)))
+    synced.catch(() => {}) // handled by the caller's Promise.all; never an unhandled rejection
+    return { job, place, durable: synced }
   } catch (err) {
     throw spool_error(err)
   }
 }
 
-// Best effort: a cleanup failure must not replace the error being reported (nor reject unhandled).
-function remove(file_path) {
-  return fsp.rm(file_path, { force: true }).catch(() => {})
-}
-
 function spool_error(err) {
+  if (err.reply) return err
   const failure = new Error(`cannot spool message: ${err.message}`)
   // The log gets the detail; the SMTP client gets no local paths.
   failure.reply = 'mail queue cannot store the message, try again later'
   return failure
 }
 
-// The disk side of spooling: { write(folder, id, data) -> size, sync_folder(folder) }. Worker
-// threads by default, made on first use (a cluster master, which takes no mail, starts none);
-// tests wrap or replace it.
+// The disk side of spooling: { append(folder, build), withdraw(place, id), close() }. Made on
+// first use (a cluster master, which takes no mail, opens no segment); tests wrap or replace it.
 exports.spool_io = function () {
-  if (!this.io) this.io = new SpoolWriter(this.cfg.spool_threads)
-  return this.io
-}
-
-exports.spool_folder = function (dir_path) {
-  let folder = this.folders.get(dir_path)
-  if (!folder) {
-    folder = new FolderSync(() => this.spool_io().sync_folder(dir_path))
-    this.folders.set(dir_path, folder)
+  if (!this.io) {
+    this.io = new SpoolWriter({ segment_bytes: this.cfg.segment_bytes, segment_seconds: this.cfg.segment_seconds })
   }
-  return folder
+  return this.io
 }
 
 // The message as the file holds it: not its SMTP wire form. In haraka-message-stream
@@ -314,38 +303,6 @@ function read_message(message_stream) {
   })
 }
 
-// A spool folder, fsynced on behalf of many renames. A rename is durable once an fsync of its
-// folder that *started after it* has finished; so a message arriving while an fsync runs
-// waits for the next one, and every message waiting then shares that next one.
-class FolderSync {
-  constructor(sync_once) {
-    this.sync_once = sync_once // () -> promise of one fsync of the folder
-    this.running = null // the fsync in progress
-    this.queued = null // the fsync that starts when `running` ends, shared by all who wait
-  }
-
-  sync() {
-    if (this.queued) return this.queued
-    if (!this.running) return this.start()
-    const after = () => {
-      this.queued = null
-      return this.start()
-    }
-    this.queued = this.running.then(after, after)
-    return this.queued
-  }
-
-  start() {
-    const run = this.sync_once()
-    const done = () => {
-      if (this.running === run) this.running = null
-    }
-    this.running = run
-    run.then(done, done)
-    return run
-  }
-}
-
 // Where an accepted message's time went: for each step, the mean time from the hook's start
 // to its end, from hrtime stamps (well under a microsecond per message). Logged at shutdown;
 // the profile in docs/BENCHMARKS.md reads it.
@@ -382,12 +339,14 @@ function envelope_record(job) {
 exports.envelope_record = envelope_record
 
 // The mailferry.inbound contract (v1), see DESIGN.md. `size` is the message's, without the
-// envelope record.
-exports.inbound_body = function (connection, id, size) {
+// envelope record; `place` is the record's { spool_path, spool_offset } in its segment.
+exports.inbound_body = function (connection, id, size, place, sha256) {
   const txn = connection.transaction
   return {
     v: 1,
-    spool_path: `incoming/${id}.eml`,
+    spool_path: place.spool_path,
+    spool_offset: place.spool_offset,
+    sha256,
     queue_id: id,
     mail_from: bare(txn.mail_from),
     rcpt_to: txn.rcpt_to.map(bare),

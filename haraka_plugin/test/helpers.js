@@ -2,6 +2,7 @@
 // amqp_connect seam, and a Haraka plugin + connection carrying a real message.
 'use strict'
 
+const assert = require('node:assert/strict')
 const { EventEmitter } = require('node:events')
 const crypto = require('node:crypto')
 const fs = require('node:fs')
@@ -142,3 +143,32 @@ module.exports = {
   tempSpool,
   waitFor,
 }
+
+// What the spool's segments hold, read as Mailferry's spool sweep reads them: every record
+// ({ job, message, segment, offset }) and every withdrawn queue id.
+function spoolRecords(plugin) {
+  const dir = path.join(plugin.cfg.spool_dir, 'incoming')
+  const records = []
+  const withdrawn = []
+  for (const name of spoolFiles(plugin).filter((n) => n.endsWith('.seg')).sort()) {
+    const data = fs.readFileSync(path.join(dir, name))
+    let at = 0
+    while (at < data.length) {
+      const end = data.indexOf('\n', at)
+      const line = data.subarray(at, end + 1).toString('utf8')
+      if (line.startsWith('MAILFERRY-WITHDRAWN-1 ')) {
+        withdrawn.push(line.slice('MAILFERRY-WITHDRAWN-1 '.length).trim())
+        at = end + 1
+        continue
+      }
+      assert.ok(line.startsWith('MAILFERRY-ENVELOPE-1 '), `a record at ${name}@${at}`)
+      const job = JSON.parse(line.slice('MAILFERRY-ENVELOPE-1 '.length))
+      const message = data.subarray(end + 1, end + 1 + job.size)
+      records.push({ job, message, segment: name, offset: at })
+      at = end + 1 + job.size
+    }
+  }
+  return { records, withdrawn }
+}
+
+module.exports.spoolRecords = spoolRecords

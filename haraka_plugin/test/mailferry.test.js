@@ -2,6 +2,7 @@
 'use strict'
 
 const assert = require('node:assert/strict')
+const crypto = require('node:crypto')
 const fs = require('node:fs')
 const path = require('node:path')
 const { describe, it } = require('node:test')
@@ -10,7 +11,7 @@ const constants = require('haraka-constants')
 const { callQueue, assertOk, assertDeny, assertCont } = require('haraka-test-fixtures')
 
 const { SpoolWriter } = require('../spool_writer')
-const { FIXTURE, fakeBroker, makeMailferry, makeMailConnection, spoolFiles, waitFor } = require('./helpers')
+const { FIXTURE, fakeBroker, makeMailferry, makeMailConnection, spoolFiles, spoolRecords, waitFor } = require('./helpers')
 
 async function connected(t, opts = {}) {
   const broker = fakeBroker()
@@ -29,122 +30,101 @@ describe('queue hook', () => {
     assertOk(r, new RegExp(`^queued as ${conn.transaction.uuid.replace('.', '\\.')}$`))
   })
 
-  it('keeps the spool file, written in full before publishing', async (t) => {
+  it('appends the record (its envelope line, then the message) before publishing', async (t) => {
     const { broker, plugin } = await connected(t)
     const conn = makeMailConnection()
-    const id = conn.transaction.uuid
-    const eml = path.join(plugin.cfg.spool_dir, 'incoming', `${id}.eml`)
     let at_publish = null
-    broker.channel.on_publish = () => {
-      at_publish = fs.readFileSync(eml)
+    broker.channel.on_publish = (call) => {
+      const file = path.join(plugin.cfg.spool_dir, call.body.spool_path)
+      at_publish = fs.readFileSync(file).subarray(call.body.spool_offset)
     }
     assertOk(await callQueue(plugin, conn))
 
     // The envelope record (the job as published), then the message: CRLF, un-dot-stuffed,
-    // Received header kept.
+    // Received header kept; the job says where the record is and the message's sha256.
     const [call] = broker.channel.published
     const record = Buffer.from(`MAILFERRY-ENVELOPE-1 ${JSON.stringify(call.body)}\r\n`)
-    const expected = Buffer.concat([record, fs.readFileSync(FIXTURE)])
-    assert.deepEqual(at_publish, expected, 'the consumer may read the file as soon as it is published')
-    assert.deepEqual(fs.readFileSync(eml), expected)
+    const message = fs.readFileSync(FIXTURE)
+    assert.deepEqual(at_publish, Buffer.concat([record, message]), 'the consumer may read it as soon as it is published')
+    assert.equal(call.body.sha256, crypto.createHash('sha256').update(message).digest('hex'))
     assert.deepEqual(call.body.rcpt_to, ['first@example.com', 'second@example.com', 'bcc-only@example.net'])
-    assert.deepEqual(spoolFiles(plugin), [`${id}.eml`], 'no temporary file is left behind')
+    const { records, withdrawn } = spoolRecords(plugin)
+    assert.deepEqual(records.map((r) => [r.job, r.offset]), [[call.body, 0]])
+    assert.deepEqual(withdrawn, [])
+    assert.deepEqual(spoolFiles(plugin), [path.basename(call.body.spool_path)], 'one segment, nothing else')
   })
 
-  it('spools the file (fsynced and renamed) before publishing; answers after the folder fsync and the confirm', async (t) => {
+  it('publishes once the record is written and answers only after its fdatasync and the confirm', async (t) => {
     const { broker, plugin } = await connected(t)
-    const conn = makeMailConnection()
-    const incoming = path.join(plugin.cfg.spool_dir, 'incoming')
-    const id = conn.transaction.uuid
     const ops = []
-    const io = plugin.spool_io() // the real writer threads, observed from the event loop
-    t.mock.method(io, 'write', async function (folder, file_id, data) {
-      ops.push(`write ${file_id}`)
-      const size = await SpoolWriter.prototype.write.call(this, folder, file_id, data)
-      ops.push(`spooled ${fs.existsSync(path.join(folder, `${file_id}.eml`)) ? 'eml' : 'nothing'}`)
-      return size
+    const io = plugin.spool_io() // the real writer, observed from the event loop
+    t.mock.method(io, 'kick', function () {
+      if (this.syncing || !this.waiting.length) return SpoolWriter.prototype.kick.call(this)
+      ops.push('sync')
+      setTimeout(() => SpoolWriter.prototype.kick.call(this), 30) // a slow disk
     })
-    t.mock.method(io, 'sync_folder', async function (folder) {
-      ops.push(`sync ${path.basename(folder)}`)
-      await new Promise((r) => setTimeout(r, 30)) // a slow folder fsync
-      await SpoolWriter.prototype.sync_folder.call(this, folder)
-      ops.push(`synced ${path.basename(folder)}`)
+    t.mock.method(io, 'finish', function (err) {
+      ops.push('durable')
+      return SpoolWriter.prototype.finish.call(this, err)
     })
     broker.channel.on_publish = () => ops.push('publish')
-
-    const answer = callQueue(plugin, conn).then((r) => {
+    const answer = callQueue(plugin, makeMailConnection()).then((r) => {
       ops.push('answer')
       return r
     })
     assertOk(await answer)
-    // The folder fsync and the publish start side by side (in either order); the answer
-    // waits for the slower folder fsync.
-    const folder = path.basename(incoming)
-    assert.deepEqual(ops.slice(0, 2), [`write ${id}`, 'spooled eml'])
-    assert.deepEqual(ops.slice(2, 4).sort(), ['publish', `sync ${folder}`])
-    assert.deepEqual(ops.slice(4), [`synced ${folder}`, 'answer'])
+    assert.deepEqual(ops, ['sync', 'publish', 'durable', 'answer'])
   })
 
-  it('shares folder fsyncs between concurrent messages, each answered after one that began after its rename', async (t) => {
+  it('makes concurrent messages durable together, each answered after its own group', async (t) => {
     const { broker, plugin } = await connected(t)
-    const events = []
     const io = plugin.spool_io()
-    t.mock.method(io, 'write', async function (folder, id, data) {
-      const size = await SpoolWriter.prototype.write.call(this, folder, id, data)
-      events.push(`rename ${id}`) // the worker renamed it before answering
-      return size
-    })
-    t.mock.method(io, 'sync_folder', async function (folder) {
-      const n = events.filter((e) => e.startsWith('dirsync start')).length
-      events.push(`dirsync start ${n}`)
-      await new Promise((r) => setTimeout(r, 20)) // a slow disk: later renames pile up
-      await SpoolWriter.prototype.sync_folder.call(this, folder)
-      events.push(`dirsync end ${n}`)
+    const events = []
+    t.mock.method(io, 'kick', function () {
+      if (this.syncing || !this.waiting.length) return SpoolWriter.prototype.kick.call(this)
+      events.push(`sync ${this.waiting.length}`)
+      setTimeout(() => SpoolWriter.prototype.kick.call(this), 20) // later records pile up
     })
     broker.channel.on_publish = (call) => events.push(`publish ${call.body.queue_id}`)
-
     const conns = Array.from({ length: 8 }, () => makeMailConnection())
     const answers = conns.map((c) => callQueue(plugin, c).then((r) => {
       events.push(`answer ${c.transaction.uuid}`)
       return r
     }))
     for (const r of await Promise.all(answers)) assertOk(r)
-
-    const syncs = events.filter((e) => e.startsWith('dirsync start')).length
-    assert.ok(syncs < conns.length, `${syncs} folder fsyncs for ${conns.length} messages`)
-    for (const { transaction: { uuid } } of conns) {
-      const renamed = events.indexOf(`rename ${uuid}`)
-      const published = events.indexOf(`publish ${uuid}`)
-      const answered = events.indexOf(`answer ${uuid}`)
-      assert.ok(renamed < published && published < answered, `${uuid}: ${events.join(', ')}`)
-      const covered = events.some((e, i) => {
-        if (!e.startsWith('dirsync start') || i < renamed) return false
-        const ended = events.indexOf(e.replace('start', 'end'))
-        return ended !== -1 && ended < answered
-      })
-      assert.ok(covered, `${uuid}: no folder fsync between its rename and its answer: ${events.join(', ')}`)
+    assert.ok(io.seq < conns.length, `${io.seq} fdatasyncs for ${conns.length} messages: ${events.join(', ')}`)
+    const { records } = spoolRecords(plugin)
+    assert.deepEqual(records.map((r) => r.job.queue_id).sort(), conns.map((c) => c.transaction.uuid).sort())
+    for (const record of records) {
+      assert.deepEqual(record.message, fs.readFileSync(FIXTURE))
+      assert.ok(events.indexOf(`publish ${record.job.queue_id}`) < events.indexOf(`answer ${record.job.queue_id}`))
     }
   })
 
-  it('answers DENYSOFT and removes the spool file when the folder fsync fails, even after the confirm', async (t) => {
+  it('answers DENYSOFT and withdraws the record when its fdatasync fails, even after the confirm', async (t) => {
     const { broker, plugin } = await connected(t)
-    t.mock.method(plugin.spool_io(), 'sync_folder', async () => {
-      await new Promise((r) => setTimeout(r, 20)) // fails after the broker confirmed
-      throw Object.assign(new Error('EIO: i/o error, fsync'), { code: 'EIO' })
+    t.mock.method(plugin.spool_io(), 'finish', function () {
+      const err = Object.assign(new Error('EIO: i/o error, fdatasync'), { code: 'EIO' })
+      setTimeout(() => SpoolWriter.prototype.finish.call(this, err), 20) // after the confirm
     })
-    const r = await callQueue(plugin, makeMailConnection())
+    const conn = makeMailConnection()
+    const r = await callQueue(plugin, conn)
     assertDeny(r, /mail queue cannot store the message/, constants.denysoft)
     assert.equal(broker.channel.published.length, 1, 'the job was published meanwhile')
-    assert.deepEqual(spoolFiles(plugin), [])
+    assert.deepEqual(spoolRecords(plugin).withdrawn, [conn.transaction.uuid])
+    // The segment is abandoned (what reached the disk is unknown): the next record starts a new one.
+    t.mock.restoreAll()
+    assertOk(await callQueue(plugin, makeMailConnection()))
+    assert.equal(new Set(spoolRecords(plugin).records.map((r) => r.segment)).size, 2)
   })
 
-  it('creates the spool folder again when it was removed while Haraka runs', async (t) => {
+  it('starts a new segment when the folder or the segment was removed while Haraka runs', async (t) => {
     const { plugin } = await connected(t)
     assertOk(await callQueue(plugin, makeMailConnection()))
     fs.rmSync(path.join(plugin.cfg.spool_dir, 'incoming'), { recursive: true })
     const conn = makeMailConnection()
     assertOk(await callQueue(plugin, conn))
-    assert.deepEqual(spoolFiles(plugin), [`${conn.transaction.uuid}.eml`])
+    assert.deepEqual(spoolRecords(plugin).records.map((r) => r.job.queue_id), [conn.transaction.uuid])
   })
 
   it('publishes the inbound contract with every envelope recipient', async (t) => {
@@ -164,10 +144,12 @@ describe('queue hook', () => {
       contentType: 'application/json',
       messageId: id,
     })
-    const { received_at, ...rest } = call.body
+    const { received_at, spool_path, sha256, ...rest } = call.body
+    assert.match(spool_path, /^incoming\/[a-z0-9]+-\d+-\d+\.seg$/)
+    assert.match(sha256, /^[0-9a-f]{64}$/)
     assert.deepEqual(rest, {
       v: 1,
-      spool_path: `incoming/${id}.eml`,
+      spool_offset: 0,
       queue_id: id,
       mail_from: 'sender@example.org',
       rcpt_to: ['first@example.com', 'second@example.com', 'bcc-only@example.net'],
@@ -187,18 +169,20 @@ describe('queue hook', () => {
     assert.deepEqual(broker.channel.published[0].body.rcpt_to, ['postmaster@example.com'])
   })
 
-  it('answers DENYSOFT and removes the spool file when the broker nacks', async (t) => {
+  it('answers DENYSOFT and withdraws the record when the broker nacks', async (t) => {
     const { plugin } = await connected(t, { mode: 'nack' })
-    const r = await callQueue(plugin, makeMailConnection())
+    const conn = makeMailConnection()
+    const r = await callQueue(plugin, conn)
     assertDeny(r, /did not take the message \(RabbitMQ: message nacked\)/, constants.denysoft)
-    assert.deepEqual(spoolFiles(plugin), [])
+    assert.deepEqual(spoolRecords(plugin).withdrawn, [conn.transaction.uuid])
   })
 
   it('answers DENYSOFT when the message is returned as unroutable, though its ack follows', async (t) => {
     const { plugin } = await connected(t, { mode: 'return' })
-    const r = await callQueue(plugin, makeMailConnection())
+    const conn = makeMailConnection()
+    const r = await callQueue(plugin, conn)
     assertDeny(r, /cannot route.*312 NO_ROUTE/, constants.denysoft)
-    assert.deepEqual(spoolFiles(plugin), [])
+    assert.deepEqual(spoolRecords(plugin).withdrawn, [conn.transaction.uuid])
     assert.equal(plugin.pending.size, 0)
   })
 
@@ -208,8 +192,9 @@ describe('queue hook', () => {
     // Channels made from now on (the reconnect's) confirm; the first keeps closing. Set before
     // the failure: the reconnect may come (10 ms) before this test runs again on a busy machine.
     broker.mode = 'ack'
-    assertDeny(await callQueue(plugin, makeMailConnection()), /channel closed/, constants.denysoft)
-    assert.deepEqual(spoolFiles(plugin), [])
+    const conn = makeMailConnection()
+    assertDeny(await callQueue(plugin, conn), /channel closed/, constants.denysoft)
+    assert.deepEqual(spoolRecords(plugin).withdrawn, [conn.transaction.uuid])
     await waitFor(() => plugin.amqp !== null && broker.channel !== first)
     assertOk(await callQueue(plugin, makeMailConnection()))
   })
@@ -227,10 +212,11 @@ describe('queue hook', () => {
   it('answers DENYSOFT when no confirm arrives in time, and ignores the late one', async (t) => {
     const { broker, plugin } = await connected(t, { mode: 'silent', cfg: { publish_timeout: 0.05 } })
     const started = Date.now()
-    const r = await callQueue(plugin, makeMailConnection())
+    const conn = makeMailConnection()
+    const r = await callQueue(plugin, conn)
     assertDeny(r, /timeout/, constants.denysoft)
     assert.ok(Date.now() - started < 1000)
-    assert.deepEqual(spoolFiles(plugin), [])
+    assert.deepEqual(spoolRecords(plugin).withdrawn, [conn.transaction.uuid])
     assert.equal(plugin.pending.size, 0)
     assert.equal(broker.channel.published.length, 1)
   })
@@ -248,20 +234,22 @@ describe('queue hook', () => {
     broker.channel.publish = () => {
       throw new Error('Channel closed')
     }
-    const r = await callQueue(plugin, makeMailConnection())
+    const conn = makeMailConnection()
+    const r = await callQueue(plugin, conn)
     assertDeny(r, /Channel closed/, constants.denysoft)
-    assert.deepEqual(spoolFiles(plugin), [])
+    assert.deepEqual(spoolRecords(plugin).withdrawn, [conn.transaction.uuid])
   })
 
   it('answers DENYSOFT and publishes nothing when the spool write fails', async (t) => {
     const { broker, plugin } = await connected(t)
-    t.mock.method(plugin.spool_io(), 'write', async () => {
+    t.mock.method(fs, 'writeSync', () => {
       throw Object.assign(new Error('ENOSPC: no space left on device, write'), { code: 'ENOSPC' })
     })
     const r = await callQueue(plugin, makeMailConnection())
     assertDeny(r, /^mail queue cannot store the message, try again later$/, constants.denysoft)
-    assert.deepEqual(spoolFiles(plugin), [])
     assert.equal(broker.channel.published.length, 0)
+    t.mock.restoreAll()
+    assertOk(await callQueue(plugin, makeMailConnection())) // in a new segment
   })
 
   it('answers DENYSOFT when the spool folder cannot be created', async (t) => {

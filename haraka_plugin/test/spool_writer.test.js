@@ -1,5 +1,5 @@
-// The spool writer: its steps run in-thread with `fs` mocked (order of the system calls, cleanup
-// on failure), and its worker threads against a real folder.
+// The spool writer: records placed and appended on the event loop, made durable in groups by
+// its thread, against a real folder; its durability step in-thread with `fs` observed.
 'use strict'
 
 const assert = require('node:assert/strict')
@@ -7,138 +7,163 @@ const fs = require('node:fs')
 const path = require('node:path')
 const { describe, it } = require('node:test')
 
-const { SpoolWriter, write_file, sync_folder } = require('../spool_writer')
+const { SpoolWriter, make_durable } = require('../spool_writer')
 const { tempSpool } = require('./helpers')
 
-const MESSAGE = Buffer.from('Subject: hi\r\n\r\n.leading dot kept as is\r\n')
-
-// Record fs calls by name (and the file they touch), calling through to the real ones.
-function recordFs(t) {
-  const calls = []
-  const names = new Map() // fd -> basename of what it was opened for
-  const real = {}
-  for (const name of ['openSync', 'writeSync', 'fsyncSync', 'closeSync', 'renameSync', 'mkdirSync', 'rmSync']) {
-    real[name] = fs[name]
-    t.mock.method(fs, name, (...args) => {
-      const result = real[name](...args)
-      if (name === 'openSync') names.set(result, path.basename(args[0]))
-      const what = typeof args[0] === 'number' ? names.get(args[0]) : path.basename(args[0])
-      calls.push(name === 'renameSync' ? `${name} ${what} ${path.basename(args[1])}` : `${name} ${what}`)
-      return result
-    })
-  }
-  return { calls, real }
+function writer(t, options) {
+  const w = new SpoolWriter(options)
+  t.after(() => w.close())
+  return w
 }
 
-describe('spool writer steps', () => {
-  it('writes the temporary file, fsyncs and closes it, then renames it', (t) => {
-    const folder = path.join(tempSpool(t), 'incoming')
-    fs.mkdirSync(folder)
-    const { calls } = recordFs(t)
-    assert.equal(write_file(folder, 'ID.1', new Uint8Array(MESSAGE)), MESSAGE.length)
-    assert.deepEqual(calls.filter((c) => !c.startsWith('writeSync')), [
-      'openSync .ID.1.tmp', 'fsyncSync .ID.1.tmp', 'closeSync .ID.1.tmp', 'renameSync .ID.1.tmp ID.1.eml',
-    ])
-    assert.ok(calls.indexOf('writeSync .ID.1.tmp') > 0 && calls.indexOf('writeSync .ID.1.tmp') < 2, calls.join(', '))
-    assert.deepEqual(fs.readFileSync(path.join(folder, 'ID.1.eml')), MESSAGE)
-    assert.deepEqual(fs.readdirSync(folder), ['ID.1.eml'])
+function incoming(t) {
+  return path.join(tempSpool(t), 'incoming')
+}
+
+// A record that names its own place, as the plugin's envelope line does.
+const record = (label) => (place) => Buffer.from(`${label}@${place.spool_path}@${place.spool_offset}\n`)
+
+function segments(folder) {
+  return fs.readdirSync(folder).filter((n) => n.endsWith('.seg')).sort()
+}
+
+describe('spool writer', () => {
+  it('places each record at the end of the segment and writes it there at once', async (t) => {
+    const folder = incoming(t)
+    const w = writer(t)
+    const a = w.append(folder, record('a'))
+    const b = w.append(folder, record('b'))
+    const [name] = segments(folder) // created with the first record (and its folder)
+    const text = fs.readFileSync(path.join(folder, name), 'utf8') // readable before any sync
+    const second = text.indexOf('\n') + 1
+    assert.equal(text, `a@incoming/${name}@0\nb@incoming/${name}@${second}\n`)
+    assert.deepEqual([a.place.spool_offset, b.place.spool_offset], [0, second])
+    await Promise.all([a.durable, b.durable])
   })
 
-  it('finishes a short write with further writes', (t) => {
-    const folder = tempSpool(t)
-    const realWrite = fs.writeSync
-    t.mock.method(fs, 'writeSync', (fd, data, offset, length) => realWrite(fd, data, offset, Math.min(length, 7)))
-    write_file(folder, 'short', new Uint8Array(MESSAGE))
-    assert.deepEqual(fs.readFileSync(path.join(folder, 'short.eml')), MESSAGE)
+  it('syncs the records appended while one fdatasync runs as one group', async (t) => {
+    const folder = incoming(t)
+    const w = writer(t)
+    const first = w.append(folder, record('first')) // its group starts at once
+    const rest = Array.from({ length: 20 }, (_, n) => w.append(folder, record(`r${n}`)))
+    await Promise.all([first, ...rest].map((r) => r.durable))
+    assert.equal(w.seq, 2, 'one fdatasync for the first, one for the twenty that waited')
   })
 
-  it('creates a missing folder', (t) => {
-    const folder = path.join(tempSpool(t), 'incoming')
-    write_file(folder, 'first', new Uint8Array(MESSAGE))
-    assert.deepEqual(fs.readdirSync(folder), ['first.eml'])
+  it('starts a new segment when one is full or old, and never reuses a name', async (t) => {
+    const folder = incoming(t)
+    const w = writer(t, { segment_bytes: 40, segment_seconds: 0.05 })
+    const places = []
+    for (let n = 0; n < 4; n++) places.push(w.append(folder, record(`n${n}`)).place.spool_path)
+    await new Promise((r) => setTimeout(r, 80))
+    places.push(w.append(folder, record('late')).place.spool_path)
+    assert.ok(new Set(places).size >= 3, places.join(' '))
+    assert.equal(segments(folder).length, new Set(places).size)
+    await new Promise((r) => setTimeout(r, 20))
+    assert.equal(w.retired.length, 0, 'retired segments are closed once synced')
   })
 
-  it('removes the temporary file and leaves no .eml when a step fails', (t) => {
-    const folder = tempSpool(t)
-    for (const failing of ['writeSync', 'fsyncSync', 'renameSync']) {
-      const real = fs[failing]
-      t.mock.method(fs, failing, () => {
-        throw Object.assign(new Error(`EIO: i/o error, ${failing}`), { code: 'EIO' })
-      })
-      assert.throws(() => write_file(folder, failing, new Uint8Array(MESSAGE)), { code: 'EIO' })
-      fs[failing].mock.restore()
-      assert.equal(fs[failing], real)
-      assert.deepEqual(fs.readdirSync(folder), [], `after a failed ${failing}`)
-    }
+  it('abandons a segment whose write failed: the next record starts a new one', async (t) => {
+    const folder = incoming(t)
+    const w = writer(t)
+    const ok = w.append(folder, record('ok'))
+    const real = fs.writeSync
+    t.mock.method(fs, 'writeSync', (fd, buf, off, len) => {
+      real(fd, buf, off, Math.min(len, 3)) // a torn write
+      throw Object.assign(new Error('ENOSPC: no space left on device, write'), { code: 'ENOSPC' })
+    })
+    assert.throws(() => w.append(folder, record('torn')), { code: 'ENOSPC' })
+    t.mock.restoreAll()
+    const next = w.append(folder, record('next'))
+    assert.notEqual(next.place.spool_path, ok.place.spool_path)
+    assert.equal(next.place.spool_offset, 0)
+    await Promise.all([ok.durable, next.durable])
   })
 
-  it('never replaces an existing temporary file', (t) => {
-    const folder = tempSpool(t)
-    fs.writeFileSync(path.join(folder, '.dup.tmp'), 'someone else')
-    assert.throws(() => write_file(folder, 'dup', new Uint8Array(MESSAGE)), { code: 'EEXIST' })
-    assert.deepEqual(fs.readdirSync(folder), [], 'the failed attempt removed the name it could not own')
+  it('rejects the group and abandons its segment when the fdatasync fails', async (t) => {
+    const folder = incoming(t)
+    const w = writer(t)
+    const real_finish = SpoolWriter.prototype.finish
+    t.mock.method(w, 'finish', function () {
+      return real_finish.call(this, Object.assign(new Error('EIO: i/o error, fdatasync'), { code: 'EIO' }))
+    })
+    const a = w.append(folder, record('a'))
+    await assert.rejects(a.durable, { code: 'EIO' })
+    t.mock.restoreAll()
+    const b = w.append(folder, record('b'))
+    assert.notEqual(b.place.spool_path, a.place.spool_path)
+    await b.durable
   })
 
-  it('fsyncs a folder through a read-only descriptor and closes it', (t) => {
-    const folder = tempSpool(t)
-    const { calls } = recordFs(t)
-    sync_folder(folder)
-    const name = path.basename(folder)
-    assert.deepEqual(calls, [`openSync ${name}`, `fsyncSync ${name}`, `closeSync ${name}`])
+  it('writes a withdrawal after the record, in its own segment even when that one is retired', async (t) => {
+    const folder = incoming(t)
+    const w = writer(t, { segment_bytes: 10 })
+    const a = w.append(folder, record('a'))
+    const b = w.append(folder, record('b')) // a's segment is full: b starts another
+    await Promise.all([a.durable, b.durable])
+    w.withdraw(a.place, 'QA')
+    w.withdraw(b.place, 'QB')
+    const text = (p) => fs.readFileSync(path.join(folder, path.basename(p.spool_path)), 'utf8')
+    assert.match(text(a.place), /\nMAILFERRY-WITHDRAWN-1 QA\r\n$/)
+    assert.match(text(b.place), /\nMAILFERRY-WITHDRAWN-1 QB\r\n$/)
+  })
+
+  it('places the next record after a withdrawal line in the current segment', async (t) => {
+    const folder = incoming(t)
+    const w = writer(t)
+    const a = w.append(folder, record('a'))
+    w.withdraw(a.place, 'QA')
+    const c = w.append(folder, record('c'))
+    const file = path.join(folder, path.basename(a.place.spool_path))
+    const data = fs.readFileSync(file)
+    assert.equal(c.place.spool_path, a.place.spool_path)
+    assert.equal(data.subarray(c.place.spool_offset).toString(), `c@${c.place.spool_path}@${c.place.spool_offset}\n`)
+    assert.match(data.subarray(0, c.place.spool_offset).toString(), /\nMAILFERRY-WITHDRAWN-1 QA\r\n$/)
+    await Promise.all([a.durable, c.durable])
+  })
+
+  it('starts a new segment when the current one was removed from the folder', async (t) => {
+    const folder = incoming(t)
+    const w = writer(t)
+    const a = w.append(folder, record('a'))
+    await a.durable
+    fs.rmSync(folder, { recursive: true })
+    const b = w.append(folder, record('b'))
+    await b.durable
+    assert.notEqual(b.place.spool_path, a.place.spool_path)
+    assert.deepEqual(segments(folder), [path.basename(b.place.spool_path)])
+  })
+
+  it('fails what waits and refuses new records once closed', async (t) => {
+    const folder = incoming(t)
+    const w = new SpoolWriter()
+    const a = w.append(folder, record('a'))
+    w.close()
+    await assert.rejects(a.durable, /closed/)
+    assert.throws(() => w.append(folder, record('b')), /closed/)
   })
 })
 
-describe('spool writer threads', () => {
-  it('writes files in worker threads, several at once, and reports sizes', async (t) => {
-    const folder = path.join(tempSpool(t), 'incoming')
-    const writer = new SpoolWriter(3)
-    t.after(() => writer.close())
-    const sizes = await Promise.all(Array.from({ length: 20 }, (_, i) => {
-      const data = new Uint8Array(Buffer.from(`Subject: ${i}\r\n\r\nbody ${i}\r\n`))
-      return writer.write(folder, `m${i}`, data)
-    }))
-    await writer.sync_folder(folder)
-    assert.equal(writer.workers.length, 3)
-    assert.equal(fs.readdirSync(folder).length, 20)
-    for (let i = 0; i < 20; i++) {
-      const text = fs.readFileSync(path.join(folder, `m${i}.eml`), 'utf8')
-      assert.equal(text, `Subject: ${i}\r\n\r\nbody ${i}\r\n`)
-      assert.equal(sizes[i], text.length)
+describe('spool writer durability step', () => {
+  it('fdatasyncs each segment of the group, then fsyncs the folder when a segment is new', (t) => {
+    const folder = incoming(t)
+    fs.mkdirSync(folder, { recursive: true })
+    const fds = ['a.seg', 'b.seg'].map((n) => fs.openSync(path.join(folder, n), 'ax'))
+    t.after(() => fds.forEach((fd) => fs.closeSync(fd)))
+    const calls = []
+    const real = { fdatasyncSync: fs.fdatasyncSync, fsyncSync: fs.fsyncSync }
+    for (const name of Object.keys(real)) {
+      t.mock.method(fs, name, (fd) => {
+        calls.push([name, fd])
+        return real[name](fd)
+      })
     }
-  })
-
-  it('rejects with the error and its code when a step fails', async (t) => {
-    const writer = new SpoolWriter(1)
-    t.after(() => writer.close())
-    const blocker = path.join(tempSpool(t), 'a-file')
-    fs.writeFileSync(blocker, '')
-    await assert.rejects(writer.write(path.join(blocker, 'incoming'), 'x', new Uint8Array(3)), { code: 'ENOTDIR' })
-    await assert.rejects(writer.sync_folder(path.join(blocker, 'missing')), { code: 'ENOTDIR' })
-    // The thread is still serving after a failure.
-    const folder = tempSpool(t)
-    assert.equal(await writer.write(folder, 'after', new Uint8Array(3)), 3)
-  })
-
-  it('fails the steps of a thread that ends, and starts a new one for the next', async (t) => {
-    const writer = new SpoolWriter(1)
-    t.after(() => writer.close())
-    const folder = tempSpool(t)
-    assert.equal(await writer.write(folder, 'before', new Uint8Array(3)), 3)
-    const [first] = writer.workers
-    const pending = writer.write(folder, 'cut', new Uint8Array(1024 * 1024))
-    first.worker.terminate()
-    await assert.rejects(pending, /spool writer thread ended/)
-    assert.equal(await writer.write(folder, 'after', new Uint8Array(5)), 5)
-    assert.equal(writer.workers.length, 1)
-    assert.notEqual(writer.workers[0], first)
-  })
-
-  it('fails pending steps and refuses new ones once closed', async (t) => {
-    const writer = new SpoolWriter(1)
-    const folder = tempSpool(t)
-    const pending = writer.write(folder, 'late', new Uint8Array(1024 * 1024))
-    writer.close()
-    await assert.rejects(pending, /spool writer closed/)
-    await assert.rejects(writer.write(folder, 'next', new Uint8Array(1)), /spool writer closed/)
+    make_durable(fds, folder)
+    assert.deepEqual(calls.slice(0, 2), [['fdatasyncSync', fds[0]], ['fdatasyncSync', fds[1]]])
+    assert.equal(calls[2][0], 'fsyncSync') // the folder, through its own descriptor
+    assert.equal(calls.length, 3)
+    calls.length = 0
+    make_durable(fds, null)
+    assert.deepEqual(calls.map((c) => c[0]), ['fdatasyncSync', 'fdatasyncSync'])
   })
 })
