@@ -76,6 +76,9 @@ class Settings:
         "seconds a fetch job may wait in its queue before it expires", minimum=1))
     spool_sweep_age: int = field(default=300, metadata=_meta(
         "seconds after which an unclaimed spool file is republished", minimum=10))
+    spool_segment_idle: int = field(default=30, metadata=_meta(
+        "seconds a spool segment must be unwritten before the sweep reads it (more than the "
+        "plugin's segment_seconds)", minimum=2))
     lease_seconds: int = field(default=30, metadata=_meta(
         "seconds a scheduler's lease lasts without renewal", minimum=2))
     retention_completed_days: int = field(default=1, metadata=_meta(

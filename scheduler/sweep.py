@@ -13,6 +13,13 @@ the consumer treats a repeated queue id as a duplicate anyway. And while mailfer
 messages waiting, an old file is most likely one of them (a backlog, a consumer that is down):
 republishing is deferred to a sweep that finds the queue drained, so a backlog is never
 doubled. Each sweep that finds files is recorded as a HARAKA_EMAIL_FETCH task.
+
+Segments (``incoming/*.seg``, many messages each: ``mailferry.spool``) are read once Haraka no
+longer writes to them (unwritten for spool_segment_idle). One whose every message is done —
+stored (a receipt), quarantined (its copy in ``failed/``), or withdrawn (its sender got 4xx
+and sends it again) — is removed: that is routine, not a task. Any other message in it is an
+orphan like a file and is republished the same way, with the job its record holds; a torn
+tail (a crash before its fdatasync: never acknowledged) is never read.
 """
 
 from __future__ import annotations
@@ -31,7 +38,9 @@ from mailferry.config import Settings
 from mailferry.contracts import InboundJob
 from mailferry.errors import ContractError, MailferryError, TransientError
 from mailferry.models import InboundReceipt, TaskSource, TaskStatus
-from mailferry.spool import ENVELOPE_MAX, NotRegularFile, Spool, read_regular, split_envelope
+from mailferry.spool import (
+    ENVELOPE_MAX, NotRegularFile, Spool, read_regular, read_segment, split_envelope,
+)
 from mailferry.tasks import complete_task, create_task, fail_task, start_task
 
 log = logging.getLogger(__name__)
@@ -45,6 +54,7 @@ class SweepSummary:
     republished: int = 0
     quarantined: int = 0
     deferred: int = 0
+    segments_removed: int = 0
     task_id: str | None = None
     status: str | None = None
 
@@ -91,19 +101,68 @@ def _receipts(queue_ids: list[str]) -> set[str]:
     return done
 
 
+@dataclass
+class SegmentOrphans:
+    """A segment's messages that are not done, once it is old enough to republish them."""
+    path: Path
+    jobs: list[InboundJob]
+
+
+def sweep_segments(spool: Spool, settings: Settings, summary: SweepSummary,
+                   now: float | None = None) -> list[SegmentOrphans]:
+    """Remove the segments whose every message is done; return the orphans of the others
+    that were last written more than spool_sweep_age ago."""
+    now = now or time.time()
+    orphans = []
+    for path in spool.segments():
+        try:
+            info = os.lstat(path)
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISREG(info.st_mode):
+            log.warning("spool sweep: %s is not a regular file (mode %o); left alone",
+                        path.name, info.st_mode)
+            continue
+        if info.st_mtime > now - settings.spool_segment_idle:
+            continue  # Haraka may still append to it
+        try:
+            records = read_segment(path)
+        except OSError as exc:
+            log.error("spool sweep: cannot read segment %s: %s", path.name, exc)
+            continue
+        left = _not_done(spool, records)
+        if not left:
+            spool.remove(path)
+            summary.segments_removed += 1
+        elif info.st_mtime < now - settings.spool_sweep_age:
+            orphans.append(SegmentOrphans(path, left))
+    return orphans
+
+
+def _not_done(spool: Spool, records) -> list[InboundJob]:
+    waiting = [job for job in records.jobs if job.queue_id not in records.withdrawn]
+    stored = _receipts([job.queue_id for job in waiting])
+    return [job for job in waiting if job.queue_id not in stored
+            and not (spool.failed / f"{job.queue_id}.eml").exists()]
+
+
 def sweep_spool(settings: Settings, publisher, now: float | None = None) -> SweepSummary:
     spool = Spool(settings.resolved_spool_dir).ensure()
     files = orphaned_files(spool, settings.spool_sweep_age, now)
     summary = SweepSummary(found=len(files))
-    if not files:
+    segment_orphans = sweep_segments(spool, settings, summary, now)
+    summary.found += sum(len(s.jobs) for s in segment_orphans)
+    if not summary.found:
         return summary  # nothing to record: a task per idle tick would only fill the table
     task = create_task(TaskSource.HARAKA, None, timeout_seconds=settings.task_timeout,
-                       details={"files": len(files)})
+                       details={"files": len(files),
+                                "segment_messages": summary.found - len(files)})
     summary.task_id, summary.status = task.task_id, task.status
     if task.status == TaskStatus.SKIPPED or start_task(task.task_id) is None:
         return summary
     try:
         _sweep(settings, spool, files, publisher, summary)
+        _republish_segments(segment_orphans, publisher, summary)
     except (MailferryError, peewee.PeeweeException, OSError) as exc:
         fail_task(task.task_id, f"spool sweep failed: {exc}", fetched=summary.found,
                   saved=summary.republished, failed=summary.quarantined,
@@ -158,6 +217,23 @@ def _sweep(settings: Settings, spool: Spool, files: list[Path], publisher, summa
         summary.republished += 1
         metrics.spool_republished.inc()
         log.info("spool sweep: republished %s to %s", path.name, ", ".join(job.rcpt_to))
+
+
+def _republish_segments(orphans: list[SegmentOrphans], publisher, summary: SweepSummary) -> None:
+    if not orphans:
+        return
+    key = broker.ROUTING_KEYS[broker.INBOUND]
+    if publisher.queue_depth(broker.INBOUND):
+        summary.deferred += sum(len(s.jobs) for s in orphans)
+        return
+    for segment in orphans:
+        for job in segment.jobs:
+            publisher.publish(key, job.to_body(), message_id=job.queue_id)
+            summary.republished += 1
+            metrics.spool_republished.inc()
+            log.info("spool sweep: republished %s@%d to %s", segment.path.name,
+                     job.spool_offset, ", ".join(job.rcpt_to))
+        os.utime(segment.path)  # not again before another spool_sweep_age
 
 
 def _quarantine(spool: Spool, path: Path, reason: str, summary: SweepSummary) -> None:
