@@ -130,7 +130,7 @@ def sweep_segments(spool: Spool, settings: Settings, summary: SweepSummary,
         except OSError as exc:
             log.error("spool sweep: cannot read segment %s: %s", path.name, exc)
             continue
-        left = _not_done(spool, records)
+        left = not_done(spool, records)
         if not left:
             spool.remove(path)
             summary.segments_removed += 1
@@ -139,7 +139,8 @@ def sweep_segments(spool: Spool, settings: Settings, summary: SweepSummary,
     return orphans
 
 
-def _not_done(spool: Spool, records) -> list[InboundJob]:
+def not_done(spool: Spool, records) -> list[InboundJob]:
+    """A segment's messages neither stored, withdrawn nor quarantined."""
     waiting = [job for job in records.jobs if job.queue_id not in records.withdrawn]
     stored = _receipts([job.queue_id for job in waiting])
     return [job for job in waiting if job.queue_id not in stored

@@ -30,3 +30,15 @@ def consumer_thread(settings: Settings, handlers=None):
         assert not thread.is_alive(), "consumer did not stop"
 
 
+def waiting_in_spool(settings: Settings) -> list[str]:
+    """What the spool still holds for storing: the names of files in incoming/, and the
+    queue ids of segment records neither stored, withdrawn nor quarantined."""
+    from mailferry.spool import Spool, read_segment
+    from scheduler.sweep import not_done
+    spool = Spool(settings.resolved_spool_dir)
+    if not spool.incoming.is_dir():
+        return []
+    waiting = sorted(p.name for p in spool.incoming.glob("*.eml"))
+    for segment in spool.segments():
+        waiting += [job.queue_id for job in not_done(spool, read_segment(segment))]
+    return waiting

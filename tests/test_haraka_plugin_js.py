@@ -5,6 +5,7 @@ The JS suite's real-broker tests get a fresh vhost of the harness's RabbitMQ.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -98,11 +99,12 @@ def test_haraka_spools_and_publishes_to_a_real_broker(haraka_installed, rabbitmq
     assert props.delivery_mode == 2
     assert contract["rcpt_to"] == RCPTS
     assert contract["mail_from"] == "sender@example.org"
-    spooled = (spool / contract["spool_path"]).read_bytes()
+    # The segment holds the record where the job says: the job as published, then the message.
+    spooled = (spool / contract["spool_path"]).read_bytes()[contract["spool_offset"]:]
     record, start = split_envelope(spooled)
-    assert json.loads(record) == contract  # the file carries the job as published
-    raw = spooled[start:]
+    assert json.loads(record) == contract
+    raw = spooled[start:start + contract["size"]]
     assert raw.startswith(b"Received: ")
     assert raw.endswith(b"\r\nhello\r\n.a line that starts with a dot\r\n")
-    assert contract["size"] == len(raw)
+    assert contract["size"] == len(raw) and contract["sha256"] == hashlib.sha256(raw).hexdigest()
     assert _spooled(spool) == [Path(contract["spool_path"]).name]

@@ -21,7 +21,7 @@ from mailferry.storage import BlobStore
 from devstack import mailgen
 from tests.harness.fixtures import require_service
 from devstack.haraka import HarakaServer, haraka_available
-from tests.pipeline import consumer_process, consumer_thread, dead_letters, wait_for
+from tests.pipeline import consumer_process, consumer_thread, dead_letters, wait_for, waiting_in_spool
 
 QUEUED_AS = re.compile(rb"queued as (\S+)")
 
@@ -78,11 +78,6 @@ def receipts(queue_ids) -> int:
     return InboundReceipt.select().where(InboundReceipt.queue_id.in_(list(queue_ids))).count()
 
 
-def spooled(settings) -> list[str]:
-    incoming = settings.resolved_spool_dir / "incoming"
-    return sorted(p.name for p in incoming.iterdir()) if incoming.is_dir() else []
-
-
 def haraka_for(settings, tmp_path: Path, **kwargs) -> HarakaServer:
     return HarakaServer(tmp_path / "haraka", settings.amqp_url, settings.resolved_spool_dir, **kwargs)
 
@@ -115,7 +110,7 @@ def test_attachment_sent_over_smtp_is_stored_with_its_bytes(broker_settings, har
     stored_raw = store.read(message.raw_path)
     assert stored_raw.startswith(b"Received: ")
     assert stored_raw.endswith(crlf(raw))
-    assert spooled(settings) == []
+    assert waiting_in_spool(settings) == []
 
 
 def test_bcc_only_recipient_gets_the_message(broker_settings, haraka_installed, tmp_path):
@@ -173,7 +168,7 @@ def test_broker_down_gives_4xx_without_spool_file_and_mail_flows_again_when_it_r
             code, reply = smtp.send(mailgen.plain(3), ["bob@example.org"])
         assert 400 <= code < 500, (code, reply)
         assert b"RabbitMQ" in reply
-        assert spooled(settings) == [f"{before}.eml"]  # only the confirmed message
+        assert waiting_in_spool(settings) == [before]  # only the confirmed message
 
         rabbit.start_app()
         wait_for(lambda: haraka.log_path.read_text(errors="replace").count(
@@ -189,7 +184,7 @@ def test_broker_down_gives_4xx_without_spool_file_and_mail_flows_again_when_it_r
 
     stored = sorted(m.message_id for m in EmailMessage.select())
     assert stored == ["<test-1@example.net>", "<test-4@example.net>"]
-    assert spooled(settings) == []
+    assert waiting_in_spool(settings) == []
     assert dead_letters(settings.amqp_url) == []
 
 
@@ -243,5 +238,5 @@ def test_a_thousand_messages_over_eight_connections_are_stored_exactly_once(
     message_ids = [m.message_id for m in EmailMessage.select()]
     assert len(message_ids) == MESSAGES
     assert set(message_ids) == {f"<test-{n}@example.net>" for n in range(MESSAGES)}
-    assert spooled(settings) == []
+    assert waiting_in_spool(settings) == []
     assert dead_letters(settings.amqp_url) == []

@@ -11,7 +11,7 @@ const amqplib = require('amqplib')
 const constants = require('haraka-constants')
 const { makePlugin, callQueue, assertOk, assertDeny } = require('haraka-test-fixtures')
 
-const { FIXTURE, makeMailConnection, tempSpool, waitFor } = require('./helpers')
+const { FIXTURE, makeMailConnection, spoolRecords, tempSpool, waitFor } = require('./helpers')
 
 const URL = process.env.MAILFERRY_TEST_AMQP_URL
 
@@ -64,20 +64,22 @@ describe('against a real RabbitMQ', () => {
     assert.equal(msg.properties.contentType, 'application/json')
     assert.equal(msg.properties.deliveryMode, 2)
     const body = JSON.parse(msg.content.toString('utf8'))
-    assert.equal(body.spool_path, `incoming/${id}.eml`)
+    assert.match(body.spool_path, /^incoming\/.+\.seg$/)
     assert.deepEqual(body.rcpt_to, ['first@example.com', 'second@example.com', 'bcc-only@example.net'])
-    // The envelope record (the job as published), then the message.
+    // The envelope record (the job as published), then the message, where the job says.
     const expected = Buffer.concat([plugin.envelope_record(body), fs.readFileSync(FIXTURE)])
-    assert.deepEqual(fs.readFileSync(path.join(plugin.cfg.spool_dir, body.spool_path)), expected)
+    const segment = fs.readFileSync(path.join(plugin.cfg.spool_dir, body.spool_path))
+    assert.deepEqual(segment.subarray(body.spool_offset), expected)
   })
 
-  it('answers DENYSOFT and removes the spool file when nothing is bound to the routing key', { skip }, async (t) => {
+  it('answers DENYSOFT and withdraws the record when nothing is bound to the routing key', { skip }, async (t) => {
     const plugin = realPlugin(t, 'nobody-listens-here')
     await plugin.connect()
     await waitFor(() => plugin.amqp !== null, 5000)
 
-    const r = await callQueue(plugin, makeMailConnection())
+    const conn = makeMailConnection()
+    const r = await callQueue(plugin, conn)
     assertDeny(r, /cannot route.*NO_ROUTE/, constants.denysoft)
-    assert.deepEqual(fs.readdirSync(path.join(plugin.cfg.spool_dir, 'incoming')), [])
+    assert.deepEqual(spoolRecords(plugin).withdrawn, [conn.transaction.uuid])
   })
 })
