@@ -59,7 +59,7 @@ class Sample:
     rss: dict[str, float]  # MB by process name (summed over processes of that name)
     fds: dict[str, int]
     queues: dict[str, int]
-    incoming: int  # files in spool/incoming
+    incoming: int  # files in spool/incoming: message files and segments not yet reclaimed
     storage_mb: float
     sent: int
 
@@ -195,7 +195,7 @@ def sample(root_pid: int, var: Path, ports: dict, started: float, sender: Sender
         rss={name: sum(map(rss_mb, pids)) for name, pids in processes.items()},
         fds={name: sum(map(fd_count, pids)) for name, pids in processes.items()},
         queues={k: v for k, v in queue_depths(ports["management"]).items() if k.startswith("mailferry")},
-        incoming=len(list((var / "spool" / "incoming").glob("*.eml"))),
+        incoming=sum(1 for p in (var / "spool" / "incoming").iterdir() if p.suffix in (".eml", ".seg")),
         storage_mb=folder_mb(var / "storage"), sent=len(sender.accepted))
 
 

@@ -296,7 +296,7 @@ def test_the_haraka_image_config_accepts_mail_for_its_domains_and_spools_it(brok
                                      b"Subject: hello\r\nMessage-ID: <h1@sender.test>\r\n\r\nhi\r\n")
             assert failures == {}
         assert queue_depth(settings.amqp_url, broker.INBOUND) == 1
-        assert [p.suffix for p in (spool / "incoming").iterdir()] == [".eml"]
+        assert [p.suffix for p in (spool / "incoming").iterdir()] == [".seg"]  # its record
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGINT)  # Haraka stops on SIGINT (SIGTERM as pid 1)
