@@ -6,9 +6,9 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime as dt
+import hashlib
 import json
 import logging
-import os
 import re
 from typing import Callable, Iterator
 from urllib.parse import quote
@@ -21,17 +21,16 @@ from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Route
 from starlette.schemas import SchemaGenerator
 
-from mailferry import api_tokens
+from mailferry import api_tokens, metrics
 from mailferry.config import Settings
 from mailferry.contracts import iso_utc
 from mailferry.models import ApiToken, EmailAttachment, EmailMessage, EmailTask, TaskStatus, User, db, utcnow
-from mailferry.payload import message_payload, raw_span
-from mailferry.storage import BlobStore
+from mailferry.payload import message_payload
+from mailferry.storage import BlobStore, StoredObject
 from mailferry.users import normalise_address
 
 log = logging.getLogger(__name__)
 
-CHUNK = 64 * 1024  # bytes per read of a streamed file
 DEFAULT_LIMIT, MAX_LIMIT = 50, 200
 # A token's last_used_at is written at most this often: a read API must not write per request.
 LAST_USED_EVERY = dt.timedelta(minutes=1)
@@ -253,12 +252,8 @@ def get_message(request: Request, token: ApiToken) -> Response:
                                   "content": {"message/rfc822": {}}}, **_errors(401, 404)}})
 def get_raw(request: Request, token: ApiToken) -> Response:
     message = _message(request, token)
-    try:
-        path, offset, length = raw_span(request.app.state.store, message.raw_path)
-        handle = open(path, "rb")
-    except OSError:
-        raise HTTPException(404, "the raw source is no longer stored") from None
-    return _stream(handle, offset, length, "message/rfc822", f"message-{message.id}.eml")
+    stored = _open(request, message.raw_path, "the raw source", raw=True)
+    return _stream(stored, iter(stored), "message/rfc822", f"message-{message.id}.eml")
 
 
 @operation({"summary": "One attachment, streamed",
@@ -274,14 +269,11 @@ def get_attachment(request: Request, token: ApiToken) -> Response:
                   .order_by(EmailAttachment.id).first())
     if attachment is None:
         raise HTTPException(404, "no such attachment")
-    try:
-        handle = open(request.app.state.store.path_of(attachment.file_path), "rb")
-    except OSError:
-        raise HTTPException(404, "the attachment is no longer stored") from None
-    size = _size(handle)
+    stored = _open(request, attachment.file_path, "the attachment")
     media_type = attachment.content_type if _MEDIA_TYPE.match(attachment.content_type or "") \
         else "application/octet-stream"
-    return _stream(handle, 0, size, media_type, attachment.safe_filename or f"attachment-{attachment.position + 1}")
+    return _stream(stored, verified(stored, attachment.sha256, attachment.file_path), media_type,
+                   attachment.safe_filename or f"attachment-{attachment.position + 1}")
 
 
 @operation({
@@ -333,27 +325,42 @@ def docs(request: Request) -> Response:
 # -- streaming -------------------------------------------------------------------------------
 
 
-def _size(handle) -> int:
-    return os.fstat(handle.fileno()).st_size
+def _open(request: Request, key: str, what: str, raw: bool = False) -> StoredObject:
+    store: BlobStore = request.app.state.store
+    try:
+        return store.open_raw(key) if raw else store.open(key)
+    except FileNotFoundError:
+        raise HTTPException(404, f"{what} is no longer stored") from None
+    except OSError as exc:
+        log.error("storage: cannot read %s for the API: %s", key, exc)
+        raise HTTPException(503, f"{what} cannot be read from storage now") from None
 
 
-def _chunks(handle, offset: int, length: int) -> Iterator[bytes]:
-    """``length`` bytes from ``offset``, CHUNK at a time; a sync generator, so Starlette reads
-    it in its threadpool and the file is never whole in memory."""
-    with handle:
-        handle.seek(offset)
-        left = length
-        while left > 0:
-            chunk = handle.read(min(CHUNK, left))
-            if not chunk:
-                return
-            left -= len(chunk)
-            yield chunk
+def verified(stored: StoredObject, sha256: str, key: str) -> Iterator[bytes]:
+    """The object's chunks, its last one held back until the whole object hashed to
+    ``sha256``: an object changed or damaged in storage ends the response short of its
+    Content-Length, which every HTTP client reports as an error, instead of arriving as if
+    whole."""
+    digest, held = hashlib.sha256(), None
+    for chunk in stored:
+        if held is not None:
+            yield held
+        digest.update(chunk)
+        held = chunk
+    if digest.hexdigest() != sha256:
+        metrics.storage_integrity_failures.inc()
+        log.error("storage: %s does not hash to its sha256 %s: the response is cut short",
+                  key, sha256)
+        raise OSError(f"{key}: stored bytes do not match their sha256")
+    if held is not None:
+        yield held
 
 
-def _stream(handle, offset: int, length: int, media_type: str, filename: str) -> Response:
-    return StreamingResponse(_chunks(handle, offset, length), media_type=media_type, headers={
-        "Content-Length": str(length), "Content-Disposition": content_disposition(filename),
+def _stream(stored: StoredObject, chunks: Iterator[bytes], media_type: str, filename: str) -> Response:
+    """``chunks`` is a sync iterator: Starlette reads it in its threadpool, and the object is
+    never whole in memory."""
+    return StreamingResponse(chunks, media_type=media_type, headers={
+        "Content-Length": str(stored.size), "Content-Disposition": content_disposition(filename),
         "X-Content-Type-Options": "nosniff"})
 
 

@@ -40,6 +40,20 @@ class Settings:
         "spool root shared with Haraka; empty means <var_dir>/spool"))
     storage_dir: Path = field(default=Path(""), metadata=_meta(
         "root of raw messages and attachments; empty means <var_dir>/storage"))
+    storage_url: str = field(default="", metadata=_meta(
+        "where raw messages and attachments are kept: empty (the folder storage_dir), "
+        "file:///PATH, or s3://BUCKET/PREFIX for S3-compatible object storage (s3_* settings)",
+        scheme=("file", "s3")))
+    s3_endpoint: str = field(default="", metadata=_meta(
+        "S3 endpoint URL for an s3:// storage_url; empty means AWS's for s3_region",
+        scheme=("http", "https")))
+    s3_region: str = field(default="us-east-1", metadata=_meta("S3 region"))
+    s3_access_key_id: str = field(default="", metadata=_meta(
+        "S3 access key; empty means the AWS SDKs' own lookup (AWS_* variables, a role)"))
+    s3_secret_access_key: str = field(default="", metadata=_meta("S3 secret key"))
+    storage_concurrency: int = field(default=16, metadata=_meta(
+        "object-storage requests in flight per batch (s3:// storage only)",
+        minimum=1, maximum=256))
     storage_sync: str = field(default="auto", metadata=_meta(
         "how a batch's files are made durable: auto (one syncfs per batch where Linux reports "
         "its errors, else fsync) or fsync (each file; for storage sharing a filesystem with a "

@@ -72,6 +72,9 @@ def _quiet(count) -> float:
         return float("nan")
 
 
+storage_integrity_failures = Counter(
+    "mailferry_storage_integrity_failures",
+    "Stored objects that did not hash to their sha256 when read (damaged or changed in storage)")
 dead_lettered = Counter(
     "mailferry_dead_lettered", "Messages published to mailferry.dead, by the queue they left",
     ["queue"])

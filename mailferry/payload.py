@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import email.parser
 import email.policy
-import os
 
 from mailferry.config import Settings
 from mailferry.contracts import iso_utc
 from mailferry.models import EmailAttachment, EmailMessage, User
-from mailferry.spool import ENVELOPE_MARK, ENVELOPE_MAX, split_envelope
 from mailferry.storage import BlobStore
 
 HEADER_READ_LIMIT = 1024 * 1024  # bytes of a raw source read for its header block
@@ -85,28 +83,11 @@ def _attachments(message: EmailMessage) -> list[EmailAttachment]:
                 .order_by(EmailAttachment.position, EmailAttachment.id))
 
 
-def raw_span(store: BlobStore, relative: str) -> tuple[str, int, int]:
-    """(path, offset, length) of a stored raw source's message: a source stored before
-    2026-12-06 was linked from its spool file and starts with its envelope record, which is not
-    the sender's message."""
-    path = str(store.path_of(relative))
-    with open(path, "rb") as handle:
-        head = handle.read(len(ENVELOPE_MARK))
-        if head == ENVELOPE_MARK:  # only then is the rest of the record read
-            head += handle.read(ENVELOPE_MAX)
-        size = os.fstat(handle.fileno()).st_size
-    _, start = split_envelope(head)
-    return path, start, size - start
-
-
 def headers_of(store: BlobStore, relative: str) -> list[list[str]]:
     """The message's header fields, in order, as [name, decoded value] pairs; [] if the raw
     source is gone (retention) or unreadable."""
     try:
-        path, offset, _ = raw_span(store, relative)
-        with open(path, "rb") as handle:
-            handle.seek(offset)
-            head = handle.read(HEADER_READ_LIMIT)
+        head = store.open_raw(relative).head(HEADER_READ_LIMIT)
     except OSError:
         return []
     end = min((i for i in (head.find(b"\r\n\r\n"), head.find(b"\n\n")) if i >= 0), default=len(head))

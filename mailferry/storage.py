@@ -1,25 +1,30 @@
-"""File storage for raw messages and attachments, named by content hash.
+"""Where raw messages and attachments are kept: one interface, ``BlobStore``, and two backends,
+chosen by ``storage_url``: folders (``FolderStore``, here; the default, under ``var/storage``)
+and S3-compatible object storage (``mailferry.object_storage.S3Store``), for installations
+whose consumer and API processes run on more than one host.
 
-Attachments live at ``ab/cd/<sha256>``: the same file sent a thousand times (a logo, a
-signature) is one file. A message's raw source lives at ``raw/<YYYY-MM-DD>/<sha256>.eml``,
-filed by the UTC day it was stored: a batch of messages then adds entries to one folder, and
-one folder fsync makes the whole batch durable — spread over ``ab/cd/`` the same batch touched
-a folder per message, and those fsyncs were most of the consumer's own cost (docs/BENCHMARKS.md).
-Nothing taken from a message ever becomes part of a path here.
+Keys are named by content hash, the same in both backends. Attachments live at
+``ab/cd/<sha256>``: the same file sent a thousand times (a logo, a signature) is one object. A
+message's raw source lives at ``raw/<YYYY-MM-DD>/<sha256>.eml``, filed by the UTC day it was
+stored: a batch of messages then adds entries to one folder, and one folder fsync makes the
+whole batch durable — spread over ``ab/cd/`` the same batch touched a folder per message, and
+those fsyncs were most of the consumer's own cost (docs/BENCHMARKS.md). Nothing taken from a
+message ever becomes part of a key. Every caller — the consumer that writes, the API that
+streams, the commands that read — goes through the interface, never a path.
 
-Files are durable before the database commit that points at them. A new blob's content is
-durable before its final name exists (temporary file made durable, then rename), so a crash
-can never leave a final name over partial content — which matters because a present name
-means "stored". A batch has two barriers: its contents, then its names. On Linux each is one
-``syncfs(2)`` of the store's filesystem (one journal commit for the whole batch, where an
-fsync per file paid one each: ~1 µs of CPU per file instead of ~57, docs/BENCHMARKS.md);
-elsewhere, or with ``storage_sync = fsync``, each file and then each changed folder is fsynced.
+Objects are durable before the database commit that points at them, and a present key means
+"stored": ``put_many`` returns only when every object of the batch is. In folders, a new
+blob's content is durable before its final name exists (temporary file made durable, then
+rename), so a crash can never leave a final name over partial content. A batch has two
+barriers: its contents, then its names. On Linux each is one ``syncfs(2)`` of the store's
+filesystem (one journal commit for the whole batch, where an fsync per file paid one each: ~1
+µs of CPU per file instead of ~57, docs/BENCHMARKS.md); elsewhere, or with ``storage_sync =
+fsync``, each file and then each changed folder is fsynced.
 
 A stored raw source is the message's own bytes, an RFC 5322 message any tool can open. It is
 never linked from the spool file: that begins with the envelope record, whose RCPT list
 (Bcc included) is the whole transaction's, not one recipient's (docs/DESIGN.md, "Spool").
 """
-
 from __future__ import annotations
 
 import ctypes
@@ -31,6 +36,10 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
+
+
+CHUNK = 64 * 1024  # bytes per read when an object is streamed
 
 
 @dataclass(frozen=True)
@@ -45,56 +54,140 @@ class Blob:
     source: object | None = None  # has .message()
     raw: bool = False
 
+    def bytes(self) -> bytes:
+        return self.data if self.data is not None else _message_in(self.source)
+
+
+class StoredObject:
+    """An open stored object: its length, and its bytes a chunk at a time (never whole in
+    memory). Iterating reads it to the end and closes it; ``close`` lets it go early."""
+
+    def __init__(self, size: int, chunks: Iterator[bytes], close=None):
+        self.size = size
+        self._chunks = chunks
+        self._close = close
+
+    def __iter__(self) -> Iterator[bytes]:
+        try:
+            yield from self._chunks
+        finally:
+            self.close()
+
+    def head(self, limit: int) -> bytes:
+        """The first ``limit`` bytes (fewer if it is shorter); the object is closed after."""
+        out = bytearray()
+        try:
+            for chunk in self._chunks:
+                out += chunk
+                if len(out) >= limit:
+                    break
+        finally:
+            self.close()
+        return bytes(out[:limit])
+
+    def close(self) -> None:
+        if self._close is not None:
+            self._close()
+            self._close = None
+
 
 class BlobStore:
+    """The interface every backend gives. A backend implements ``write_new`` (make a batch
+    of new objects durable; a key already present is left as it is, since its name is the
+    hash of its bytes), ``open``, ``keys`` and ``describe``; it may override ``open_raw``."""
+
+    @staticmethod
+    def of(settings) -> "BlobStore":
+        """The store ``settings`` name (``storage_url``; empty: the folder ``storage_dir``)."""
+        return open_store(settings.storage_url, settings)
+
+    @staticmethod
+    def key_of(sha256: str, raw_day: str | None = None) -> str:
+        if raw_day:
+            return f"raw/{raw_day}/{sha256}.eml"
+        return f"{sha256[:2]}/{sha256[2:4]}/{sha256}"
+
+    def put(self, data: bytes, sha256: str | None = None) -> tuple[str, str]:
+        """Store one blob durably; return (key, sha256)."""
+        return self.put_many([Blob(data, sha256)])[0]
+
+    def put_many(self, blobs: list[Blob]) -> list[tuple[str, str]]:
+        """Store blobs durably, as one batch; (key, sha256) each, in order."""
+        day = time.strftime("%Y-%m-%d", time.gmtime())
+        results, new, queued = [], [], set()
+        for blob in blobs:
+            digest = blob.sha256 or hashlib.sha256(blob.data).hexdigest()
+            key = self.key_of(digest, day if blob.raw else None)
+            results.append((key, digest))
+            if key not in queued:
+                queued.add(key)
+                new.append((key, blob))
+        self.write_new(new)
+        return results
+
+    def write_new(self, items: list[tuple[str, Blob]]) -> int:
+        """Make every (key, blob) durable under its key; how many were written (not present)."""
+        raise NotImplementedError
+
+    def open(self, key: str) -> StoredObject:
+        """The object at ``key``; FileNotFoundError if there is none, OSError if the store
+        cannot be read."""
+        raise NotImplementedError
+
+    def open_raw(self, key: str) -> StoredObject:
+        """A raw source as the sender's MTA handed it over."""
+        return self.open(key)
+
+    def read(self, key: str) -> bytes:
+        return b"".join(self.open(key))
+
+    def read_raw(self, key: str) -> bytes:
+        return b"".join(self.open_raw(key))
+
+    def keys(self) -> Iterator[str]:
+        """Every stored key (for migration), in no particular order."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+
+def open_store(url: str, settings) -> BlobStore:
+    """The store at ``url`` (``file://PATH``, ``s3://BUCKET/PREFIX``, or empty for the folder
+    ``settings.storage_dir``), with the rest of its settings taken from ``settings``."""
+    if url.startswith("s3://"):
+        from mailferry.object_storage import S3Store  # only installations that use it load it
+        return S3Store.from_url(url, settings)
+    root = Path(url[len("file://"):]) if url.startswith("file://") else settings.resolved_storage_dir
+    return FolderStore(root, settings.storage_sync)
+
+
+class FolderStore(BlobStore):
+    """Objects as files under one folder (the single-machine default)."""
+
     def __init__(self, root: Path, sync: str = "auto"):
         """``sync``: "auto" (one syncfs per barrier where it reports errors) or "fsync"."""
         self.root = Path(root)
         self._folders: set[str] = set()
         self._syncfs = _SYNCFS if sync == "auto" else None
 
-    @classmethod
-    def of(cls, settings) -> "BlobStore":
-        """The store ``settings`` name: its folder and its barrier."""
-        return cls(settings.resolved_storage_dir, settings.storage_sync)
+    def describe(self) -> str:
+        return f"folders under {self.root}"
 
-    def relative_path(self, sha256: str, raw_day: str | None = None) -> str:
-        if raw_day:
-            return f"raw/{raw_day}/{sha256}.eml"
-        return f"{sha256[:2]}/{sha256[2:4]}/{sha256}"
-
-    def path_of(self, relative: str) -> Path:
-        return self.root / relative
-
-    def put(self, data: bytes, sha256: str | None = None) -> tuple[str, str]:
-        """Store one blob durably; return (relative path, sha256)."""
-        return self.put_many([Blob(data, sha256)])[0]
-
-    def put_many(self, blobs: list[Blob]) -> list[tuple[str, str]]:
-        """Store blobs durably; (relative path, sha256) each.
-
-        Blobs are written under temporary names, fsynced, and renamed. Then every folder that
-        gained an entry is fsynced once, however many files it gained.
-        """
+    def write_new(self, items: list[tuple[str, Blob]]) -> int:
+        """Blobs are written under temporary names, made durable, and renamed. Then every
+        folder that gained an entry is made durable once, however many files it gained."""
         # Plain strings, not Paths, below: this runs for every message and every attachment.
-        day = time.strftime("%Y-%m-%d", time.gmtime())
         root = str(self.root)
-        results, pending, queued = [], [], set()
+        pending = []
         touched: set[str] = set()  # folders whose entries changed
-        for blob in blobs:
-            digest = blob.sha256 or hashlib.sha256(blob.data).hexdigest()
-            relative = self.relative_path(digest, day if blob.raw else None)
-            results.append((relative, digest))
-            if relative in queued:
-                continue
-            queued.add(relative)
-            target = f"{root}/{relative}"
+        for key, blob in items:
+            target = f"{root}/{key}"
             folder = target.rpartition("/")[0]
             if os.path.exists(target):
                 continue  # stored before: the name is the hash of the bytes
             touched.update(self._ensure_folder(folder))
-            data = blob.data if blob.data is not None else _message_in(blob.source)
-            pending.append((target, folder, data))
+            pending.append((target, folder, blob.bytes()))
         # Write every file first, then fsync them in turn, in this thread. (fsyncs side by
         # side in a thread pool cost the process more CPU in thread hand-offs than the
         # fsyncs themselves: docs/BENCHMARKS.md.)
@@ -123,25 +216,38 @@ class BlobStore:
             os.replace(tmp, target)
             touched.add(folder)
         if self._syncfs and touched:
-            self._sync_root()  # the batch's names and new folders
-            return results
+            _on_folder(self.root, self._syncfs)  # the batch's names and new folders
+            return len(pending)
         # Deepest first: a new folder's entries are durable before its name is.
         for folder in sorted(touched, key=lambda f: f.count("/"), reverse=True):
             fsync_dir(folder)
-        return results
+        return len(pending)
 
-    def _sync_root(self) -> None:
-        _on_folder(self.root, self._syncfs)
+    def open(self, key: str) -> StoredObject:
+        return self._open_span(key, raw=False)
 
-    def read(self, relative: str) -> bytes:
-        return (self.root / relative).read_bytes()
+    def open_raw(self, key: str) -> StoredObject:
+        """Sources stored before 2026-12-06 were linked from their spool file and begin with
+        its envelope record (``mailferry.spool``): that is left out here."""
+        return self._open_span(key, raw=True)
 
-    def read_raw(self, relative: str) -> bytes:
-        """A message's raw source as the sender's MTA handed it over. Sources stored before
-        2026-12-06 were linked from their spool file and begin with its envelope record
-        (``mailferry.spool``): that is left out here."""
-        from mailferry.spool import message_of  # spool builds on storage's durable writes
-        return message_of(self.read(relative))
+    def _open_span(self, key: str, raw: bool) -> StoredObject:
+        handle = open(self.root / _checked(key), "rb")
+        try:
+            size = os.fstat(handle.fileno()).st_size
+            start = _envelope_length(handle) if raw else 0
+        except BaseException:
+            handle.close()
+            raise
+        return StoredObject(size - start, _file_chunks(handle, start, size - start), handle.close)
+
+    def keys(self) -> Iterator[str]:
+        root = str(self.root)
+        for folder, subfolders, files in os.walk(root):
+            subfolders.sort()
+            for name in sorted(files):
+                if not name.startswith(".tmp-"):  # a batch's temporary file, never a key
+                    yield os.path.relpath(os.path.join(folder, name), root)
 
     def _ensure_folder(self, folder: str) -> list[str]:
         """Create ``folder`` if needed; the folders whose entries that changed."""
@@ -155,6 +261,39 @@ class BlobStore:
                 changed.append(os.path.dirname(level))
         self._folders.add(folder)
         return changed
+
+
+_KEY = re.compile(r"(raw/\d{4}-\d{2}-\d{2}/[0-9a-f]{64}\.eml|[0-9a-f]{2}/[0-9a-f]{2}/[0-9a-f]{64})")
+
+
+def _checked(key: str) -> str:
+    """``key`` if it is one this store names (a database row is read as hostile too: a key
+    that could climb out of the store is refused, not opened)."""
+    if not _KEY.fullmatch(key):
+        raise FileNotFoundError(f"not a storage key: {key!r}")
+    return key
+
+
+def _envelope_length(handle) -> int:
+    """How many bytes of an envelope record begin the file (0 if none); the handle is left
+    at its start."""
+    from mailferry.spool import ENVELOPE_MARK, ENVELOPE_MAX, split_envelope  # spool builds on storage
+    head = handle.read(len(ENVELOPE_MARK))
+    if head == ENVELOPE_MARK:  # only then is the rest of the record read
+        head += handle.read(ENVELOPE_MAX)
+    handle.seek(0)
+    return split_envelope(head)[1]
+
+
+def _file_chunks(handle, offset: int, length: int) -> Iterator[bytes]:
+    handle.seek(offset)
+    left = length
+    while left > 0:
+        chunk = handle.read(min(CHUNK, left))
+        if not chunk:
+            return
+        left -= len(chunk)
+        yield chunk
 
 
 def _message_in(source) -> bytes:

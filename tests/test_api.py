@@ -38,7 +38,7 @@ from mailferry.users import add_user
 def store(settings, raws: list[bytes], user, raw_sources: list[Path | None] | None = None) -> list[int]:
     """Store messages for ``user`` the consumer's way (files, then rows in one batch)."""
     parsed = [parse_email(raw) for raw in raws]
-    files = store_batch(BlobStore(settings.resolved_storage_dir), list(zip(raws, parsed)), raw_sources)
+    files = store_batch(BlobStore.of(settings), list(zip(raws, parsed)), raw_sources)
     requests = [SaveRequest(p, f, [Route(user.id, user.email, None)], "smtp", None)
                 for p, f in zip(parsed, files)]
     with write_transaction():

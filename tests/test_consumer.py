@@ -53,7 +53,7 @@ def test_every_corpus_message_is_stored_or_quarantined_with_a_reason(broker_sett
     assert sorted(json.loads(body)["queue_id"] for _, body in letters) == sorted(expected_bad)
     assert all(headers[broker.H_REASON].startswith("quarantined") for headers, _ in letters)
 
-    store = BlobStore(settings.resolved_storage_dir)
+    store = BlobStore.of(settings)
     by_message_id = {m.message_id: m for m in EmailMessage.select().where(EmailMessage.user == bob)}
     # Messages sharing a Message-ID are one message: stored once.
     assert set(by_message_id) == {p.message_id for p in expected_ok.values()}

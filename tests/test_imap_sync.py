@@ -354,7 +354,7 @@ def test_a_message_already_stored_from_smtp_is_not_stored_again(imap_user):
     from mailferry.storage import BlobStore
     messages = generated(0, 3)
     parsed = parse_email(messages[1])
-    files = store_files(BlobStore(imap_user.settings.resolved_storage_dir), messages[1], parsed)
+    files = store_files(BlobStore.of(imap_user.settings), messages[1], parsed)
     with db.atomic():
         save_for_users(parsed, files, [Route(imap_user.user.id, imap_user.user.email, None)],
                        source="smtp", envelope={"queue_id": "Q1"})

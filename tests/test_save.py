@@ -18,7 +18,7 @@ from devstack import mailgen
 
 def _request(settings, raw: bytes, users, envelope=None) -> SaveRequest:
     parsed = parse_email(raw)
-    files = store_files(BlobStore(settings.resolved_storage_dir), raw, parsed)
+    files = store_files(BlobStore.of(settings), raw, parsed)
     routes = [Route(user.id, user.email, None) for user in users]
     return SaveRequest(parsed, files, routes, "smtp", envelope)
 

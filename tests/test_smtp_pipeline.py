@@ -103,7 +103,7 @@ def test_attachment_sent_over_smtp_is_stored_with_its_bytes(broker_settings, har
     attachment = EmailAttachment.get(EmailAttachment.email_message == message)
     assert attachment.filename == "report.bin"
     assert attachment.file_size == len(payload)
-    store = BlobStore(settings.resolved_storage_dir)
+    store = BlobStore.of(settings)
     assert store.read(attachment.file_path) == payload
     # The raw file as stored is the message the client sent, after the Received: header Haraka
     # adds: an RFC 5322 message for any tool, without the spool's envelope record.
@@ -136,7 +136,7 @@ def test_bcc_only_recipient_gets_the_message(broker_settings, haraka_installed, 
     # The one raw file both rows share is the message alone: the RCPT list (bob, the Bcc)
     # stays in the spool's record and each row's envelope, never in what alice can download.
     assert rows[alice.id].raw_path == rows[bob.id].raw_path
-    shared = BlobStore(settings.resolved_storage_dir).read(rows[alice.id].raw_path)
+    shared = BlobStore.of(settings).read(rows[alice.id].raw_path)
     assert shared.endswith(crlf(raw)) and b"MAILFERRY-ENVELOPE" not in shared
     assert b"bob@" not in shared
     assert InboundReceipt.get(InboundReceipt.queue_id == qid).stored_count == 2

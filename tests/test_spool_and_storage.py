@@ -9,7 +9,7 @@ import pytest
 from consumer.save import safe_filename
 from mailferry.errors import ContractError
 from mailferry.spool import Spool, SpoolEntry, envelope_record
-from mailferry.storage import Blob, BlobStore
+from mailferry.storage import Blob, BlobStore, FolderStore
 
 
 @pytest.mark.parametrize("relative", [
@@ -51,7 +51,7 @@ def test_write_incoming_and_quarantine_keep_the_message_and_a_reason(tmp_path):
 
 
 def test_blobs_are_named_by_hash_and_stored_once(tmp_path):
-    store = BlobStore(tmp_path / "storage")
+    store = FolderStore(tmp_path / "storage")
     first, digest = store.put(b"hello")
     again, _ = store.put(b"hello")
     assert first == again == f"{digest[:2]}/{digest[2:4]}/{digest}"
@@ -80,7 +80,7 @@ def test_safe_filename_is_bounded():
 def test_a_spool_file_is_stored_as_its_message_alone(tmp_path):
     # The spool file begins with the envelope record, whose RCPT list is the whole
     # transaction's (Bcc included): what is stored is the message after it, its own file.
-    store = BlobStore(tmp_path / "storage")
+    store = FolderStore(tmp_path / "storage")
     source = tmp_path / "spool.eml"
     record = envelope_record(b'{"rcpt_to":["alice@example.org","bcc@example.org"]}')
     source.write_bytes(record + b"Subject: hi\r\n\r\nraw message\r\n")
@@ -88,7 +88,7 @@ def test_a_spool_file_is_stored_as_its_message_alone(tmp_path):
     digest = hashlib.sha256(message).hexdigest()
     [(relative, _)] = store.put_many([Blob(None, digest, SpoolEntry(source, "spool"), raw=True)])
     assert relative.startswith("raw/") and relative.endswith(f"/{digest}.eml")
-    stored = store.path_of(relative)
+    stored = (store.root / relative)
     assert stored.read_bytes() == message
     assert stored.stat().st_ino != source.stat().st_ino  # not a second name of the spool file
     source.unlink()  # the spool file goes after the commit; the stored copy stays
@@ -98,26 +98,37 @@ def test_a_spool_file_is_stored_as_its_message_alone(tmp_path):
 
 def test_a_raw_source_linked_before_still_reads_as_its_message(tmp_path):
     # Installations older than 2026-12-06 hold raw sources linked from spool files.
-    store = BlobStore(tmp_path / "storage")
+    store = FolderStore(tmp_path / "storage")
     record = envelope_record(b'{"rcpt_to":["alice@example.org"]}')
-    old = store.path_of("raw/2026-12-01/old.eml")
+    key = f"raw/2026-12-01/{hashlib.sha256(b'Subject: old').hexdigest()}.eml"
+    old = store.root / key
     old.parent.mkdir(parents=True)
     old.write_bytes(record + b"Subject: old\r\n\r\nbody\r\n")
-    assert store.read_raw("raw/2026-12-01/old.eml") == b"Subject: old\r\n\r\nbody\r\n"
+    assert store.read_raw(key) == b"Subject: old\r\n\r\nbody\r\n"
+    assert store.open_raw(key).size == len(b"Subject: old\r\n\r\nbody\r\n")
+    assert store.read(key).startswith(record)  # the file as it lies, for whoever copies it
+
+
+def test_a_key_that_could_leave_the_store_is_not_opened(tmp_path):
+    store = FolderStore(tmp_path / "storage")
+    (tmp_path / "secret").write_bytes(b"not mail")
+    for key in ("../secret", "/etc/passwd", "raw/2026-12-01/../../../secret", "ab/cd/x"):
+        with pytest.raises(FileNotFoundError):
+            store.open(key)
 
 
 def test_a_source_stored_before_is_not_written_again(tmp_path):
-    store = BlobStore(tmp_path / "storage")
+    store = FolderStore(tmp_path / "storage")
     digest = hashlib.sha256(b"raw message").hexdigest()
     first, second = tmp_path / "first.eml", tmp_path / "second.eml"
     first.write_bytes(b"raw message")
     second.write_bytes(b"raw message")
     [(relative, _)] = store.put_many([Blob(None, digest, SpoolEntry(first, "q"), raw=True)])
-    written = store.path_of(relative).stat().st_ino
+    written = (store.root / relative).stat().st_ino
     # A redelivery: the same bytes under the same name, whatever file they come from now.
     assert store.put_many([Blob(None, digest, SpoolEntry(second, "q"), raw=True),
                            Blob(None, digest, SpoolEntry(second, "q"), raw=True)]) == [(relative, digest)] * 2
-    assert store.path_of(relative).stat().st_ino == written
+    assert (store.root / relative).stat().st_ino == written
 
 
 def _record_disk_steps(monkeypatch, fail_fsync_of: int | None = None) -> list[tuple]:
@@ -154,7 +165,7 @@ def _record_disk_steps(monkeypatch, fail_fsync_of: int | None = None) -> list[tu
 
 
 def test_a_batch_is_durable_before_its_names_and_its_folders_after_them(tmp_path, monkeypatch):
-    store = BlobStore(tmp_path / "storage", sync="fsync")
+    store = FolderStore(tmp_path / "storage", sync="fsync")
     source = tmp_path / "spool.eml"
     source.write_bytes(b"raw message")
     raw_digest = hashlib.sha256(b"raw message").hexdigest()
@@ -172,7 +183,7 @@ def test_a_batch_is_durable_before_its_names_and_its_folders_after_them(tmp_path
     folders = [s[1] for s in steps[6:]]
     assert all(kind == "fsync_dir" for kind, _ in steps[6:])
     root = str(tmp_path / "storage")
-    expected = {root, f"{root}/raw", store.path_of(results[0][0]).parent.as_posix()}
+    expected = {root, f"{root}/raw", (store.root / results[0][0]).parent.as_posix()}
     for digest in files:
         expected |= {f"{root}/{digest[:2]}", f"{root}/{digest[:2]}/{digest[2:4]}"}
     assert set(folders) == expected
@@ -181,7 +192,7 @@ def test_a_batch_is_durable_before_its_names_and_its_folders_after_them(tmp_path
 
 
 def test_a_failed_fsync_leaves_no_temporary_and_no_final_name(tmp_path, monkeypatch):
-    store = BlobStore(tmp_path / "storage", sync="fsync")
+    store = FolderStore(tmp_path / "storage", sync="fsync")
     _record_disk_steps(monkeypatch, fail_fsync_of=1)  # the second file's fsync fails
     with pytest.raises(OSError):
         store.put_many([Blob(b"first file"), Blob(b"second file")])
@@ -220,7 +231,7 @@ def _with_syncfs_logged(store: BlobStore, monkeypatch, fail: bool = False) -> li
 
 
 def test_with_syncfs_a_batch_has_two_barriers_contents_then_names(tmp_path, monkeypatch):
-    store = BlobStore(tmp_path / "storage")  # auto: syncfs on this Linux
+    store = FolderStore(tmp_path / "storage")  # auto: syncfs on this Linux
     steps = _with_syncfs_logged(store, monkeypatch)
     results = store.put_many([Blob(b"raw message", raw=True), Blob(b"first file"), Blob(b"second file")])
     names = [f"{results[0][1]}.eml", results[1][1], results[2][1]]
@@ -232,7 +243,7 @@ def test_with_syncfs_a_batch_has_two_barriers_contents_then_names(tmp_path, monk
 
 
 def test_a_failed_syncfs_leaves_no_temporary_and_no_final_name(tmp_path, monkeypatch):
-    store = BlobStore(tmp_path / "storage")
+    store = FolderStore(tmp_path / "storage")
     _with_syncfs_logged(store, monkeypatch, fail=True)
     with pytest.raises(OSError):
         store.put_many([Blob(b"first file"), Blob(b"second file")])

