@@ -101,8 +101,8 @@ class Progress:
 
     WIDTH = 30
 
-    def __init__(self, stream):
-        self.stream = stream
+    def __init__(self, stream, unit: str = "msg"):
+        self.stream, self.unit = stream, unit
         self.console = terminal(stream)
         self.total = self.done = 0
         self.started = time.monotonic()
@@ -138,7 +138,7 @@ class Progress:
         rate = self.done / elapsed if elapsed > 0 else 0.0
         filled = int(self.WIDTH * share)
         self.stream.write(f"[{'#' * filled}{'.' * (self.WIDTH - filled)}] {self.done}/{self.total} "
-                          f"({share:4.0%}) {escape(detail)}, {rate:.0f} msg/s\n")
+                          f"({share:4.0%}) {escape(detail)}, {rate:.0f} {self.unit}/s\n")
         self.stream.flush()
 
     def close(self) -> None:

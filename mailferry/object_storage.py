@@ -30,7 +30,7 @@ from obstore.exceptions import AlreadyExistsError, PreconditionError
 from obstore.store import S3Store as _Client
 
 from mailferry.errors import ConfigError
-from mailferry.storage import CHUNK, Blob, BlobStore, StoredObject
+from mailferry.storage import CHUNK, Blob, BlobStore, StoredObject, checked_key
 
 STREAM_CHUNK = 256 * 1024  # bytes obstore gathers per chunk when an object is streamed
 # A request is retried for seconds, not obstore's default three minutes: a consumer's batch
@@ -98,7 +98,7 @@ class S3Store(BlobStore):
 
     def open(self, key: str) -> StoredObject:
         try:
-            result = obstore.get(self._client, key)
+            result = obstore.get(self._client, checked_key(key))
         except FileNotFoundError:  # obstore raises the built-in for a missing object
             raise FileNotFoundError(errno.ENOENT, f"no object {key} in {self.describe()}") from None
         except Exception as exc:  # noqa: BLE001

@@ -107,6 +107,12 @@ class BlobStore:
             return f"raw/{raw_day}/{sha256}.eml"
         return f"{sha256[:2]}/{sha256[2:4]}/{sha256}"
 
+    @staticmethod
+    def sha256_of_key(key: str) -> str | None:
+        """The content hash a key names, or None if it is not a key this store makes."""
+        match = _KEY.fullmatch(key)
+        return (match.group("raw") or match.group("blob")) if match else None
+
     def put(self, data: bytes, sha256: str | None = None) -> tuple[str, str]:
         """Store one blob durably; return (key, sha256)."""
         return self.put_many([Blob(data, sha256)])[0]
@@ -232,7 +238,7 @@ class FolderStore(BlobStore):
         return self._open_span(key, raw=True)
 
     def _open_span(self, key: str, raw: bool) -> StoredObject:
-        handle = open(self.root / _checked(key), "rb")
+        handle = open(self.root / checked_key(key), "rb")
         try:
             size = os.fstat(handle.fileno()).st_size
             start = _envelope_length(handle) if raw else 0
@@ -263,13 +269,14 @@ class FolderStore(BlobStore):
         return changed
 
 
-_KEY = re.compile(r"(raw/\d{4}-\d{2}-\d{2}/[0-9a-f]{64}\.eml|[0-9a-f]{2}/[0-9a-f]{2}/[0-9a-f]{64})")
+_KEY = re.compile(r"raw/\d{4}-\d{2}-\d{2}/(?P<raw>[0-9a-f]{64})\.eml"
+                  r"|(?P<a>[0-9a-f]{2})/(?P<b>[0-9a-f]{2})/(?P<blob>(?P=a)(?P=b)[0-9a-f]{60})")
 
 
-def _checked(key: str) -> str:
+def checked_key(key: str) -> str:
     """``key`` if it is one this store names (a database row is read as hostile too: a key
     that could climb out of the store is refused, not opened)."""
-    if not _KEY.fullmatch(key):
+    if BlobStore.sha256_of_key(key) is None:
         raise FileNotFoundError(f"not a storage key: {key!r}")
     return key
 

@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "mailferry.cli.tasks",
     "mailferry.cli.ops",
     "mailferry.cli.webhooks",
+    "mailferry.cli.storage",
 ]
 
 
