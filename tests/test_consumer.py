@@ -24,8 +24,11 @@ def handled(queue_ids) -> bool:
     return InboundReceipt.select().where(InboundReceipt.queue_id.in_(list(queue_ids))).count() == len(queue_ids)
 
 
-def test_every_corpus_message_is_stored_or_quarantined_with_a_reason(broker_settings):
+@pytest.mark.parametrize("where", ["folders", "s3"])
+def test_every_corpus_message_is_stored_or_quarantined_with_a_reason(broker_settings, where, request):
     settings = broker_settings
+    if where == "s3":  # a real S3-compatible server: no object may land in a folder
+        settings = settings.replace(**request.getfixturevalue("s3_prefix"))
     bob = add_user("bob@example.org")
     injector = Injector(settings)
     expected_ok, expected_bad = {}, []
@@ -69,6 +72,11 @@ def test_every_corpus_message_is_stored_or_quarantined_with_a_reason(broker_sett
         for att, want in zip(atts, parsed.attachments):
             assert store.read(att.file_path) == want.data
     assert list(spool.incoming.glob("*.eml")) == []
+    referenced = {m.raw_path for m in by_message_id.values()} | {a.file_path for a in EmailAttachment.select()}
+    assert referenced <= set(store.keys())  # (a duplicate's files are written before its row is refused)
+    if where == "s3":
+        assert not settings.resolved_storage_dir.exists() or \
+            not any(p.is_file() for p in settings.resolved_storage_dir.rglob("*"))
 
 
 def test_hostile_filename_is_stored_under_its_hash(broker_settings):
