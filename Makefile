@@ -41,6 +41,7 @@ bench: install
 	@$(PY) bench/imap_idle.py
 	@$(PY) bench/events.py
 	@$(PY) bench/fidelity.py
+	@$(PY) bench/storage_backends.py
 
 clean:
 	rm -rf var/ .pytest_cache

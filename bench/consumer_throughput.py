@@ -69,6 +69,7 @@ class Drain:
     busy: float  # share of the drain's time each parser process spent on a CPU
     steady_busy: float  # … between the 10th and the 90th percent of the receipts
     cpu: str  # where the CPU went: ms per message, and how idle the machine was
+    cpu_ms: dict[str, float]  # CPU ms per message: parsers, consumers, rabbitmq
 
 
 def drain(settings: Settings, count: int, consumers: int, rabbit: RabbitMQServer) -> Drain:
@@ -109,7 +110,8 @@ def drain(settings: Settings, count: int, consumers: int, rabbit: RabbitMQServer
     return Drain(count / elapsed, rss, busy, steady,
                  f"CPU ms/msg: parsers {used['parsers']:.2f}, consumers {used['consumers']:.2f}, "
                  f"RabbitMQ {used['rabbitmq']:.2f}; idle {idle:.0f} %; parser busy "
-                 f"{100 * busy:.0f} % ({100 * steady:.0f} % from 10 to 90 % of the receipts)")
+                 f"{100 * busy:.0f} % ({100 * steady:.0f} % from 10 to 90 % of the receipts)",
+                 used)
 
 
 def cpu_snapshot(processes, rabbit: RabbitMQServer) -> dict[str, float]:
