@@ -12,7 +12,7 @@ import time
 import pika
 import pika.exceptions as px
 
-from mailferry.config import Settings
+from mailferry.config import Settings, split_urls
 from mailferry.errors import PermanentError, TransientError
 
 log = logging.getLogger(__name__)
@@ -71,8 +71,10 @@ def connection_parameters(url: str) -> pika.URLParameters:
 
 
 def connect(url: str) -> pika.BlockingConnection:
+    """A connection to the first node of ``url`` (one URL, or a cluster's, separated by
+    commas) that answers: pika tries them in turn."""
     try:
-        return pika.BlockingConnection(connection_parameters(url))
+        return pika.BlockingConnection([connection_parameters(node) for node in split_urls(url)])
     except px.ProbableAuthenticationError as exc:
         raise PermanentError(f"RabbitMQ refused the credentials in MAILFERRY_AMQP_URL: {exc}") from exc
     except CONNECTION_ERRORS as exc:
@@ -82,6 +84,12 @@ def connect(url: str) -> pika.BlockingConnection:
 def _queue_args(settings: Settings, **extra) -> dict:
     args = {"x-queue-type": settings.queue_type}
     args.update(extra)
+    if settings.queue_type == "quorum" and "x-dead-letter-exchange" in args:
+        # By default a quorum queue dead-letters at most once, without confirms: a webhook
+        # retry or a task's watchdog leaving its delay queue during a failover could be lost.
+        # at-least-once re-publishes until the target queue confirms (and needs
+        # reject-publish, which takes effect only with a length limit: none is set here).
+        args.update({"x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish"})
     return args
 
 
@@ -186,7 +194,12 @@ class Publisher:
             except px.UnroutableError as exc:
                 raise TransientError(f"no queue bound for routing key {routing_key!r}") from exc
             except px.NackError as exc:
-                raise TransientError(f"RabbitMQ refused the message for {routing_key!r}") from exc
+                # A channel that nacked is not used again: on RabbitMQ 3.10, a channel opened
+                # while a quorum queue elected its leader nacked every publish for minutes,
+                # until it was reopened. The next attempt gets a fresh one.
+                self.close()
+                if attempt == attempts:
+                    raise TransientError(f"RabbitMQ refused the message for {routing_key!r}") from exc
             except CONNECTION_ERRORS as exc:
                 self.close()
                 if attempt == attempts:

@@ -30,7 +30,9 @@ class Settings:
     var_dir: Path = field(default=Path("var"), metadata=_meta(
         "folder that holds the default database, spool and storage"))
     amqp_url: str = field(default="amqp://guest:guest@127.0.0.1:5672/%2F", metadata=_meta(
-        "RabbitMQ URL", scheme=("amqp", "amqps")))
+        "RabbitMQ URL; for a cluster, the nodes' URLs separated by commas, tried in that order "
+        "(each host lists a different node first), with queue_type = quorum",
+        scheme=("amqp", "amqps")))
     management_url: str = field(default="http://guest:guest@127.0.0.1:15672", metadata=_meta(
         "RabbitMQ management API URL (for `mailferry status`)", scheme=("http", "https")))
     database_url: str = field(default="", metadata=_meta(
@@ -183,6 +185,11 @@ class Settings:
         return tuple(int(part) for part in self.webhook_schedule.split(",") if part.strip())
 
     @property
+    def amqp_urls(self) -> list[str]:
+        """The broker nodes of ``amqp_url``, in the order they are tried."""
+        return split_urls(self.amqp_url)
+
+    @property
     def resolved_api_base_url(self) -> str:
         return (self.api_base_url or f"http://{self.api_host}:{self.api_port}").rstrip("/")
 
@@ -200,6 +207,10 @@ class Settings:
 
     def replace(self, **changes: Any) -> "Settings":
         return dataclasses.replace(self, **changes)
+
+
+def split_urls(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
 
 
 def env_name(name: str) -> str:
@@ -221,7 +232,20 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         raise ConfigError(f"{config_file}: unknown setting(s) {', '.join(unknown)}")
     values = {f.name: _convert(f, raw[f.name]) for f in dataclasses.fields(Settings) if f.name in raw}
     _check_shard(values.get("imap_idle_shard", "0/1"))
-    return Settings(**values)
+    settings = Settings(**values)
+    _check_cluster(settings)
+    return settings
+
+
+def _check_cluster(settings: Settings) -> None:
+    """Several broker nodes need quorum queues: a classic queue lives on one node, and while
+    that node is down the queue is gone for every process, whichever node it reached."""
+    nodes = len(settings.amqp_urls)
+    if nodes > 1 and settings.queue_type != "quorum":
+        raise ConfigError(
+            f"MAILFERRY_AMQP_URL names {nodes} RabbitMQ nodes but MAILFERRY_QUEUE_TYPE="
+            f"{settings.queue_type}: a classic queue is unavailable while its one node is down; "
+            "set MAILFERRY_QUEUE_TYPE=quorum")
 
 
 def _check_shard(text: str) -> None:
@@ -263,10 +287,11 @@ def _convert(f: dataclasses.Field, value: Any) -> Any:
             raise ConfigError(f"{name}={text!r}: must be one of {', '.join(meta['choices'])}")
         return normal
     if meta["scheme"] and text:
-        scheme = text.split("://", 1)[0].lower() if "://" in text else ""
-        if scheme not in meta["scheme"]:
-            accepted = ", ".join(s + "://" for s in meta["scheme"])
-            raise ConfigError(f"{name}={redact_url(text)!r}: must start with {accepted}")
+        for url in (split_urls(text) if f.name == "amqp_url" else [text]):
+            scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+            if scheme not in meta["scheme"]:
+                accepted = ", ".join(s + "://" for s in meta["scheme"])
+                raise ConfigError(f"{name}={redact_url(url)!r}: must start with {accepted}")
     return text
 
 
@@ -280,6 +305,9 @@ def redact_url(url: str) -> str:
     parameter replaced by ``***``. Anything that is not a URL is returned as it is."""
     if "://" not in url:
         return url
+    nodes = split_urls(url)
+    if len(nodes) > 1 and all("://" in node for node in nodes):  # a cluster's list
+        return ",".join(redact_url(node) for node in nodes)
     scheme, rest = url.split("://", 1)
     base, query_mark, query = rest.partition("?")
     if "@" in base:

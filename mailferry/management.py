@@ -49,7 +49,7 @@ class Endpoint:
 
 def endpoint(settings: Settings) -> Endpoint:
     parts = urlsplit(settings.management_url)
-    amqp = pika.URLParameters(settings.amqp_url)
+    amqp = pika.URLParameters(settings.amqp_urls[0])
     if parts.username is not None:
         username, password = unquote(parts.username), unquote(parts.password or "")
     else:

@@ -73,3 +73,17 @@ def test_invalid_configuration_stops_the_cli_with_one_line(tmp_path):
         "mailferry: configuration error: MAILFERRY_PREFETCH=-1: must be between 1 and 10000 "
         "(messages a consumer holds unacked; a batch per commit is a quarter of it"
         ", and at most 16 MB of mail)"]
+
+
+def test_a_cluster_of_brokers_needs_quorum_queues_and_each_node_is_checked():
+    nodes = "amqp://u:secret@a:5672/%2F, amqp://u:secret@b:5672/%2F,amqp://u:secret@c:5672/%2F"
+    with pytest.raises(ConfigError) as refused:
+        load_settings({"MAILFERRY_AMQP_URL": nodes})
+    assert "names 3 RabbitMQ nodes" in str(refused.value) and "QUEUE_TYPE=quorum" in str(refused.value)
+    settings = load_settings({"MAILFERRY_AMQP_URL": nodes, "MAILFERRY_QUEUE_TYPE": "quorum"})
+    assert settings.amqp_urls == ["amqp://u:secret@a:5672/%2F", "amqp://u:secret@b:5672/%2F",
+                                  "amqp://u:secret@c:5672/%2F"]
+    with pytest.raises(ConfigError, match="http://b"):
+        load_settings({"MAILFERRY_AMQP_URL": "amqp://a/%2F,http://b/", "MAILFERRY_QUEUE_TYPE": "quorum"})
+    from mailferry.config import redact_url
+    assert redact_url(nodes.replace(" ", "")) == ",".join(f"amqp://u:***@{h}:5672/%2F" for h in "abc")
