@@ -87,9 +87,22 @@ exports.shutdown = function () {
 }
 
 // The one place that builds an AMQP connection; tests replace this method with a fake.
+// `cfg.url` may list a cluster's nodes, separated by commas: the first that answers is used.
 exports.amqp_connect = async function (cfg) {
+  let failure = new Error('no RabbitMQ URL configured')
+  for (const url of String(cfg.url).split(',').map((u) => u.trim()).filter(Boolean)) {
+    try {
+      return await connect_to(url, cfg)
+    } catch (err) {
+      failure = err
+    }
+  }
+  throw failure
+}
+
+async function connect_to(url, cfg) {
   const amqplib = require('amqplib')
-  const connection = await amqplib.connect(cfg.url, {
+  const connection = await amqplib.connect(url, {
     heartbeat: cfg.heartbeat,
     clientProperties: { connection_name: `haraka mailferry pid ${process.pid}` },
   })
@@ -386,16 +399,23 @@ exports.publish = function (body, id) {
       publish_timeout * 1000,
     )
     this.pending.set(id, entry)
+    const amqp = this.amqp
 
     try {
-      this.amqp.channel.publish(
+      amqp.channel.publish(
         exchange,
         routing_key,
         Buffer.from(JSON.stringify(body), 'utf8'),
         { persistent: true, mandatory: true, contentType: 'application/json', messageId: id },
         (err) => {
           // amqplib: 'message nacked', or 'channel closed' for publishes the channel took down.
-          if (err) return finish(new Error(`mail queue did not take the message (RabbitMQ: ${err.message}), try again later`))
+          if (err) {
+            // A channel that nacked is not used again: on RabbitMQ 3.10 a channel opened while
+            // a quorum queue elected its leader nacked every publish for minutes, until it was
+            // reopened. The next connection may also reach another node of a cluster.
+            if (/nack/i.test(err.message)) this.lost(amqp, 'RabbitMQ nacked a publish')
+            return finish(new Error(`mail queue did not take the message (RabbitMQ: ${err.message}), try again later`))
+          }
           // RabbitMQ sends basic.return before the ack of the same message, so a returned
           // message is already marked here even though it is "acked".
           if (entry.returned) return finish(new Error(`mail queue cannot route the message (${entry.returned}), try again later`))

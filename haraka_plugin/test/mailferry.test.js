@@ -177,6 +177,18 @@ describe('queue hook', () => {
     assert.deepEqual(spoolRecords(plugin).withdrawn, [conn.transaction.uuid])
   })
 
+  it('drops a channel that nacked and publishes the next message on a fresh one', async (t) => {
+    const { broker, plugin } = await connected(t, { mode: 'nack' })
+    const nacking = broker.channel
+    broker.mode = 'ack' // for the channels made from now on
+    assertDeny(await callQueue(plugin, makeMailConnection()), /message nacked/, constants.denysoft)
+    await waitFor(() => plugin.amqp !== null && broker.attempts === 2)
+    assert.notEqual(plugin.amqp.channel, nacking)
+    assertOk(await callQueue(plugin, makeMailConnection()), /queued as/)
+    assert.equal(nacking.published.length, 1)
+    assert.equal(broker.channel.published.length, 1)
+  })
+
   it('answers DENYSOFT when the message is returned as unroutable, though its ack follows', async (t) => {
     const { plugin } = await connected(t, { mode: 'return' })
     const conn = makeMailConnection()

@@ -72,6 +72,34 @@ describe('against a real RabbitMQ', () => {
     assert.deepEqual(segment.subarray(body.spool_offset), expected)
   })
 
+  it('takes a cluster\'s URLs and publishes through the first node that answers', { skip }, async (t) => {
+    const plugin = realPlugin(t)
+    const dead = 'amqp://guest:guest@127.0.0.1:1/%2F' // nothing listens on port 1
+    plugin.cfg.amqp.url = `${dead}, ${URL}`
+    await plugin.connect()
+    await waitFor(() => plugin.amqp !== null, 5000)
+    const conn = makeMailConnection()
+    assertOk(await callQueue(plugin, conn), /queued as/)
+    const msg = await channel.get(queue, { noAck: true })
+    assert.equal(msg.properties.messageId, conn.transaction.uuid)
+  })
+
+  it('drops a connection whose publish RabbitMQ nacked, and connects again', { skip }, async (t) => {
+    // A queue that refuses everything: RabbitMQ nacks each publish routed to it.
+    const refusing = `${exchange}.refuses`
+    await channel.assertQueue(refusing, { durable: true, arguments: { 'x-max-length': 0, 'x-overflow': 'reject-publish' } })
+    await channel.bindQueue(refusing, exchange, 'refuses')
+    t.after(() => channel.deleteQueue(refusing))
+    const plugin = realPlugin(t, 'refuses')
+    plugin.cfg.amqp.reconnect_initial = 0.05
+    plugin.backoff_ms = 50
+    await plugin.connect()
+    await waitFor(() => plugin.amqp !== null, 5000)
+    const first = plugin.amqp.connection
+    assertDeny(await callQueue(plugin, makeMailConnection()), /RabbitMQ: message nacked/, constants.denysoft)
+    await waitFor(() => plugin.amqp !== null && plugin.amqp.connection !== first, 5000)
+  })
+
   it('answers DENYSOFT and withdraws the record when nothing is bound to the routing key', { skip }, async (t) => {
     const plugin = realPlugin(t, 'nobody-listens-here')
     await plugin.connect()
