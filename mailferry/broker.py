@@ -145,7 +145,9 @@ def setup_topology(settings: Settings) -> None:
     except px.ChannelClosedByBroker as exc:
         raise PermanentError(
             f"RabbitMQ refused the topology ({exc.reply_text}); a queue exists with other "
-            "arguments (queue type or TTL changed?) — delete it or restore the setting") from exc
+            "arguments (queue type or TTL changed? quorum queues declared before 2026-12-07 lack "
+            "x-dead-letter-strategy=at-least-once and x-overflow=reject-publish) — drain and delete it "
+            "to have it declared again, or restore the setting") from exc
     finally:
         _close_quietly(connection)
 
