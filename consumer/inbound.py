@@ -66,6 +66,7 @@ class InboundHandler(Handler):
 
     def __init__(self, settings: Settings, spool: Spool | None = None, store: BlobStore | None = None):
         self.settings = settings
+        self.queue = broker.inbound_queue(settings)  # this host's own, when it is one of several
         self.prefetch = settings.prefetch
         self.spool = (spool or Spool(settings.resolved_spool_dir)).ensure()
         self.store = store or BlobStore.of(settings)

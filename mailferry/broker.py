@@ -49,6 +49,17 @@ CONNECTION_ERRORS = (px.AMQPConnectionError, px.ConnectionClosed, px.ChannelClos
                      px.StreamLostError, px.ChannelWrongStateError, ConnectionError, OSError)
 
 
+def inbound_queue(settings: Settings) -> str:
+    """The queue this host's inbound jobs wait in: its own when it is one node of several
+    (a job names a file on this host's spool, which no other host can read)."""
+    return f"{INBOUND}.{settings.node}" if settings.node else INBOUND
+
+
+def inbound_key(settings: Settings) -> str:
+    """The routing key of ``inbound_queue``: what this host's Haraka publishes with."""
+    return f"{ROUTING_KEYS[INBOUND]}.{settings.node}" if settings.node else ROUTING_KEYS[INBOUND]
+
+
 def watchdog_queue(seconds: int) -> tuple[str, str]:
     """(queue, routing key) of the delay tier for ``seconds``.
 
@@ -111,6 +122,9 @@ def declare_topology(channel, settings: Settings) -> None:
     for queue, arguments in declarations.items():
         channel.queue_declare(queue, durable=True, arguments=arguments)
         channel.queue_bind(queue, EXCHANGE, routing_key=ROUTING_KEYS[queue])
+    if settings.node:
+        channel.queue_declare(inbound_queue(settings), durable=True, arguments=declarations[INBOUND])
+        channel.queue_bind(inbound_queue(settings), EXCHANGE, routing_key=inbound_key(settings))
     declare_watchdog(channel, settings, settings.task_timeout)
     channel.exchange_declare(EVENTS, exchange_type="topic", durable=True)
     channel.queue_declare(WEBHOOKS, durable=True, arguments=_queue_args(settings, **dead_letter_to))

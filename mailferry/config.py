@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,10 @@ class Settings:
         scheme=("amqp", "amqps")))
     management_url: str = field(default="http://guest:guest@127.0.0.1:15672", metadata=_meta(
         "RabbitMQ management API URL (for `mailferry status`)", scheme=("http", "https")))
+    node: str = field(default="", metadata=_meta(
+        "this host's name where several hosts each run Haraka and consumers: its Haraka "
+        "publishes to routing key inbound.<node>, and only this host's consumers take "
+        "mailferry.inbound.<node>, since the spool is this host's disk; empty: one host"))
     database_url: str = field(default="", metadata=_meta(
         "database URL; empty means sqlite:///<var_dir>/mailferry.db",
         scheme=("sqlite", "postgresql", "postgres")))
@@ -232,9 +237,16 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         raise ConfigError(f"{config_file}: unknown setting(s) {', '.join(unknown)}")
     values = {f.name: _convert(f, raw[f.name]) for f in dataclasses.fields(Settings) if f.name in raw}
     _check_shard(values.get("imap_idle_shard", "0/1"))
+    _check_node(values.get("node", ""))
     settings = Settings(**values)
     _check_cluster(settings)
     return settings
+
+
+def _check_node(name: str) -> None:
+    if name and not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,39}", name):
+        raise ConfigError(f"MAILFERRY_NODE={name!r}: lower-case letters, digits and '-', "
+                          "at most 40 (it names a queue and a routing key)")
 
 
 def _check_cluster(settings: Settings) -> None:

@@ -26,6 +26,7 @@ class Injector:
     """Spools and publishes like the Haraka plugin; used by the CLI, tests and benchmarks."""
 
     def __init__(self, settings: Settings):
+        self.settings = settings
         self.spool = Spool(settings.resolved_spool_dir).ensure()
         self.publisher = broker.Publisher(settings, declare=True)
 
@@ -39,7 +40,7 @@ class Injector:
                          received_at=now_iso(), remote_ip="127.0.0.1", helo="mailferry-inject")
         _, relative = self.spool.write_incoming(raw, queue_id, envelope=job.to_body())
         try:
-            self.publisher.publish(broker.ROUTING_KEYS[broker.INBOUND], job.to_body(),
+            self.publisher.publish(broker.inbound_key(self.settings), job.to_body(),
                                    message_id=queue_id)
         except Exception:
             self.spool.remove(self.spool.resolve(relative))  # as the plugin does

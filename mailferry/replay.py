@@ -171,8 +171,8 @@ class Replayer:
         """(quarantined path, incoming path, the job to replay) of an inbound job whose file is
         in spool/failed. A segment record was quarantined as a file of its own: its job is
         replayed naming that file."""
-        if origin != broker.INBOUND:
-            return None
+        if origin != broker.INBOUND and not origin.startswith(broker.INBOUND + "."):
+            return None  # not an inbound queue (one host's own is mailferry.inbound.<node>)
         try:
             job = InboundJob.from_body(body)
             entry = self.spool.entry(job)

@@ -20,6 +20,7 @@ from mailferry.errors import MailferryError
 from mailferry.overview import database_problem
 from scheduler.cleanup import startup_cleanup
 from scheduler.lease import Lease
+from scheduler.sweep import sweep_spool
 from scheduler.tick import TickResult, run_tick
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,12 @@ class Scheduler:
                     if max_ticks is not None and self.ticks >= max_ticks:
                         break
                     continue
+                if (self.settings.node and time.monotonic() >= next_tick
+                        and not self.stopping.is_set() and not self.lease.held()):
+                    # One of several hosts: its spool is its own disk, which the acting
+                    # scheduler (on another host) cannot read. A standby sweeps it.
+                    next_tick = time.monotonic() + self.settings.schedule_interval
+                    self.sweep_own_spool()
                 wait = self.renew_every
                 if self.lease.held():
                     wait = min(wait, max(0.0, next_tick - time.monotonic()))
@@ -102,6 +109,18 @@ class Scheduler:
         self.last_tick, self.last_tick_at = result, time.monotonic()
         log.info("tick %d: %s in %.2f s", self.ticks, result.outcome, result.seconds)
         return result
+
+    def sweep_own_spool(self) -> None:
+        """The spool sweep alone, as a standby on one host of several runs it."""
+        try:
+            summary = sweep_spool(self.settings, self.publisher)
+            log.info("standby sweep of this host's spool: %d found, %d republished", summary.found,
+                     summary.republished)
+        except Exception:  # noqa: BLE001 - the next interval tries again
+            metrics.scheduler_tick_failures.labels("sweep").inc()
+            log.exception("standby sweep of this host's spool failed")
+        finally:
+            self.publisher.close()
 
     def broker_readiness(self) -> str | None:
         """None unless the acting scheduler's last tick could not publish its fetch jobs.

@@ -163,7 +163,7 @@ def sweep_spool(settings: Settings, publisher, now: float | None = None) -> Swee
         return summary
     try:
         _sweep(settings, spool, files, publisher, summary)
-        _republish_segments(segment_orphans, publisher, summary)
+        _republish_segments(settings, segment_orphans, publisher, summary)
     except (MailferryError, peewee.PeeweeException, OSError) as exc:
         fail_task(task.task_id, f"spool sweep failed: {exc}", fetched=summary.found,
                   saved=summary.republished, failed=summary.quarantined,
@@ -180,15 +180,15 @@ def sweep_spool(settings: Settings, publisher, now: float | None = None) -> Swee
                            "deferred": summary.deferred})
     if summary.deferred:
         log.info("spool sweep: %d old files not republished while %s has messages waiting",
-                 summary.deferred, broker.INBOUND)
+                 summary.deferred, broker.inbound_queue(settings))
     summary.status = TaskStatus.COMPLETED
     return summary
 
 
 def _sweep(settings: Settings, spool: Spool, files: list[Path], publisher, summary: SweepSummary) -> None:
     done = _receipts([p.stem for p in files])
-    key = broker.ROUTING_KEYS[broker.INBOUND]
-    waiting = publisher.queue_depth(broker.INBOUND)
+    key = broker.inbound_key(settings)
+    waiting = publisher.queue_depth(broker.inbound_queue(settings))
     for path in files:
         queue_id = path.stem
         if queue_id in done:
@@ -220,11 +220,12 @@ def _sweep(settings: Settings, spool: Spool, files: list[Path], publisher, summa
         log.info("spool sweep: republished %s to %s", path.name, ", ".join(job.rcpt_to))
 
 
-def _republish_segments(orphans: list[SegmentOrphans], publisher, summary: SweepSummary) -> None:
+def _republish_segments(settings: Settings, orphans: list[SegmentOrphans], publisher,
+                        summary: SweepSummary) -> None:
     if not orphans:
         return
-    key = broker.ROUTING_KEYS[broker.INBOUND]
-    if publisher.queue_depth(broker.INBOUND):
+    key = broker.inbound_key(settings)
+    if publisher.queue_depth(broker.inbound_queue(settings)):
         summary.deferred += sum(len(s.jobs) for s in orphans)
         return
     for segment in orphans:
