@@ -253,6 +253,11 @@ def _check_cluster(settings: Settings) -> None:
     """Several broker nodes need quorum queues: a classic queue lives on one node, and while
     that node is down the queue is gone for every process, whichever node it reached."""
     nodes = len(settings.amqp_urls)
+    if (settings.node or nodes > 1) and settings.resolved_database_url.startswith("sqlite:"):
+        why = f"MAILFERRY_NODE={settings.node}" if settings.node else f"{nodes} RabbitMQ nodes"
+        raise ConfigError(
+            f"{why} means more than one host, and SQLite is a file on one host: set "
+            "MAILFERRY_DATABASE_URL=postgresql://… (one database every host reaches)")
     if nodes > 1 and settings.queue_type != "quorum":
         raise ConfigError(
             f"MAILFERRY_AMQP_URL names {nodes} RabbitMQ nodes but MAILFERRY_QUEUE_TYPE="

@@ -33,15 +33,19 @@ def cluster(tmp_path_factory):
         yield running
 
 
+ON_POSTGRESQL = pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+
+
 @pytest.fixture
-def cluster_settings(cluster, sqlite_settings) -> Settings:
-    """Every node listed, quorum queues, a vhost of the test's own on the cluster."""
+def cluster_settings(cluster, settings) -> Settings:
+    """Every node listed, quorum queues, a vhost of the test's own on the cluster, and
+    PostgreSQL: more than one broker node means more than one host, where SQLite is refused."""
     vhost = f"t-{time.monotonic_ns()}"
     first = cluster.nodes[0] if cluster.nodes[0].running else cluster.nodes[1]
     first.rabbitmqctl("add_vhost", vhost)
     first.rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
     urls = ",".join(node.amqp_url_for(vhost) for node in cluster.nodes)
-    return sqlite_settings.replace(amqp_url=urls, queue_type="quorum")
+    return settings.replace(amqp_url=urls, queue_type="quorum")
 
 
 def _queued_ids(settings: Settings, queue: str) -> list[str]:
@@ -83,6 +87,7 @@ def _publish_with_retries(publisher: Publisher, ids: list[str], stop_at: int, st
     return confirmed, refusals
 
 
+@ON_POSTGRESQL
 def test_a_publisher_fails_over_when_its_node_stops_and_every_confirmed_message_is_kept(
         cluster, cluster_settings):
     settings = cluster_settings
@@ -107,6 +112,7 @@ def test_a_publisher_fails_over_when_its_node_stops_and_every_confirmed_message_
     assert len(cluster.running_nodes(cluster.nodes[0])) == 3
 
 
+@ON_POSTGRESQL
 def test_quorum_queues_dead_letter_at_least_once(cluster, cluster_settings):
     broker.setup_topology(cluster_settings)
     vhost = pika.URLParameters(cluster_settings.amqp_urls[0]).virtual_host
@@ -120,6 +126,7 @@ def test_quorum_queues_dead_letter_at_least_once(cluster, cluster_settings):
     assert "x-dead-letter-strategy" not in queues[broker.DEAD]["arguments"]  # it dead-letters nowhere
 
 
+@ON_POSTGRESQL
 def test_the_consumer_keeps_storing_through_a_node_stop(cluster, cluster_settings):
     settings = cluster_settings
     add_user("bob@example.org")

@@ -77,13 +77,24 @@ def test_invalid_configuration_stops_the_cli_with_one_line(tmp_path):
 
 def test_a_cluster_of_brokers_needs_quorum_queues_and_each_node_is_checked():
     nodes = "amqp://u:secret@a:5672/%2F, amqp://u:secret@b:5672/%2F,amqp://u:secret@c:5672/%2F"
+    pg = {"MAILFERRY_DATABASE_URL": "postgresql://u@db/mailferry"}
     with pytest.raises(ConfigError) as refused:
-        load_settings({"MAILFERRY_AMQP_URL": nodes})
+        load_settings({"MAILFERRY_AMQP_URL": nodes, **pg})
     assert "names 3 RabbitMQ nodes" in str(refused.value) and "QUEUE_TYPE=quorum" in str(refused.value)
-    settings = load_settings({"MAILFERRY_AMQP_URL": nodes, "MAILFERRY_QUEUE_TYPE": "quorum"})
+    settings = load_settings({"MAILFERRY_AMQP_URL": nodes, "MAILFERRY_QUEUE_TYPE": "quorum", **pg})
     assert settings.amqp_urls == ["amqp://u:secret@a:5672/%2F", "amqp://u:secret@b:5672/%2F",
                                   "amqp://u:secret@c:5672/%2F"]
     with pytest.raises(ConfigError, match="http://b"):
-        load_settings({"MAILFERRY_AMQP_URL": "amqp://a/%2F,http://b/", "MAILFERRY_QUEUE_TYPE": "quorum"})
+        load_settings({"MAILFERRY_AMQP_URL": "amqp://a/%2F,http://b/", "MAILFERRY_QUEUE_TYPE": "quorum", **pg})
     from mailferry.config import redact_url
     assert redact_url(nodes.replace(" ", "")) == ",".join(f"amqp://u:***@{h}:5672/%2F" for h in "abc")
+
+
+@pytest.mark.parametrize("env", [{"MAILFERRY_NODE": "mx-1"},
+                                 {"MAILFERRY_AMQP_URL": "amqp://a/%2F,amqp://b/%2F", "MAILFERRY_QUEUE_TYPE": "quorum"}])
+def test_more_than_one_host_on_sqlite_is_refused_in_one_line(env):
+    with pytest.raises(ConfigError) as refused:
+        load_settings(env)
+    message = str(refused.value)
+    assert "SQLite is a file on one host" in message and "\n" not in message
+    assert load_settings({**env, "MAILFERRY_DATABASE_URL": "postgresql://u@db/m"}).resolved_database_url.startswith("postgresql")

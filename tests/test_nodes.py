@@ -105,6 +105,6 @@ def test_a_standby_scheduler_sweeps_its_own_hosts_spool(sqlite_broker_settings, 
 
 
 def test_a_node_name_must_be_fit_for_a_queue_name():
-    assert load_settings({"MAILFERRY_NODE": "mx-2"}).node == "mx-2"
+    assert load_settings({"MAILFERRY_NODE": "mx-2", "MAILFERRY_DATABASE_URL": "postgresql://u@db/m"}).node == "mx-2"
     with pytest.raises(ConfigError, match="MAILFERRY_NODE"):
-        load_settings({"MAILFERRY_NODE": "MX 2/../x"})
+        load_settings({"MAILFERRY_NODE": "MX 2/../x", "MAILFERRY_DATABASE_URL": "postgresql://u@db/m"})
