@@ -10,10 +10,12 @@ between the broker's confirm and its update — reaches every consumer under one
 from __future__ import annotations
 
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 from mailferry.contracts import iso_utc
-from mailferry.db import insert_rows, translated
+from mailferry.db import insert_rows, is_postgres, translated
 from mailferry.models import Event, db, json_text, utcnow
 
 STORED = "message.stored"
@@ -85,6 +87,27 @@ def envelope_of(event: Event) -> dict:
 def pending(limit: int) -> list[Event]:
     """The oldest events not yet published."""
     return list(Event.select().where(Event.published_at.is_null()).order_by(Event.id).limit(limit))
+
+
+@contextmanager
+def claimed(limit: int) -> Iterator[list[Event]]:
+    """The oldest events not yet published, held by this relay for the block, and marked
+    published when the block ends without raising (after the broker took them).
+
+    On PostgreSQL they are read ``FOR UPDATE SKIP LOCKED`` in a transaction that lasts the
+    block: relays side by side (one per host) take disjoint batches, and a relay that dies
+    mid-batch lets its rows go to the next. SQLite is one host and one relay: a plain read,
+    so the consumers' commits never wait on a publish."""
+    if not is_postgres():
+        events = pending(limit)
+        yield events
+        mark_published([event.id for event in events])
+        return
+    with db.atomic():
+        events = list(Event.select().where(Event.published_at.is_null()).order_by(Event.id)
+                      .limit(limit).for_update(skip_locked=True))
+        yield events
+        mark_published([event.id for event in events])
 
 
 def mark_published(ids: list[int]) -> None:

@@ -8,7 +8,9 @@ the confirm and the mark publishes it again under the same id, which receivers (
 webhook worker, by its attempt records) take as the same event: nothing is lost, and
 nothing is invented under a second id.
 
-Run one relay. A second one is safe (the same events, the same ids) but does the work twice.
+Several relays may run, one per host: on PostgreSQL each takes its batch ``FOR UPDATE SKIP
+LOCKED`` (``outbox.claimed``), so no event is published by two of them. On SQLite (one host)
+run one.
 """
 
 from __future__ import annotations
@@ -42,15 +44,12 @@ class Relay:
     def publish_pending(self) -> int:
         """Publish what the outbox holds, oldest first, in one broker transaction; the
         number published."""
-        with translated("reading the outbox"):
-            events = outbox.pending(BATCH)
-        if not events:
-            return 0
-        self.publisher.publish_many(
-            [(event.type, json.dumps(outbox.envelope_of(event), ensure_ascii=False).encode(),
-              event.event_id) for event in events], exchange=broker.EVENTS)
-        with translated("marking events published"):
-            outbox.mark_published([event.id for event in events])
+        with translated("publishing the outbox"), outbox.claimed(BATCH) as events:
+            if not events:
+                return 0
+            self.publisher.publish_many(
+                [(event.type, json.dumps(outbox.envelope_of(event), ensure_ascii=False).encode(),
+                  event.event_id) for event in events], exchange=broker.EVENTS)
         for event in events:
             metrics.events_published.labels(event.type).inc()
         return len(events)
