@@ -21,6 +21,12 @@ drops every connection at once is met by a bounded trickle, not a storm. After e
 (re)connect the folder's state is compared with the checkpoint, so mail that came while the
 connection was down is fetched then, not at the next poll.
 
+Which mailboxes this consumer holds is decided by leases in the database
+(``mailferry.idle_leases``), renewed at each reading of the mailbox list: each consumer takes
+its fair share (at most ``imap_idle_max``). When a consumer dies its leases expire after
+``imap_idle_lease`` seconds and the others take its mailboxes; when it stops, it lets them go
+at once.
+
 A connection that covers every folder its mailbox syncs marks its checkpoint
 ``idle_until`` (renewed with each IDLE): until then the scheduler polls that mailbox only
 every ``imap_idle_poll_interval`` seconds, as a safety net.
@@ -50,7 +56,7 @@ from consumer import imap_client
 from consumer.imap_client import ImapSession
 from consumer.imap_sync import MailboxSync, checkpoint
 from consumer.imap_worker import arm_watchdog, run_fetch_task
-from mailferry import broker, metrics, oauth2, tasks
+from mailferry import broker, idle_leases, metrics, oauth2, tasks
 from mailferry.config import Settings
 from mailferry.db import translated
 from mailferry.errors import EmailConfigError, MailferryError, PermanentError
@@ -145,7 +151,10 @@ class IdleLane:
                  connect: Callable[[ImapConfig, float], ImapSession] = imap_client.connect,
                  clock: Callable[[], float] = time.monotonic, refresh: float = REFRESH_SECONDS):
         self.settings = settings
-        self.refresh = refresh  # seconds between readings of the mailbox list
+        # Seconds between readings of the mailbox list, which renew this consumer's leases:
+        # well inside a lease, so that one late reading never loses them.
+        self.refresh = min(refresh, settings.imap_idle_lease / 3)
+        self.holder = idle_leases.holder_name()
         self.configs = configs or EmailConfigManager(settings)
         self.connect = connect
         self.clock = clock
@@ -190,6 +199,12 @@ class IdleLane:
         for watch in held:
             _close(watch.session)
         self._clear_idle_until([w for w in held if w.marks_idle])
+        try:  # let the mailboxes go at once: another consumer takes them at its next reading
+            with translated("letting the IDLE leases go"):
+                idle_leases.release(self.holder)
+        except MailferryError as exc:
+            log.warning("IDLE: could not let the leases go (they expire in %d s): %s",
+                        self.settings.imap_idle_lease, exc)
         for sync, publisher in self._syncs:
             sync.close()
             publisher.close()
@@ -411,13 +426,11 @@ class IdleLane:
         self._post(lambda: self._loaded(wanted))
 
     def _wanted(self) -> dict[int, tuple[str, str, bool]]:
-        """{user id: (fingerprint, folder, marks_idle)} of this shard's IDLE mailboxes."""
-        index, count = self.settings.idle_shard
+        """{user id: (fingerprint, folder, marks_idle)} of the IDLE mailboxes this consumer
+        holds the lease of: its share of them (``mailferry.idle_leases``)."""
         wanted = {}
         with translated("reading the IDLE mailboxes"):
             for user_id, raw in active_imap_configs():
-                if user_id % count != index:
-                    continue
                 try:
                     config = validate_imap_config(raw)
                 except EmailConfigError:
@@ -426,7 +439,12 @@ class IdleLane:
                     fingerprint = hashlib.sha256(json.dumps(raw, sort_keys=True, default=str)
                                                  .encode()).hexdigest()
                     wanted[user_id] = (fingerprint, config.idle_folder, config.idle_covers_all)
-        return wanted
+            leases = idle_leases.balance(self.holder, list(wanted), seconds=self.settings.imap_idle_lease,
+                                         limit=self.settings.imap_idle_max)
+        if leases.taken or leases.released:
+            log.info("IDLE: %d mailboxes held (%d taken, %d let go; %d consumers share %d)",
+                     len(leases.held), leases.taken, leases.released, leases.holders, len(wanted))
+        return {user_id: wanted[user_id] for user_id in leases.held}
 
     def _connect_job(self, watch: Watch) -> None:
         session = None

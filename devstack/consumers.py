@@ -34,7 +34,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
                  "queue_type", "consumer_metrics_port", "task_timeout", "fetch_job_ttl", "parse_process",
                  "relay_metrics_port", "webhook_schedule", "webhook_metrics_port", "imap_idle",
                  "imap_idle_connect_rate", "imap_idle_connects", "imap_idle_renew",
-                 "storage_url", "s3_endpoint", "s3_access_key_id", "s3_secret_access_key"):
+                 "storage_url", "s3_endpoint", "s3_access_key_id", "s3_secret_access_key",
+                 "imap_idle_lease", "imap_idle_max", "node"):
         value = getattr(settings, name)
         if str(value) not in ("", "."):
             env[env_name(name)] = str(value)

@@ -128,9 +128,12 @@ class Settings:
         "IMAP IDLE in this consumer: off; per-mailbox (mailboxes set with idle); all (every "
         "mailbox whose server has IDLE, but those set with no-idle)",
         choices=("off", "per-mailbox", "all")))
-    imap_idle_shard: str = field(default="0/1", metadata=_meta(
-        "i/n: this consumer holds in IDLE the mailboxes whose user id modulo n is i (one "
-        "consumer per shard, so a mailbox has one IDLE connection)"))
+    imap_idle_lease: int = field(default=60, metadata=_meta(
+        "seconds a consumer's hold on an IDLE mailbox lasts unless renewed: when a consumer "
+        "dies, its mailboxes are held elsewhere within about this long", minimum=10, maximum=3600))
+    imap_idle_max: int = field(default=5000, metadata=_meta(
+        "IDLE mailboxes one consumer holds at most (it takes its fair share of them, up to this)",
+        minimum=1, maximum=100_000))
     imap_idle_renew: int = field(default=1500, metadata=_meta(
         "seconds an IDLE command is held before it is renewed (RFC 2177: servers may drop "
         "one after 30 minutes)", minimum=5, maximum=1740))
@@ -178,12 +181,6 @@ class Settings:
         "port of the read API", minimum=1, maximum=65_535))
     api_base_url: str = field(default="", metadata=_meta(
         "the read API's public URL, for the links in payloads; empty means http://<api_host>:<api_port>"))
-
-    @property
-    def idle_shard(self) -> tuple[int, int]:
-        """(i, n) of ``imap_idle_shard``."""
-        index, _, count = self.imap_idle_shard.partition("/")
-        return int(index), int(count)
 
     @property
     def webhook_delays(self) -> tuple[int, ...]:
@@ -236,7 +233,6 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     if unknown:
         raise ConfigError(f"{config_file}: unknown setting(s) {', '.join(unknown)}")
     values = {f.name: _convert(f, raw[f.name]) for f in dataclasses.fields(Settings) if f.name in raw}
-    _check_shard(values.get("imap_idle_shard", "0/1"))
     _check_node(values.get("node", ""))
     settings = Settings(**values)
     _check_cluster(settings)
@@ -263,13 +259,6 @@ def _check_cluster(settings: Settings) -> None:
             f"MAILFERRY_AMQP_URL names {nodes} RabbitMQ nodes but MAILFERRY_QUEUE_TYPE="
             f"{settings.queue_type}: a classic queue is unavailable while its one node is down; "
             "set MAILFERRY_QUEUE_TYPE=quorum")
-
-
-def _check_shard(text: str) -> None:
-    index, slash, count = text.partition("/")
-    if not (slash and index.isdigit() and count.isdigit() and int(index) < int(count)):
-        raise ConfigError(f"MAILFERRY_IMAP_IDLE_SHARD={text!r}: must be i/n with 0 <= i < n "
-                          "(e.g. 0/1 for one consumer)")
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

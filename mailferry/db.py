@@ -83,6 +83,10 @@ def _v6_understood(database: peewee.Database) -> None:
     migrate(*steps)
 
 
+def _v7_idle_leases(database: peewee.Database) -> None:
+    database.create_tables([models.IdleLease, models.IdleHolder], safe=True)  # v1 made them
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[peewee.Database], None]]] = [
     (1, "initial schema", _v1_initial),
     (2, "attachments: position and the forwarded message they came in", _v2_attachment_nesting),
@@ -90,6 +94,7 @@ MIGRATIONS: list[tuple[int, str, Callable[[peewee.Database], None]]] = [
     (4, "IMAP checkpoints: the stored UIDs whose after-fetch action is pending", _v4_pending_actions),
     (5, "IMAP checkpoints: until when a consumer holds the folder in IDLE", _v5_idle_until),
     (6, "messages: reply text, automatic, bounce and thread", _v6_understood),
+    (7, "IDLE leases: which consumer holds which mailbox", _v7_idle_leases),
 ]
 
 

@@ -295,6 +295,23 @@ class SchedulerLease(BaseModel):
     renewed_at = DateTimeField(default=utcnow)
 
 
+class IdleLease(BaseModel):
+    """Which consumer holds a mailbox in IDLE (``mailferry.idle_leases``): one row per user,
+    renewed by its holder; a lease that expired is free for another consumer to take."""
+
+    user = ForeignKeyField(User, primary_key=True, on_delete="CASCADE")
+    holder = CharField(max_length=128, index=True)
+    expires_at = DateTimeField(index=True)
+
+
+class IdleHolder(BaseModel):
+    """A consumer taking part in the IDLE leases, renewed with them: how the others know it
+    is there, and so what their fair share is, before it holds any mailbox."""
+
+    holder = CharField(max_length=128, primary_key=True)
+    expires_at = DateTimeField(index=True)
+
+
 class Event(BaseModel):
     """The outbox: one row per event, written in the transaction that made it happen, and
     published to ``mailferry.events`` by the relay, which then sets ``published_at``.
@@ -360,5 +377,5 @@ class ApiToken(BaseModel):
 ALL_MODELS = [
     SchemaVersion, User, EmailAlias, Settings, MailboxState, EmailTask, TaskLog,
     EmailMessage, EmailAttachment, UnroutedMessage, InboundReceipt, AuditLog, SchedulerLease,
-    Event, WebhookEndpoint, WebhookAttempt, ApiToken,
+    Event, WebhookEndpoint, WebhookAttempt, ApiToken, IdleLease, IdleHolder,
 ]
