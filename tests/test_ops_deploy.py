@@ -339,3 +339,18 @@ def test_the_haraka_entrypoint_writes_its_settings(tmp_path, domains, host_list,
     assert config.joinpath("smtp.ini").read_text().count("listen=") == 1
     assert "listen=0.0.0.0:2525" in config.joinpath("smtp.ini").read_text()
     assert (tmp_path / "spool" / "incoming").is_dir() and (tmp_path / "spool" / "failed").is_dir()
+    assert "routing_key=inbound\n" in config.joinpath("mailferry.ini").read_text()  # one host
+
+
+def test_the_haraka_entrypoint_publishes_to_its_hosts_queue_when_it_is_one_of_several(tmp_path):
+    root = tmp_path / "etc-haraka"
+    shutil.copytree(DEPLOY / "haraka" / "config", root / "config")
+    env = {**os.environ, "HARAKA_DIR": str(root), "HARAKA_BIN": "/bin/true", "MAILFERRY_NODE": "mx-2",
+           "MAILFERRY_AMQP_URL": "amqp://u:p@rabbit-1:5672/%2F,amqp://u:p@rabbit-2:5672/%2F",
+           "MAILFERRY_SPOOL_DIR": str(tmp_path / "spool")}
+    result = subprocess.run(["sh", str(DEPLOY / "haraka" / "entrypoint.sh")], env=env,
+                            capture_output=True, text=True, timeout=10)
+    assert result.returncode == 0, result.stderr
+    ini = (root / "config" / "mailferry.ini").read_text()
+    assert "routing_key=inbound.mx-2\n" in ini
+    assert "url=amqp://u:p@rabbit-1:5672/%2F,amqp://u:p@rabbit-2:5672/%2F\n" in ini

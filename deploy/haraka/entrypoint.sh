@@ -2,7 +2,10 @@
 # Haraka for Mailferry: write the settings that come from the environment into Haraka's
 # config folder, then run Haraka in the foreground.
 #
-#   MAILFERRY_AMQP_URL      RabbitMQ URL (required; URL-encode special characters in the password)
+#   MAILFERRY_AMQP_URL      RabbitMQ URL (required; URL-encode special characters in the password);
+#                           a cluster's nodes' URLs separated by commas
+#   MAILFERRY_NODE          this host's name where several hosts run Mailferry: the plugin
+#                           publishes with routing key inbound.<node> (empty: inbound)
 #   MAILFERRY_SPOOL_DIR     spool root shared with the consumer (default /var/spool/mailferry)
 #   MAILFERRY_SMTP_DOMAINS  domains to accept mail for, comma or space separated; empty accepts
 #                           every domain (Mailferry keeps mail for unknown users as unrouted)
@@ -25,6 +28,7 @@ spool_dir=$SPOOL
 
 [amqp]
 url=$MAILFERRY_AMQP_URL
+routing_key=inbound${MAILFERRY_NODE:+.$MAILFERRY_NODE}
 INI
 
 sed -i '/^listen=/d' "$CONFIG/smtp.ini"
