@@ -177,6 +177,8 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--count", type=int, default=2000)
     parser.add_argument("--rate", type=float, default=50.0)
+    parser.add_argument("--no-faults", action="store_true",
+                        help="the same cluster and load without the faults: the steady 250 → stored")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="mf-chaos-") as tmp:
         tmp = Path(tmp)
@@ -196,7 +198,7 @@ def main() -> int:
                 host.start()
             senders = Senders(hosts, args.count, args.rate)
             events: list[str] = []
-            drills = chaos(senders, hosts, cluster, events)
+            drills = [] if args.no_faults else chaos(senders, hosts, cluster, events)
             senders.run()
             for drill in drills:
                 drill.join()
@@ -232,7 +234,8 @@ def report(args, base: Settings, senders: Senders, events: list[str]) -> int:
     latencies = [receipts[q] - at for q, at in accepted.values() if q in receipts]
     dead = dead_letters(base.amqp_urls[1])
     print(f"cluster_chaos: {args.count} messages at {args.rate:.0f} msg/s to 2 MX hosts, "
-          "3 RabbitMQ nodes (quorum), PostgreSQL, SeaweedFS")
+          "3 RabbitMQ nodes (quorum), PostgreSQL, SeaweedFS"
+          + (", no faults" if args.no_faults else ", with the faults"))
     for event in events:
         print(f"  after message {event}")
     p50, p99 = percentile(latencies, 50), percentile(latencies, 99)
@@ -240,8 +243,9 @@ def report(args, base: Settings, senders: Senders, events: list[str]) -> int:
           f"connection {senders.retries}")
     print(f"  stored {len(rows)}; lost {len(lost)}; stored twice {len(doubled)}; raw sources not "
           f"matching their sha256 {len(unsound)}; dead-lettered {len(dead)}")
-    print(f"  250 → stored: p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms "
-          f"(goal p99 < {GOAL_P99 * 1000:.0f} ms: {'met' if p99 < GOAL_P99 else 'MISSED'})")
+    goal = f"goal p99 < {GOAL_P99 * 1000:.0f} ms: {'met' if p99 < GOAL_P99 else 'MISSED'}" \
+        if args.no_faults else "the faults' pauses included"
+    print(f"  250 → stored: p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms ({goal})")
     for mid in (lost + doubled + unsound)[:10]:
         print(f"    {mid}")
     return 1 if lost or doubled or unsound or dead or len(accepted) < args.count else 0

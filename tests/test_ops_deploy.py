@@ -354,3 +354,42 @@ def test_the_haraka_entrypoint_publishes_to_its_hosts_queue_when_it_is_one_of_se
     ini = (root / "config" / "mailferry.ini").read_text()
     assert "routing_key=inbound.mx-2\n" in ini
     assert "url=amqp://u:p@rabbit-1:5672/%2F,amqp://u:p@rabbit-2:5672/%2F\n" in ini
+
+
+def test_the_cluster_example_gives_each_host_its_own_spool_node_name_and_shared_engines():
+    compose = yaml.safe_load((DEPLOY / "compose.cluster.yml").read_text())
+    services = compose["services"]
+    nodes = "\n".join(line for line in (DEPLOY / "rabbitmq" / "30-cluster.conf").read_text().splitlines()
+                      if not line.startswith("#"))
+    rabbits = sorted(name for name in services if name.startswith("rabbit-"))
+    assert rabbits == ["rabbit-1", "rabbit-2", "rabbit-3"]
+    for name in rabbits:
+        assert services[name]["hostname"] == name and f"rabbit@{name}" in nodes
+        assert "./rabbitmq/30-cluster.conf:/etc/rabbitmq/conf.d/30-cluster.conf:ro" in services[name]["volumes"]
+    for host in ("a", "b"):
+        spool = f"spool-{host}"
+        for role in ("haraka", "consumer", "scheduler"):
+            service = services[f"{role}-{host}"]
+            assert service["environment"]["MAILFERRY_NODE"] == host, (role, host)
+            assert [v.split(":")[0] for v in service["volumes"]] == [spool], (role, host)
+            assert service["environment"]["MAILFERRY_SPOOL_DIR"] == "/var/spool/mailferry"
+        for role in ("consumer", "scheduler", "relay", "webhooks", "api"):
+            env = services[f"{role}-{host}"]["environment"]
+            assert env["MAILFERRY_NODE"] == host
+            assert [url.split("@")[1].split(":")[0] for url in env["MAILFERRY_AMQP_URL"].split(",")] == rabbits
+            assert env["MAILFERRY_QUEUE_TYPE"] == "quorum"
+            assert env["MAILFERRY_DATABASE_URL"].startswith("postgresql://") and "@postgres:" in env["MAILFERRY_DATABASE_URL"]
+            assert env["MAILFERRY_STORAGE_URL"].startswith("s3://")
+            assert env["MAILFERRY_S3_ENDPOINT"].split("//")[1].split(":")[0] in services
+        # a host's spool is no other host's
+        other = "b" if host == "a" else "a"
+        assert not any(v.startswith(f"spool-{host}:") for name, s in services.items()
+                       if name.endswith(f"-{other}") for v in s.get("volumes", []))
+    # The settings a host's processes start with pass Mailferry's own checks.
+    from mailferry.config import load_settings
+    for name in ("consumer-a", "relay-b"):
+        env = {k: v.replace("${RABBITMQ_PASSWORD}", "p") for k, v in services[name]["environment"].items()}
+        settings = load_settings({k: str(v) for k, v in env.items()})
+        assert len(settings.amqp_urls) == 3 and settings.node == name[-1]
+    for path in ("rabbitmq/enabled_plugins", "rabbitmq/20-mailferry.conf", "Dockerfile.python", "Dockerfile.haraka"):
+        assert (DEPLOY / path).exists(), path
