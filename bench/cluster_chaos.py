@@ -35,7 +35,7 @@ import threading
 import time
 from pathlib import Path
 
-import common  # noqa: F401  (puts the repository on sys.path)
+from common import wait_consuming  # (and the repository on sys.path)
 from devstack import mailgen
 from devstack.consumers import consumer_process, dead_letters
 from devstack.haraka import HarakaServer
@@ -50,6 +50,7 @@ from mailferry.storage import BlobStore
 from mailferry.users import add_user
 
 GOAL_P99 = 1.0  # seconds, 250 → stored
+WARMUP = 2.0  # seconds of the run left out of the steady figure (the first batches, connections)
 QUEUED = re.compile(rb"queued as (\S+)")
 
 
@@ -196,6 +197,7 @@ def main() -> int:
             for host in hosts:
                 broker.setup_topology(host.settings)
                 host.start()
+            wait_consuming([host.tmp / "consumer.log" for host in hosts])  # then the clock starts
             senders = Senders(hosts, args.count, args.rate)
             events: list[str] = []
             drills = [] if args.no_faults else chaos(senders, hosts, cluster, events)
@@ -231,21 +233,31 @@ def report(args, base: Settings, senders: Senders, events: list[str]) -> int:
                if hashlib.sha256(store.read_raw(m.raw_path)).hexdigest() != m.sha256]
     receipts = {r.queue_id: r.created_at.replace(tzinfo=dt.timezone.utc).timestamp()
                 for r in InboundReceipt.select()}
-    latencies = [receipts[q] - at for q, at in accepted.values() if q in receipts]
+    timed = sorted((at, receipts[q] - at) for q, at in accepted.values() if q in receipts)
+    latencies = [latency for _, latency in timed]
+    slow = [(at - timed[0][0], latency) for at, latency in timed if latency >= GOAL_P99]
     dead = dead_letters(base.amqp_urls[1])
     print(f"cluster_chaos: {args.count} messages at {args.rate:.0f} msg/s to 2 MX hosts, "
           "3 RabbitMQ nodes (quorum), PostgreSQL, SeaweedFS"
           + (", no faults" if args.no_faults else ", with the faults"))
     for event in events:
         print(f"  after message {event}")
-    p50, p99 = percentile(latencies, 50), percentile(latencies, 99)
+    steady = [latency for at, latency in timed if at - timed[0][0] >= WARMUP] if timed else []
+    p50, p99 = percentile(steady, 50), percentile(steady, 99)
     print(f"  accepted (250) {len(accepted)} of {args.count}; sends retried after a 4xx or a lost "
           f"connection {senders.retries}")
     print(f"  stored {len(rows)}; lost {len(lost)}; stored twice {len(doubled)}; raw sources not "
           f"matching their sha256 {len(unsound)}; dead-lettered {len(dead)}")
     goal = f"goal p99 < {GOAL_P99 * 1000:.0f} ms: {'met' if p99 < GOAL_P99 else 'MISSED'}" \
         if args.no_faults else "the faults' pauses included"
-    print(f"  250 → stored: p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms ({goal})")
+    print(f"  250 → stored after the first {WARMUP:.0f} s: p50 {p50 * 1000:.0f} ms, p90 "
+          f"{percentile(steady, 90) * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms, max "
+          f"{max(steady, default=0) * 1000:.0f} ms ({goal})")
+    print(f"  250 → stored, the whole run: p99 {percentile(latencies, 99) * 1000:.0f} ms, max "
+          f"{max(latencies, default=0) * 1000:.0f} ms")
+    if slow:
+        print(f"  {len(slow)} over {GOAL_P99 * 1000:.0f} ms, accepted between {slow[0][0]:.1f} s "
+              f"and {slow[-1][0]:.1f} s into the run")
     for mid in (lost + doubled + unsound)[:10]:
         print(f"    {mid}")
     return 1 if lost or doubled or unsound or dead or len(accepted) < args.count else 0
