@@ -253,7 +253,8 @@ def get_message(request: Request, token: ApiToken) -> Response:
 def get_raw(request: Request, token: ApiToken) -> Response:
     message = _message(request, token)
     stored = _open(request, message.raw_path, "the raw source", raw=True)
-    return _stream(stored, iter(stored), "message/rfc822", f"message-{message.id}.eml")
+    return _stream(stored, verified(stored, message.sha256, message.raw_path), "message/rfc822",
+                   f"message-{message.id}.eml")
 
 
 @operation({"summary": "One attachment, streamed",
@@ -337,7 +338,8 @@ def _open(request: Request, key: str, what: str, raw: bool = False) -> StoredObj
 
 
 def verified(stored: StoredObject, sha256: str, key: str) -> Iterator[bytes]:
-    """The object's chunks, its last one held back until the whole object hashed to
+    """The object's chunks (an attachment, or a raw source: the message its row's sha256 is
+    of), its last one held back until the whole object hashed to
     ``sha256``: an object changed or damaged in storage ends the response short of its
     Content-Length, which every HTTP client reports as an error, instead of arriving as if
     whole."""

@@ -105,6 +105,12 @@ def test_the_api_serves_from_either_backend_and_never_sends_a_changed_object_as_
             sha256_of_download(http, url)
         assert metrics.storage_integrity_failures._value.get() == before + 1
 
+        raw_path = EmailMessage.get_by_id(message_id).raw_path
+        _overwrite(settings, raw_path, raw.replace(b"Subject", b"Subjekt"))  # a damaged source
+        with pytest.raises(httpx.HTTPError):
+            sha256_of_download(http, f"/v1/messages/{message_id}/raw")
+        assert metrics.storage_integrity_failures._value.get() == before + 2
+
         _remove(settings, message_id)
         assert http.get(f"/v1/messages/{message_id}/raw").status_code == 404
         assert http.get(f"/v1/messages/{message_id}").json()["headers"] == []
