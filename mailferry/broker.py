@@ -119,12 +119,12 @@ def declare_topology(channel, settings: Settings) -> None:
         TASK_TIMEOUTS: _queue_args(settings, **dead_letter_to),
         DEAD: _queue_args(settings),
     }
+    if settings.node:  # one host of several: its own inbound queue, not the shared one
+        channel.queue_declare(inbound_queue(settings), durable=True, arguments=declarations.pop(INBOUND))
+        channel.queue_bind(inbound_queue(settings), EXCHANGE, routing_key=inbound_key(settings))
     for queue, arguments in declarations.items():
         channel.queue_declare(queue, durable=True, arguments=arguments)
         channel.queue_bind(queue, EXCHANGE, routing_key=ROUTING_KEYS[queue])
-    if settings.node:
-        channel.queue_declare(inbound_queue(settings), durable=True, arguments=declarations[INBOUND])
-        channel.queue_bind(inbound_queue(settings), EXCHANGE, routing_key=inbound_key(settings))
     declare_watchdog(channel, settings, settings.task_timeout)
     channel.exchange_declare(EVENTS, exchange_type="topic", durable=True)
     channel.queue_declare(WEBHOOKS, durable=True, arguments=_queue_args(settings, **dead_letter_to))
