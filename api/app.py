@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -13,6 +14,7 @@ import re
 from typing import Callable, Iterator
 from urllib.parse import quote
 
+import anyio
 import peewee
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -384,6 +386,17 @@ async def _http_error(request: Request, exc: HTTPException) -> Response:
     return JSONResponse({"error": exc.detail}, exc.status_code, headers=exc.headers)
 
 
+def _bounded(settings: Settings):
+    """At start, at most ``api_threads`` requests at once. Each sync endpoint and each stream
+    runs in anyio's thread pool (40 threads unless told), and every thread keeps its own
+    database connection (peewee's are per thread), so this bounds the connections too."""
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        anyio.to_thread.current_default_thread_limiter().total_tokens = settings.api_threads
+        yield
+    return lifespan
+
+
 def build_app(settings: Settings) -> Starlette:
     """The API over the database ``open_database`` connected (``mailferry.models.db``)."""
     app = Starlette(routes=[
@@ -395,7 +408,7 @@ def build_app(settings: Settings) -> Starlette:
         Route("/v1/tasks", _endpoint(list_tasks)),
         Route("/openapi.json", openapi, include_in_schema=False),
         Route("/docs", docs, include_in_schema=False),
-    ], exception_handlers={HTTPException: _http_error})
+    ], exception_handlers={HTTPException: _http_error}, lifespan=_bounded(settings))
     app.state.settings = settings
     app.state.store = BlobStore.of(settings)
     return app

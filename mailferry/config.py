@@ -179,6 +179,10 @@ class Settings:
     api_host: str = field(default="127.0.0.1", metadata=_meta("address the read API listens on"))
     api_port: int = field(default=8025, metadata=_meta(
         "port of the read API", minimum=1, maximum=65_535))
+    api_threads: int = field(default=16, metadata=_meta(
+        "requests one API process serves at once: each runs in a thread that keeps one "
+        "database connection, so this bounds the process's connections too",
+        minimum=1, maximum=256))
     api_base_url: str = field(default="", metadata=_meta(
         "the read API's public URL, for the links in payloads; empty means http://<api_host>:<api_port>"))
 

@@ -364,3 +364,16 @@ def test_api_tokens_create_list_revoke_on_the_command_line(settings, api):
     assert client(api, token).get("/v1/messages").status_code == 401
     again = mailferry(settings, "api-tokens", "revoke", str(listed["id"]))
     assert again.returncode == 1 and "no live token" in again.stderr
+
+
+def test_an_api_process_serves_at_most_api_threads_requests_at_once(settings):
+    """Each request thread keeps a database connection: the thread limit bounds them."""
+    import anyio
+
+    from api.app import build_app
+    app = build_app(settings.replace(api_threads=5))
+
+    async def started() -> float:
+        async with app.router.lifespan_context(app):
+            return anyio.to_thread.current_default_thread_limiter().total_tokens
+    assert anyio.run(started) == 5
