@@ -42,22 +42,23 @@ def main() -> int:
         weed = SeaweedServer(tmp / "seaweedfs").start()
         rows = []
         try:
-            print(f"  injecting {2 * args.rounds} backlogs of {args.count} messages", flush=True)
+            print(f"  injecting {3 * args.rounds} backlogs of {args.count} messages", flush=True)
             backlogs = []
             for n in range(args.rounds):
                 folders = backlog(rabbit, tmp / f"folders-{n}", messages)
                 s3 = backlog(rabbit, tmp / f"s3-{n}", messages).replace(**weed.settings(f"round-{n}"))
-                backlogs.append((folders, s3))
+                bodies = backlog(rabbit, tmp / f"bodies-{n}", messages).replace(
+                    **weed.settings(f"bodies-{n}"), body_storage="storage")
+                backlogs.append([(folders, "folders"), (s3, "s3"), (bodies, "s3+bodies")])
             weed_pid = weed._process.pid
-            for n, (folders, s3) in enumerate(backlogs):
-                first, second = ((folders, "folders"), (s3, "s3")) if n % 2 == 0 else ((s3, "s3"), (folders, "folders"))
+            for n, arms in enumerate(backlogs):
                 results = {}
-                for settings, name in (first, second):
+                for settings, name in arms[n % 3:] + arms[:n % 3]:  # each arm first in turn
                     before = cpu_seconds(weed_pid)
                     result = drain(settings, len(messages), 1, rabbit)
                     server_ms = (cpu_seconds(weed_pid) - before) * 1000 / len(messages)
                     results[name] = (result, own_cpu_ms(result), server_ms)
-                    print(f"  round {n + 1} {name:<7}: {result.rate:,.0f} msg/s; {result.cpu}; "
+                    print(f"  round {n + 1} {name:<9}: {result.rate:,.0f} msg/s; {result.cpu}; "
                           f"object store CPU ms/msg {server_ms:.2f}", flush=True)
                 rows.append(results)
         finally:
@@ -70,6 +71,10 @@ def main() -> int:
     print(f"  Mailferry CPU ms/msg: folders {statistics.median(r['folders'][1] for r in rows):.2f}, "
           f"S3 {statistics.median(r['s3'][1] for r in rows):.2f}; SeaweedFS's own "
           f"{statistics.median(r['s3'][2] for r in rows):.2f}")
+    bodies_ratio = statistics.median(r["s3+bodies"][1] / r["s3"][1] for r in rows)
+    print(f"  with the bodies as objects too (body_storage = storage), S3+bodies / S3: "
+          f"{bodies_ratio:.2f} × ({statistics.median(r['s3+bodies'][1] for r in rows):.2f} ms/msg; "
+          f"SeaweedFS's own {statistics.median(r['s3+bodies'][2] for r in rows):.2f})")
     print(f"  drain rate, S3 / folders: {rate_ratio:.2f} × "
           f"({statistics.median(r['folders'][0].rate for r in rows):,.0f} and "
           f"{statistics.median(r['s3'][0].rate for r in rows):,.0f} msg/s)")

@@ -295,7 +295,8 @@ class MailboxSync:
                 continue
             observe_parse(outcome.email, outcome.seconds, context=f"{run.where} uid={uid}")
             batch.items.append(_Item(uid, data, outcome.email))
-        files = store_batch(self.store, [(i.raw, i.parsed) for i in batch.items])
+        files = store_batch(self.store, [(i.raw, i.parsed) for i in batch.items],
+                            bodies=self.settings.body_storage == "storage")
         for item, stored in zip(batch.items, files):
             item.request = SaveRequest(item.parsed, stored, [run.route], SOURCE)
 

@@ -163,7 +163,8 @@ class InboundHandler(Handler):
         # The raw sources are read from the spool files (parsing ran in a helper process) and
         # stored without their envelope records: the record stays in the spool and the row.
         stored = store_batch(self.store, [(None, p.parsed) for p in prepared],
-                             [p.entry for p in prepared])
+                             [p.entry for p in prepared],
+                             bodies=self.settings.body_storage == "storage")
         for item, files in zip(prepared, stored):
             item.files = files
         for item, routes in zip(prepared, self.router.route_many([p.job.rcpt_to for p in prepared])):

@@ -41,6 +41,7 @@ _UNSAFE = re.compile(r"[^\w.\- ()\[\]@+,=]+", re.UNICODE)
 class StoredFiles:
     raw_path: str
     attachment_paths: list[tuple[str, str]]  # (relative path, sha256), one per attachment
+    body_paths: tuple[str | None, str | None] = (None, None)  # text, html (body_storage = storage)
 
 
 @dataclass
@@ -58,10 +59,10 @@ def observe_parse(parsed: ParsedEmail, seconds: float, *, context: str) -> None:
 
 
 def store_batch(store: BlobStore, items: list[tuple[bytes, ParsedEmail]],
-                raw_sources: list | None = None) -> list[StoredFiles]:
+                raw_sources: list | None = None, *, bodies: bool = False) -> list[StoredFiles]:
     """``store_files_many`` with storage errors translated to TransientError."""
     try:
-        return store_files_many(store, items, raw_sources)
+        return store_files_many(store, items, raw_sources, bodies=bodies)
     except OSError as exc:
         raise TransientError(f"cannot write to storage: {exc.strerror}") from exc
 
@@ -80,23 +81,31 @@ def store_files(store: BlobStore, raw: bytes, parsed: ParsedEmail) -> StoredFile
 
 
 def store_files_many(store: BlobStore, items: list[tuple[bytes, ParsedEmail]],
-                     raw_sources: list | None = None) -> list[StoredFiles]:
+                     raw_sources: list | None = None, *, bodies: bool = False) -> list[StoredFiles]:
     """Store the raw sources and attachments of a batch with one durability barrier.
 
     ``raw_sources`` may give, per item, the spool entry (``mailferry.spool.SpoolEntry``)
     holding the raw source behind its envelope record: the message alone is read from it and
-    stored.
+    stored. ``bodies``: the text and HTML bodies too, as UTF-8 objects (an empty one is not
+    stored), so that the row keeps only their keys.
     """
     blobs: list[Blob] = []
     for index, (raw, parsed) in enumerate(items):
         source = raw_sources[index] if raw_sources else None
         blobs.append(Blob(raw, parsed.sha256, source, raw=True))
         blobs.extend(Blob(a.data) for a in parsed.attachments)
+        if bodies:
+            blobs.extend(Blob(body.encode("utf-8", "surrogatepass"))
+                         for body in (parsed.text, parsed.html) if body)
     paths = iter(store.put_many(blobs))
     out = []
     for _, parsed in items:
         raw_path = next(paths)[0]
-        out.append(StoredFiles(raw_path, [next(paths) for _ in parsed.attachments]))
+        files = StoredFiles(raw_path, [next(paths) for _ in parsed.attachments])
+        if bodies:
+            files.body_paths = tuple(next(paths)[0] if body else None
+                                     for body in (parsed.text, parsed.html))
+        out.append(files)
     return out
 
 
@@ -191,7 +200,7 @@ def save_for_users(parsed: ParsedEmail, files: StoredFiles, routes: list[Route],
 # The columns of a message row and of an attachment row, in the order of the tuples below.
 MESSAGE_COLUMNS = (
     "user", "message_id", "subject", "sender", "recipients", "cc", "reply_to", "sent_at",
-    "received_at", "text_content", "html_content", "raw_path", "size", "sha256", "source",
+    "received_at", "text_content", "html_content", "text_path", "html_path", "raw_path", "size", "sha256", "source",
     "envelope", "queue_id", "plus_tag", "in_reply_to", "references", "status", "created_at",
     *UNDERSTOOD_COLUMNS,
 )
@@ -272,6 +281,7 @@ def _understood_values(parsed: ParsedEmail | None, thread: str, loop: bool) -> t
 
 def _message_values(request: SaveRequest, route: Route, now) -> tuple:
     parsed, envelope = request.parsed, request.envelope
+    text_path, html_path = request.files.body_paths
     return (
         route.user_id,
         parsed.message_id,
@@ -282,8 +292,10 @@ def _message_values(request: SaveRequest, route: Route, now) -> tuple:
         json_text(parsed.reply_to),
         parsed.date,
         now,
-        parsed.text,
-        parsed.html,
+        "" if text_path else parsed.text,
+        "" if html_path else parsed.html,
+        text_path,
+        html_path,
         request.files.raw_path,
         parsed.size,
         parsed.sha256,

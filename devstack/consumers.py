@@ -4,6 +4,7 @@ depth."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -29,16 +30,13 @@ def wait_for(predicate, timeout: float = 30.0, interval: float = 0.05, message: 
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment that gives a child process ``settings``: every setting that is not
+    its default (a hand-kept list of names drifted: a new setting reached no child)."""
     env = dict(os.environ)
-    for name in ("var_dir", "amqp_url", "database_url", "spool_dir", "storage_dir", "prefetch",
-                 "queue_type", "consumer_metrics_port", "task_timeout", "fetch_job_ttl", "parse_process",
-                 "relay_metrics_port", "webhook_schedule", "webhook_metrics_port", "imap_idle",
-                 "imap_idle_connect_rate", "imap_idle_connects", "imap_idle_renew",
-                 "storage_url", "s3_endpoint", "s3_access_key_id", "s3_secret_access_key",
-                 "imap_idle_lease", "imap_idle_max", "node"):
-        value = getattr(settings, name)
-        if str(value) not in ("", "."):
-            env[env_name(name)] = str(value)
+    for f in dataclasses.fields(Settings):
+        value = getattr(settings, f.name)
+        if value != f.default and str(value) not in ("", "."):
+            env[env_name(f.name)] = str(value)
     env["PYTHONPATH"] = str(ROOT)
     return env
 

@@ -61,6 +61,10 @@ class Settings:
     storage_concurrency: int = field(default=16, metadata=_meta(
         "object-storage requests in flight per batch (s3:// storage only)",
         minimum=1, maximum=256))
+    body_storage: str = field(default="database", metadata=_meta(
+        "where a message's text and HTML bodies are kept: database (in its row) or storage "
+        "(objects beside its raw source, the row keeping their keys; for a database that would "
+        "otherwise grow by the bodies, most of its size)", choices=("database", "storage")))
     storage_sync: str = field(default="auto", metadata=_meta(
         "how a batch's files are made durable: auto (one syncfs per batch where Linux reports "
         "its errors, else fsync) or fsync (each file; for storage sharing a filesystem with a "

@@ -87,6 +87,15 @@ def _v7_idle_leases(database: peewee.Database) -> None:
     database.create_tables([models.IdleLease, models.IdleHolder], safe=True)  # v1 made them
 
 
+def _v8_body_paths(database: peewee.Database) -> None:
+    table = models.EmailMessage._meta.table_name
+    columns = {c.name for c in database.get_columns(table)}
+    fields = models.EmailMessage._meta.fields
+    migrator = SchemaMigrator.from_database(database)
+    migrate(*[migrator.add_column(table, name, fields[name])
+              for name in ("text_path", "html_path") if name not in columns])  # v1 made them
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[peewee.Database], None]]] = [
     (1, "initial schema", _v1_initial),
     (2, "attachments: position and the forwarded message they came in", _v2_attachment_nesting),
@@ -95,6 +104,7 @@ MIGRATIONS: list[tuple[int, str, Callable[[peewee.Database], None]]] = [
     (5, "IMAP checkpoints: until when a consumer holds the folder in IDLE", _v5_idle_until),
     (6, "messages: reply text, automatic, bounce and thread", _v6_understood),
     (7, "IDLE leases: which consumer holds which mailbox", _v7_idle_leases),
+    (8, "messages: the storage keys of bodies kept out of the database", _v8_body_paths),
 ]
 
 

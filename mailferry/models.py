@@ -205,8 +205,11 @@ class EmailMessage(BaseModel):
     reply_to = JSONField(default=list)
     sent_at = DateTimeField(null=True)  # the Date header
     received_at = DateTimeField(default=utcnow)  # when Mailferry got it
-    text_content = TextField(default="")
+    text_content = TextField(default="")  # "" when the body is in storage (text_path)
     html_content = TextField(default="")
+    # body_storage = storage: the bodies' storage keys (UTF-8 objects), the columns above "".
+    text_path = CharField(max_length=255, null=True)
+    html_path = CharField(max_length=255, null=True)
     raw_path = CharField(max_length=255)
     size = IntegerField()
     sha256 = CharField(max_length=64)

@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import email.parser
 import email.policy
+import hashlib
+import logging
 
+from mailferry import metrics
 from mailferry.config import Settings
 from mailferry.contracts import iso_utc
 from mailferry.models import EmailAttachment, EmailMessage, User
@@ -21,12 +24,14 @@ from mailferry.storage import BlobStore
 
 HEADER_READ_LIMIT = 1024 * 1024  # bytes of a raw source read for its header block
 
+log = logging.getLogger(__name__)
+
 
 def message_payload(message: EmailMessage, settings: Settings, store: BlobStore) -> dict:
     base = f"{settings.resolved_api_base_url}/v1/messages/{message.id}"
     limit = settings.webhook_body_limit
-    text, text_cut = _cut(message.text_content or "", limit)
-    html, html_cut = _cut(message.html_content or "", limit)
+    text, text_cut = _cut(body_of(store, message.text_path, message.text_content), limit)
+    html, html_cut = _cut(body_of(store, message.html_path, message.html_content), limit)
     envelope = message.envelope or {}
     user = User.get_or_none(User.id == message.user_id)
     return {
@@ -81,6 +86,25 @@ def attachment_payload(attachment: EmailAttachment, base: str) -> dict:
 def _attachments(message: EmailMessage) -> list[EmailAttachment]:
     return list(EmailAttachment.select().where(EmailAttachment.email_message == message.id)
                 .order_by(EmailAttachment.position, EmailAttachment.id))
+
+
+def body_of(store: BlobStore, key: str | None, column: str | None) -> str:
+    """A text or HTML body: the row's column, or (body_storage = storage) its object, checked
+    against the hash its key names. An object that is gone, unreadable or damaged gives ""
+    (the message is still delivered, with what is sound) and an error line; a damaged one is
+    counted in mailferry_storage_integrity_failures."""
+    if not key:
+        return column or ""
+    try:
+        data = store.read(key)
+    except OSError as exc:
+        log.error("storage: cannot read the body %s: %s", key, exc)
+        return ""
+    if hashlib.sha256(data).hexdigest() != BlobStore.sha256_of_key(key):
+        metrics.storage_integrity_failures.inc()
+        log.error("storage: the body %s does not hash to its name: left out", key)
+        return ""
+    return data.decode("utf-8", "replace")
 
 
 def headers_of(store: BlobStore, relative: str) -> list[list[str]]:

@@ -14,6 +14,7 @@ from mailferry.inject import Injector
 from mailferry.users import add_alias, add_user
 from mailferry.errors import EmailParseError
 from mailferry.models import EmailAttachment, EmailMessage, InboundReceipt, UnroutedMessage, User
+from mailferry.payload import body_of
 from mailferry.spool import Spool
 from mailferry.storage import BlobStore
 from devstack import mailgen
@@ -28,7 +29,7 @@ def handled(queue_ids) -> bool:
 def test_every_corpus_message_is_stored_or_quarantined_with_a_reason(broker_settings, where, request):
     settings = broker_settings
     if where == "s3":  # a real S3-compatible server: no object may land in a folder
-        settings = settings.replace(**request.getfixturevalue("s3_prefix"))
+        settings = settings.replace(**request.getfixturevalue("s3_prefix"), body_storage="storage")
     bob = add_user("bob@example.org")
     injector = Injector(settings)
     expected_ok, expected_bad = {}, []
@@ -65,14 +66,19 @@ def test_every_corpus_message_is_stored_or_quarantined_with_a_reason(broker_sett
         if stored.sha256 != parsed.sha256:
             continue  # the other file with this Message-ID was stored
         assert hashlib.sha256(store.read_raw(stored.raw_path)).hexdigest() == parsed.sha256
-        assert stored.text_content == parsed.text and stored.html_content == parsed.html
+        if where == "s3":  # the bodies are objects too, and the row holds their keys
+            assert (stored.text_content, stored.html_content) == ("", "")
+            assert (bool(stored.text_path), bool(stored.html_path)) == (bool(parsed.text), bool(parsed.html))
+        assert body_of(store, stored.text_path, stored.text_content) == parsed.text
+        assert body_of(store, stored.html_path, stored.html_content) == parsed.html
         atts = list(EmailAttachment.select().where(EmailAttachment.email_message == stored)
                     .order_by(EmailAttachment.id))
         assert [a.file_size for a in atts] == [a.size for a in parsed.attachments]
         for att, want in zip(atts, parsed.attachments):
             assert store.read(att.file_path) == want.data
     assert list(spool.incoming.glob("*.eml")) == []
-    referenced = {m.raw_path for m in by_message_id.values()} | {a.file_path for a in EmailAttachment.select()}
+    referenced = {key for m in by_message_id.values() for key in (m.raw_path, m.text_path, m.html_path)
+                  if key} | {a.file_path for a in EmailAttachment.select()}
     assert referenced <= set(store.keys())  # (a duplicate's files are written before its row is refused)
     if where == "s3":
         assert not settings.resolved_storage_dir.exists() or \

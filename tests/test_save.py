@@ -57,3 +57,29 @@ def test_a_save_stores_each_message_once_per_user_and_counts_the_rest(settings, 
     stored_json = db.execute_sql('SELECT "recipients" FROM "email_message" WHERE "id" = %s'
                                  .replace("%s", db.param), [first.id]).fetchone()[0]
     assert json.loads(stored_json) == requests[0].parsed.to
+
+
+def test_bodies_kept_in_storage_leave_the_row_their_keys_and_a_damaged_one_is_left_out(settings):
+    from consumer.save import store_files_many
+    from mailferry import metrics
+    from mailferry.payload import message_payload
+    bob = add_user("bob@example.org")
+    store = BlobStore.of(settings)
+    raw = mailgen.text_and_html(1)
+    parsed = parse_email(raw)
+    [files] = store_files_many(store, [(raw, parsed)], bodies=True)
+    with db.atomic():
+        [result] = save_many([SaveRequest(parsed, files, [Route(bob.id, bob.email, None)], "smtp")])
+    row = EmailMessage.get_by_id(result.stored[0])
+    assert (row.text_content, row.html_content) == ("", "")
+    assert store.read(row.text_path) == parsed.text.encode() and store.read(row.html_path) == parsed.html.encode()
+    payload = message_payload(row, settings, store)
+    assert (payload["text"], payload["html"]) == (parsed.text, parsed.html) and parsed.text and parsed.html
+
+    (settings.resolved_storage_dir / row.html_path).write_bytes(b"<p>changed in storage</p>")
+    failures = metrics.storage_integrity_failures._value.get()
+    payload = message_payload(row, settings, store)
+    assert (payload["text"], payload["html"]) == (parsed.text, "")
+    assert metrics.storage_integrity_failures._value.get() == failures + 1
+    (settings.resolved_storage_dir / row.text_path).unlink()
+    assert message_payload(row, settings, store)["text"] == ""

@@ -108,8 +108,9 @@ def _message_dict(m: EmailMessage, atts: list[EmailAttachment]) -> dict:
         "sha256": m.sha256, "raw_path": m.raw_path, "plus_tag": m.plus_tag, "status": m.status,
         "in_reply_to": m.in_reply_to, "thread_id": m.thread_id, "reply_text": m.reply_text,
         "auto_reply": m.auto_reply, "bulk": m.bulk, "loop": m.loop, "bounce": m.bounce,
-        "text_length": len(m.text_content),
+        "text_length": len(m.text_content),  # 0 for a body in storage (text_path)
         "html_length": len(m.html_content),
+        "text_path": m.text_path, "html_path": m.html_path,
         "attachments": [{"filename": a.filename, "safe_filename": a.safe_filename,
                          "content_type": a.content_type, "size": a.file_size, "sha256": a.sha256,
                          "is_inline": a.is_inline, "file_path": a.file_path,

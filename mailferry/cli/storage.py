@@ -44,7 +44,9 @@ def migrate_command(args) -> int:
         summary = migrate(source, target, todo, progress=progress.advance, rate=args.rate)
     finally:
         progress.close()
-    referenced = [m.raw_path for m in EmailMessage.select(EmailMessage.raw_path)] + \
+    referenced = [key for m in EmailMessage.select(EmailMessage.raw_path, EmailMessage.text_path,
+                                                   EmailMessage.html_path)
+                  for key in (m.raw_path, m.text_path, m.html_path) if key] + \
                  [a.file_path for a in EmailAttachment.select(EmailAttachment.file_path)]
     missing = unreferenced_in(target, sorted(set(referenced)))
     lost_before = set(unreferenced_in(source, missing))  # gone from the source too
