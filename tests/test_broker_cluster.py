@@ -18,11 +18,13 @@ from mailferry.broker import Publisher
 from mailferry.config import Settings
 from mailferry.errors import TransientError
 from mailferry.inject import Injector
-from mailferry.models import InboundReceipt
+from mailferry.models import EmailMessage, InboundReceipt
 from mailferry.users import add_user
 from devstack import mailgen
 from tests.harness.fixtures import require_service
 from tests.pipeline import consumer_thread, wait_for
+from tests.test_smtp_pipeline import Smtp, haraka_installed, queue_id  # noqa: F401
+from devstack.haraka import HarakaServer
 
 
 @pytest.fixture(scope="module")
@@ -191,3 +193,52 @@ def test_a_channel_that_nacks_is_not_used_again(rabbitmq_vhost, sqlite_settings)
         assert channels[-1] is not channels[1] and channels[-1].is_open
     finally:
         publisher.close()
+
+
+@ON_POSTGRESQL
+def test_no_250_while_no_broker_node_can_confirm(cluster, cluster_settings, haraka_installed, tmp_path):
+    """Two of the three nodes down: the quorum queues have no majority, so no publish can be
+    confirmed, and Haraka must answer 4xx, not 250, though its own node still answers. Once
+    the nodes are back, the same messages are accepted and stored once."""
+    settings = cluster_settings
+    add_user("bob@example.org")
+    broker.setup_topology(settings)
+    raws = [mailgen.plain(n, to="bob@example.org") for n in range(3)]
+    with HarakaServer(tmp_path / "haraka", settings.amqp_url, settings.resolved_spool_dir) as mx:
+        mx.wait_connected()
+        for node in cluster.nodes[1:]:
+            node.stop()
+        try:
+            assert len(cluster.running_nodes(cluster.nodes[0])) == 1
+            refused = _send_all(mx, raws)
+        finally:
+            for node in cluster.nodes[1:]:
+                node.start()
+        assert all(400 <= code < 500 for code, _ in refused), refused
+        wait_for(lambda: len(cluster.running_nodes(cluster.nodes[0])) == 3, timeout=60)
+        accepted = []
+        deadline = time.monotonic() + 90
+        while len(accepted) < len(raws):  # quorum back: the leaders are elected again
+            answers = _send_all(mx, raws[len(accepted):])
+            accepted += [queue_id(reply) for code, reply in answers if code == 250]
+            assert time.monotonic() < deadline, answers
+    with consumer_thread(settings):
+        wait_for(lambda: InboundReceipt.select().count() >= 3, timeout=60)
+    stored = {m.message_id for m in EmailMessage.select()}
+    assert stored == {f"<test-{n}@example.net>" for n in range(3)} and EmailMessage.select().count() == 3
+
+
+def _send_all(mx: HarakaServer, raws: list[bytes]) -> list[tuple[int, bytes]]:
+    """Each message in its own session, side by side (a refusal takes the publish timeout)."""
+    answers: list = [None] * len(raws)
+
+    def send(index: int) -> None:
+        with Smtp(mx) as smtp:
+            answers[index] = smtp.send(raws[index], ["bob@example.org"])
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(raws))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    return answers
