@@ -29,6 +29,8 @@ def register(sub, groups: dict) -> None:
 
 
 def _run() -> int:
+    from mailferry.starting import stop_while_starting
+    stop_while_starting()  # before the process's imports: a stop while starting is a clean stop
     from api.main import main
     return main()
 

@@ -10,12 +10,16 @@ own: an application slow to answer needs more POSTs in flight, not more parsers.
 
 from __future__ import annotations
 
-import os
+if __name__ == "__main__":  # before the imports: a stop while starting is a clean stop
+    from mailferry.starting import stop_while_starting
+    stop_while_starting()
 
-from consumer.runner import serve
-from consumer.webhooks import WebhookHandler
-from mailferry.app import bootstrap
-from mailferry.config import Settings
+import os  # noqa: E402
+
+from consumer.runner import serve  # noqa: E402
+from consumer.webhooks import WebhookHandler  # noqa: E402
+from mailferry.app import bootstrap  # noqa: E402
+from mailferry.config import Settings  # noqa: E402
 
 
 def main(settings: Settings | None = None) -> int:

@@ -1,5 +1,7 @@
-import sys
+from mailferry.starting import stop_while_starting
 
-from relay.main import main
+stop_while_starting()  # before the imports: a stop while starting is a clean stop
 
-sys.exit(main())
+from relay.main import main  # noqa: E402
+
+raise SystemExit(main())

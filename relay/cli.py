@@ -10,5 +10,7 @@ def register(sub, groups: dict) -> None:
 
 
 def _run() -> int:
+    from mailferry.starting import stop_while_starting
+    stop_while_starting()  # before the process's imports: a stop while starting is a clean stop
     from relay.main import main
     return main()
