@@ -17,7 +17,7 @@ from mailferry.users import add_user  # noqa: E402
 from mailferry.config import Settings  # noqa: E402
 from mailferry.db import close_database, open_database  # noqa: E402
 from devstack import mailgen  # noqa: E402
-from devstack.consumers import wait_for  # noqa: E402
+from devstack.consumers import wait_consuming  # noqa: E402,F401 - for the benchmarks
 
 
 def message_mix(count: int, to: str = "bob@example.org", seed: int = 7) -> list[bytes]:
@@ -100,12 +100,6 @@ def inject_backlog(settings: Settings, messages: list[bytes], rcpt: str = "bob@e
     for raw in messages:
         injector.inject(raw, [rcpt])
     injector.close()
-
-
-def wait_consuming(logs: list[Path]) -> None:
-    """Until every consumer's log says it is consuming (its parser process is up by then)."""
-    wait_for(lambda: all(log.exists() and "consuming" in log.read_text() for log in logs),
-             timeout=60, interval=0.005)
 
 
 def stop_consumers(processes: list) -> None:

@@ -21,7 +21,6 @@ message never posted as ``message.stored`` or posted under more than one event i
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import re
 import signal
 import smtplib
@@ -31,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from devstack import mailgen
-from devstack.consumers import consumer_process, dead_letters, wait_for
+from devstack.consumers import consumer_process, dead_letters, wait_consuming
 from devstack.haraka import HarakaServer
 from devstack.postgres import PostgresServer
 from devstack.rabbitmq import RabbitMQCluster
@@ -41,7 +40,7 @@ from mailferry import broker, webhooks
 from mailferry.config import Settings
 from mailferry.db import close_database, open_database
 from mailferry.models import EmailMessage, InboundReceipt
-from mailferry.storage import BlobStore
+from mailferry.storage import BlobStore, DamagedObject
 from mailferry.users import add_user
 
 QUEUED = re.compile(rb"queued as (\S+)")
@@ -204,7 +203,7 @@ def run(tmp: Path, count: int, rate: float, *, faults: bool = True) -> Drill:
         for host in hosts:
             broker.setup_topology(host.settings)
             host.start()
-        wait_for(lambda: all("consuming" in _text(h.tmp / "consumer.log") for h in hosts), timeout=60)
+        wait_consuming([host.tmp / "consumer.log" for host in hosts])  # then the clock starts
         senders = Senders(hosts, count, rate)
         drills = _inject(senders, hosts, cluster, drill.events) if faults else []
         senders.run()
@@ -222,10 +221,6 @@ def run(tmp: Path, count: int, rate: float, *, faults: bool = True) -> Drill:
         weed.stop()
         postgres.close()
         cluster.stop()
-
-
-def _text(path: Path) -> str:
-    return path.read_text(errors="replace") if path.exists() else ""
 
 
 def _inject(senders: Senders, hosts: list[Host], cluster: RabbitMQCluster,
@@ -299,12 +294,14 @@ def _judge(drill: Drill, base: Settings, receiver: Receiver, started: float) -> 
 
 def _sound(store: BlobStore, message: EmailMessage) -> bool:
     """The raw source hashes to the row's sha256, and each body object to its key."""
-    if hashlib.sha256(store.read_raw(message.raw_path)).hexdigest() != message.sha256:
+    try:
+        for key in (message.raw_path, message.text_path, message.html_path):
+            if key:
+                store.read_sound(key)
+    except DamagedObject:
         return False
-    for key in (message.text_path, message.html_path):
-        if key and hashlib.sha256(store.read(key)).hexdigest() != BlobStore.sha256_of_key(key):
-            return False
-    return bool(message.text_path) and not message.text_content  # the body is in storage
+    return (BlobStore.sha256_of_key(message.raw_path) == message.sha256
+            and bool(message.text_path) and not message.text_content)  # the body is in storage
 
 
 def _number(message_id: str) -> str:

@@ -41,6 +41,12 @@ def settings_env(settings: Settings) -> dict[str, str]:
     return env
 
 
+def wait_consuming(logs: list[Path]) -> None:
+    """Until every consumer's log says it is consuming (its parser process is up by then)."""
+    wait_for(lambda: all(log.exists() and "consuming" in log.read_text() for log in logs),
+             timeout=60, interval=0.005)
+
+
 def consumer_process(settings: Settings, log_path: Path, module: str = "consumer") -> subprocess.Popen:
     """``python -m consumer`` (or another process package: ``relay``) on ``settings``."""
     log = open(log_path, "ab")

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import email.parser
 import email.policy
-import hashlib
 import logging
 
 from mailferry import metrics
 from mailferry.config import Settings
 from mailferry.contracts import iso_utc
 from mailferry.models import EmailAttachment, EmailMessage, User
-from mailferry.storage import BlobStore
+from mailferry.storage import BlobStore, DamagedObject
 
 HEADER_READ_LIMIT = 1024 * 1024  # bytes of a raw source read for its header block
 
@@ -96,15 +95,13 @@ def body_of(store: BlobStore, key: str | None, column: str | None) -> str:
     if not key:
         return column or ""
     try:
-        data = store.read(key)
-    except OSError as exc:
-        log.error("storage: cannot read the body %s: %s", key, exc)
-        return ""
-    if hashlib.sha256(data).hexdigest() != BlobStore.sha256_of_key(key):
+        return store.read_sound(key).decode("utf-8", "replace")
+    except DamagedObject:
         metrics.storage_integrity_failures.inc()
         log.error("storage: the body %s does not hash to its name: left out", key)
-        return ""
-    return data.decode("utf-8", "replace")
+    except OSError as exc:
+        log.error("storage: cannot read the body %s: %s", key, exc)
+    return ""
 
 
 def headers_of(store: BlobStore, relative: str) -> list[list[str]]:

@@ -42,6 +42,10 @@ from typing import Iterator
 CHUNK = 64 * 1024  # bytes per read when an object is streamed
 
 
+class DamagedObject(OSError):
+    """An object whose bytes do not hash to the name they were stored under."""
+
+
 @dataclass(frozen=True)
 class Blob:
     """Bytes to store. ``source``: a spool entry (``mailferry.spool.SpoolEntry``) holding these
@@ -149,6 +153,14 @@ class BlobStore:
 
     def read_raw(self, key: str) -> bytes:
         return b"".join(self.open_raw(key))
+
+    def read_sound(self, key: str) -> bytes:
+        """The object's bytes (a raw source: its message), checked against the hash its key
+        names; DamagedObject if they differ, FileNotFoundError if there is none."""
+        data = self.read_raw(key) if key.startswith("raw/") else self.read(key)
+        if hashlib.sha256(data).hexdigest() != self.sha256_of_key(key):
+            raise DamagedObject(f"{key}: stored bytes do not hash to their name")
+        return data
 
     def keys(self) -> Iterator[str]:
         """Every stored key (for migration), in no particular order."""

@@ -12,12 +12,11 @@ copied, under the same key, as every raw source is stored now.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from mailferry.storage import Blob, BlobStore
+from mailferry.storage import Blob, BlobStore, DamagedObject
 
 BATCH = 64  # objects per write_new: one folder barrier, or this many PUTs in flight
 
@@ -63,16 +62,15 @@ def migrate(source: BlobStore, target: BlobStore, todo: list[str], *,
 
 
 def _sound_blob(source: BlobStore, key: str, summary: MigrationSummary) -> Blob | None:
-    expected = BlobStore.sha256_of_key(key)
     try:
-        data = source.read_raw(key) if key.startswith("raw/") else source.read(key)
+        data = source.read_sound(key)
     except FileNotFoundError:
         summary.vanished.append(key)
         return None
-    if expected is None or hashlib.sha256(data).hexdigest() != expected:
+    except DamagedObject:
         summary.damaged.append(key)
         return None
-    return Blob(data, expected)
+    return Blob(data, BlobStore.sha256_of_key(key))
 
 
 def unreferenced_in(target: BlobStore, referenced: list[str]) -> list[str]:
