@@ -43,6 +43,8 @@ def report(drill: cluster_drill.Drill) -> None:
     print(f"  message.stored webhooks: {drill.posts} POSTs; stored and never posted "
           f"{len(drill.unposted)}; posted under more than one id {len(drill.several_ids)}; "
           f"posted without their text {len(drill.bodiless)}")
+    print(f"  raw sources read back through both hosts' APIs: {cluster_drill.API_SAMPLE} each; "
+          f"not served as stored {len(drill.api_wrong)}")
     steady = [latency for at, latency in drill.latencies if at >= WARMUP]
     all_ = [latency for _, latency in drill.latencies]
     p99 = percentile(steady, 99)

@@ -3,19 +3,21 @@ verdict) and ``bench/cluster_chaos.py`` (its figures).
 
 Everything is real and on loopback: a three-node RabbitMQ cluster (quorum queues),
 PostgreSQL, SeaweedFS (S3, holding raw sources, attachments and bodies), and two hosts
-(MAILFERRY_NODE a and b), each a Haraka with the plugin, its own spool, its own consumer,
-relay and webhook worker, all posting to one receiver. Eight senders send ``count`` messages
-over SMTP at ``rate`` msg/s, half to each host, retrying a 4xx or a lost connection as an MTA
+(MAILFERRY_NODE a and b), each a Haraka with the plugin, its own spool, and its own
+consumer, relay, webhook worker (all posting to one receiver), scheduler (one holds the
+lease; each sweeps its own spool) and API process. Eight senders send ``count`` messages over
+SMTP at ``rate`` msg/s, half to each host, retrying a 4xx or a lost connection as an MTA
 would. Meanwhile, by share of the mail sent:
 
 1. at 20 %, host a's consumer is SIGKILLed and started again 3 s later;
 2. at 40 %, one RabbitMQ node is stopped, and started again 10 s later;
-3. at 60 %, the whole of host b (Haraka, consumer, relay, webhook worker) is SIGKILLed, and
+3. at 60 %, the whole of host b (Haraka and every process) is SIGKILLed, and
    it is all started again 5 s later.
 
 ``Drill.problems()`` lists what broke a promise: a message that got a 250 and is not stored,
 one stored twice, a raw source or body that does not hash to its name, a dead letter, a stored
-message never posted as ``message.stored`` or posted under more than one event id.
+message never posted as ``message.stored`` or posted under more than one event id, a raw
+source (of a sample) that either host's API does not serve as stored.
 """
 
 from __future__ import annotations
@@ -24,19 +26,22 @@ import datetime as dt
 import re
 import signal
 import smtplib
+import socket
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from devstack import mailgen
 from devstack.consumers import consumer_process, dead_letters, wait_consuming
 from devstack.haraka import HarakaServer
+from devstack.ports import free_port
 from devstack.postgres import PostgresServer
 from devstack.rabbitmq import RabbitMQCluster
 from devstack.seaweedfs import SeaweedServer
 from devstack.webhook_receiver import Receiver
-from mailferry import broker, webhooks
+from mailferry import api_tokens, broker, webhooks
 from mailferry.config import Settings
 from mailferry.db import close_database, open_database
 from mailferry.models import EmailMessage, InboundReceipt
@@ -44,6 +49,8 @@ from mailferry.storage import BlobStore, DamagedObject
 from mailferry.users import add_user
 
 QUEUED = re.compile(rb"queued as (\S+)")
+OTHERS = ("relay", "consumer.webhook_worker", "scheduler", "api")  # each host's, besides the consumer
+API_SAMPLE = 100  # stored messages whose raw source is read back through each host's API
 SETTLE = 240  # seconds allowed, after the last 250, for every message to be stored and posted
 
 
@@ -52,12 +59,12 @@ class Host:
 
     def __init__(self, name: str, base: Settings, tmp: Path):
         self.name = name
-        self.settings = base.replace(node=name, spool_dir=tmp / name / "spool")
+        self.settings = base.replace(node=name, spool_dir=tmp / name / "spool", api_port=free_port())
         self.tmp = tmp / name
         self.haraka = HarakaServer(self.tmp / "haraka", base.amqp_url, self.settings.resolved_spool_dir,
                                    mailferry_ini={"amqp": {"routing_key": broker.inbound_key(self.settings)}})
         self.consumer = None
-        self.others: list = []  # the relay and the webhook worker
+        self.others: list = []  # the relay, the webhook worker, the scheduler, the API
 
     def start_consumer(self) -> None:
         self.consumer = consumer_process(self.settings, self.tmp / "consumer.log")
@@ -71,7 +78,7 @@ class Host:
         self.haraka.wait_connected()
         self.start_consumer()
         self.others = [consumer_process(self.settings, self.tmp / f"{module}.log", module=module)
-                       for module in ("relay", "consumer.webhook_worker")]
+                       for module in OTHERS]
 
     def kill(self) -> None:
         """The whole host at once."""
@@ -169,6 +176,7 @@ class Drill:
     posts: int = 0
     unposted: list[str] = field(default_factory=list)
     several_ids: list[str] = field(default_factory=list)
+    api_wrong: list[str] = field(default_factory=list)  # "host: message": not served as stored
     latencies: list[tuple[float, float]] = field(default_factory=list)  # (seconds into the run, 250 → stored)
 
     def problems(self) -> list[str]:
@@ -177,6 +185,7 @@ class Drill:
             ("stored bytes not matching their sha256", self.unsound),
             ("posted without their text", self.bodiless), ("dead-lettered", self.dead),
             ("stored, never posted", self.unposted), ("posted under several ids", self.several_ids),
+            ("raw sources an API did not serve as stored", self.api_wrong),
             ("never accepted", self.gave_up)) if found]
         if len(self.accepted) < self.count:
             out.append(f"accepted {len(self.accepted)} of {self.count}")
@@ -195,7 +204,7 @@ def run(tmp: Path, count: int, rate: float, *, faults: bool = True) -> Drill:
         base = Settings(var_dir=tmp / "var", amqp_url=cluster.amqp_url, queue_type="quorum",
                         database_url=postgres.create_database("drill"), body_storage="storage",
                         consumer_metrics_port=0, relay_metrics_port=0, webhook_metrics_port=0,
-                        **weed.settings("store"))
+                        scheduler_metrics_port=0, **weed.settings("store"))
         open_database(base.resolved_database_url)
         add_user("bob@example.org")
         webhooks.add_endpoint(base, receiver.url)
@@ -212,6 +221,7 @@ def run(tmp: Path, count: int, rate: float, *, faults: bool = True) -> Drill:
         drill.accepted, drill.retries, drill.gave_up = senders.accepted, senders.retries, senders.gave_up
         _settle(receiver, [q for q, _ in senders.accepted.values()])
         _judge(drill, base, receiver, senders.started)
+        drill.api_wrong = _served_wrong(hosts)
         return drill
     finally:
         receiver.__exit__(None, None, None)
@@ -290,6 +300,35 @@ def _judge(drill: Drill, base: Settings, receiver: Receiver, started: float) -> 
     wall_start = time.time() - (time.monotonic() - started)
     drill.latencies = sorted((at - wall_start, receipts[q] - at)
                              for q, at in drill.accepted.values() if q in receipts)
+
+
+def _served_wrong(hosts: list[Host]) -> list[str]:
+    """Read API_SAMPLE raw sources back through each host's API process (both read the one
+    object store): each must be the bytes its row's sha256 names."""
+    _, token = api_tokens.create("drill")
+    wrong = []
+    for message in EmailMessage.select().order_by(EmailMessage.id).limit(API_SAMPLE):
+        for host in hosts:
+            url = f"http://127.0.0.1:{host.settings.api_port}/v1/messages/{message.id}/raw"
+            try:
+                wait_for(lambda: _listening(host.settings.api_port), timeout=30)
+                request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+                with urllib.request.urlopen(request, timeout=30) as response:
+                    body = response.read()
+            except (OSError, AssertionError) as exc:
+                wrong.append(f"{host.name}: {message.message_id}: {exc}")
+                continue
+            if hashlib.sha256(body).hexdigest() != message.sha256:
+                wrong.append(f"{host.name}: {message.message_id}: other bytes")
+    return wrong
+
+
+def _listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
 
 
 def _sound(store: BlobStore, message: EmailMessage) -> bool:

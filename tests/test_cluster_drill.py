@@ -1,9 +1,10 @@
 """The fault drill of issue 26 (devstack/cluster_drill.py), whole: 5,000 messages over SMTP to
 two MX hosts on a three-node RabbitMQ cluster, PostgreSQL and SeaweedFS, while a consumer is
-SIGKILLed, a RabbitMQ node is stopped and started, and a whole host (Haraka, consumer, relay,
-webhook worker) is killed and brought back. Every message that got a 250 is stored once, its
-raw source and body objects hash to their names, and it is posted as ``message.stored`` under
-one event id; nothing is dead-lettered."""
+SIGKILLed, a RabbitMQ node is stopped and started, and a whole host (Haraka, consumer,
+relay, webhook worker, scheduler, API) is killed and brought back. Every message that got a
+250 is stored once, its raw source and body objects hash to their names, it is posted as
+``message.stored`` under one event id, both hosts' APIs serve its raw source as stored (a
+sample); nothing is dead-lettered."""
 
 from __future__ import annotations
 
