@@ -23,6 +23,7 @@ source (of a sample) that either host's API does not serve as stored.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import re
 import signal
 import smtplib
@@ -34,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from devstack import mailgen
-from devstack.consumers import consumer_process, dead_letters, wait_consuming
+from devstack.consumers import consumer_process, dead_letters, wait_consuming, wait_for
 from devstack.haraka import HarakaServer
 from devstack.ports import free_port
 from devstack.postgres import PostgresServer
@@ -306,16 +307,22 @@ def _served_wrong(hosts: list[Host]) -> list[str]:
     """Read API_SAMPLE raw sources back through each host's API process (both read the one
     object store): each must be the bytes its row's sha256 names."""
     _, token = api_tokens.create("drill")
+    sample = list(EmailMessage.select().order_by(EmailMessage.id).limit(API_SAMPLE))
     wrong = []
-    for message in EmailMessage.select().order_by(EmailMessage.id).limit(API_SAMPLE):
-        for host in hosts:
-            url = f"http://127.0.0.1:{host.settings.api_port}/v1/messages/{message.id}/raw"
+    for host in hosts:
+        port = host.settings.api_port
+        try:
+            wait_for(lambda: _listening(port), timeout=30, message=f"host {host.name}'s API listening")
+        except AssertionError as exc:
+            wrong.append(f"{host.name}: {exc}")
+            continue
+        for message in sample:
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/messages/{message.id}/raw",
+                                             headers={"Authorization": f"Bearer {token}"})
             try:
-                wait_for(lambda: _listening(host.settings.api_port), timeout=30)
-                request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
                 with urllib.request.urlopen(request, timeout=30) as response:
                     body = response.read()
-            except (OSError, AssertionError) as exc:
+            except OSError as exc:
                 wrong.append(f"{host.name}: {message.message_id}: {exc}")
                 continue
             if hashlib.sha256(body).hexdigest() != message.sha256:
@@ -334,9 +341,8 @@ def _listening(port: int) -> bool:
 def _sound(store: BlobStore, message: EmailMessage) -> bool:
     """The raw source hashes to the row's sha256, and each body object to its key."""
     try:
-        for key in (message.raw_path, message.text_path, message.html_path):
-            if key:
-                store.read_sound(key)
+        for key in message.storage_keys:
+            store.read_sound(key)
     except DamagedObject:
         return False
     return (BlobStore.sha256_of_key(message.raw_path) == message.sha256

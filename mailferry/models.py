@@ -237,6 +237,12 @@ class EmailMessage(BaseModel):
             (("thread_id",), False),  # names embed the user
         )
 
+    @property
+    def storage_keys(self) -> list[str]:
+        """The objects this row references in storage: its raw source and any bodies kept
+        there (attachments are their own rows)."""
+        return [key for key in (self.raw_path, self.text_path, self.html_path) if key]
+
 
 class EmailAttachment(BaseModel):
     user = ForeignKeyField(User, backref="attachments", on_delete="CASCADE")

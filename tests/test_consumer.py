@@ -77,8 +77,8 @@ def test_every_corpus_message_is_stored_or_quarantined_with_a_reason(broker_sett
         for att, want in zip(atts, parsed.attachments):
             assert store.read(att.file_path) == want.data
     assert list(spool.incoming.glob("*.eml")) == []
-    referenced = {key for m in by_message_id.values() for key in (m.raw_path, m.text_path, m.html_path)
-                  if key} | {a.file_path for a in EmailAttachment.select()}
+    referenced = {key for m in by_message_id.values() for key in m.storage_keys} | \
+        {a.file_path for a in EmailAttachment.select()}
     assert referenced <= set(store.keys())  # (a duplicate's files are written before its row is refused)
     if where == "s3":
         assert not settings.resolved_storage_dir.exists() or \

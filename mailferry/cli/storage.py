@@ -46,7 +46,7 @@ def migrate_command(args) -> int:
         progress.close()
     referenced = [key for m in EmailMessage.select(EmailMessage.raw_path, EmailMessage.text_path,
                                                    EmailMessage.html_path)
-                  for key in (m.raw_path, m.text_path, m.html_path) if key] + \
+                  for key in m.storage_keys] + \
                  [a.file_path for a in EmailAttachment.select(EmailAttachment.file_path)]
     missing = unreferenced_in(target, sorted(set(referenced)))
     lost_before = set(unreferenced_in(source, missing))  # gone from the source too
