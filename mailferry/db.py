@@ -96,6 +96,20 @@ def _v8_body_paths(database: peewee.Database) -> None:
               for name in ("text_path", "html_path") if name not in columns])  # v1 made them
 
 
+def _v9_message_retention(database: peewee.Database) -> None:
+    """Message retention reads by age, and checks the shared keys of before 2026-12-07
+    (``ab/cd/<sha256>``) against the rows that may still name them."""
+    message = models.EmailMessage._meta.table_name
+    for table, column, where in (
+            (message, "received_at", ""),
+            (models.UnroutedMessage._meta.table_name, "created_at", ""),
+            (models.EmailAttachment._meta.table_name, "file_path", ""),
+            (message, "text_path", ' WHERE "text_path" IS NOT NULL'),
+            (message, "html_path", ' WHERE "html_path" IS NOT NULL')):
+        database.execute_sql(f'CREATE INDEX IF NOT EXISTS "{table}_{column}" '
+                             f'ON "{table}" ("{column}"){where}')
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[peewee.Database], None]]] = [
     (1, "initial schema", _v1_initial),
     (2, "attachments: position and the forwarded message they came in", _v2_attachment_nesting),
@@ -105,6 +119,7 @@ MIGRATIONS: list[tuple[int, str, Callable[[peewee.Database], None]]] = [
     (6, "messages: reply text, automatic, bounce and thread", _v6_understood),
     (7, "IDLE leases: which consumer holds which mailbox", _v7_idle_leases),
     (8, "messages: the storage keys of bodies kept out of the database", _v8_body_paths),
+    (9, "message retention: indexes by age and by shared storage key", _v9_message_retention),
 ]
 
 

@@ -120,6 +120,11 @@ spool_republished = Counter(
     "mailferry_spool_republished", "Orphaned spool files republished by the sweep")
 retention_deleted = Counter(
     "mailferry_retention_deleted", "Tasks deleted by retention cleanup, by status", ["status"])
+retention_messages_deleted = Counter(
+    "mailferry_retention_messages_deleted", "Stored messages (kind message) and unrouted mail "
+    "(kind unrouted) deleted by retention_message_days", ["kind"])
+retention_objects_deleted = Counter(
+    "mailferry_retention_objects_deleted", "Objects deleted from storage by message retention")
 
 
 # Every expected label set starts at 0: increase() and rate() cannot see a first event in a
@@ -138,7 +143,9 @@ def _initialise_series() -> None:
         task_timeouts.labels(reason)
     for outcome in ("ok", "partial", "lease_lost"):
         scheduler_ticks.labels(outcome)
-    for step in ("stale", "fetch", "sweep", "retention", "tick"):
+    for kind in ("message", "unrouted"):
+        retention_messages_deleted.labels(kind)
+    for step in ("stale", "fetch", "sweep", "retention", "messages", "tick"):
         scheduler_tick_failures.labels(step)
 
 

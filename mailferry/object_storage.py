@@ -30,7 +30,7 @@ from obstore.exceptions import AlreadyExistsError, PreconditionError
 from obstore.store import S3Store as _Client
 
 from mailferry.errors import ConfigError
-from mailferry.storage import CHUNK, Blob, BlobStore, StoredObject, checked_key
+from mailferry.storage import CHUNK, DAY, DAY_FILED, Blob, BlobStore, StoredObject, checked_key
 
 STREAM_CHUNK = 256 * 1024  # bytes obstore gathers per chunk when an object is streamed
 # A request is retried for seconds, not obstore's default three minutes: a consumer's batch
@@ -112,6 +112,44 @@ class S3Store(BlobStore):
                     yield meta["path"]
         except Exception as exc:  # noqa: BLE001
             raise StorageUnavailable("LIST", exc) from exc
+
+    def days(self) -> set[str]:
+        found = set()
+        for kind in DAY_FILED:
+            try:
+                listed = obstore.list_with_delimiter(self._client, f"{kind}/")
+            except Exception as exc:  # noqa: BLE001
+                raise StorageUnavailable(f"LIST {kind}/", exc) from exc
+            found |= {day for day in (p.rstrip("/").rpartition("/")[2] for p in listed["common_prefixes"])
+                      if DAY.fullmatch(day)}
+        return found
+
+    def delete_day(self, day: str) -> int:
+        if not DAY.fullmatch(day):
+            raise ValueError(f"not a day: {day!r}")
+        deleted = 0
+        for kind in DAY_FILED:
+            try:
+                for batch in obstore.list(self._client, f"{kind}/{day}/", chunk_size=1000):
+                    self._delete([meta["path"] for meta in batch])
+                    deleted += len(batch)
+            except StorageUnavailable:
+                raise
+            except Exception as exc:  # noqa: BLE001
+                raise StorageUnavailable(f"LIST {kind}/{day}/", exc) from exc
+        return deleted
+
+    def delete(self, keys: list[str]) -> None:
+        for start in range(0, len(keys), 1000):  # DeleteObjects takes 1,000 keys a request
+            self._delete([checked_key(key) for key in keys[start:start + 1000]])
+
+    def _delete(self, keys: list[str]) -> None:
+        if not keys:
+            return
+        try:
+            obstore.delete(self._client, keys)  # S3: one DeleteObjects; a missing key is no error
+        except Exception as exc:  # noqa: BLE001
+            raise StorageUnavailable(f"DELETE {len(keys)} objects", exc) from exc
 
     def _executor(self) -> ThreadPoolExecutor:
         with self._pool_lock:

@@ -3,14 +3,19 @@ chosen by ``storage_url``: folders (``FolderStore``, here; the default, under ``
 and S3-compatible object storage (``mailferry.object_storage.S3Store``), for installations
 whose consumer and API processes run on more than one host.
 
-Keys are named by content hash, the same in both backends. Attachments live at
-``ab/cd/<sha256>``: the same file sent a thousand times (a logo, a signature) is one object. A
-message's raw source lives at ``raw/<YYYY-MM-DD>/<sha256>.eml``, filed by the UTC day it was
-stored: a batch of messages then adds entries to one folder, and one folder fsync makes the
-whole batch durable — spread over ``ab/cd/`` the same batch touched a folder per message, and
-those fsyncs were most of the consumer's own cost (docs/BENCHMARKS.md). Nothing taken from a
-message ever becomes part of a key. Every caller — the consumer that writes, the API that
-streams, the commands that read — goes through the interface, never a path.
+Keys are named by content hash, the same in both backends, and filed by the UTC day they
+were stored: a message's raw source at ``raw/<YYYY-MM-DD>/<sha256>.eml``, an attachment or a
+body kept out of the database at ``parts/<YYYY-MM-DD>/<sha256>``. The same file sent a
+thousand times in one day (a logo, a signature) is one object. Filing by day does two jobs:
+a batch of messages adds entries to one folder, so one folder fsync makes it durable (spread
+over a hash fan-out, those fsyncs were most of the consumer's own cost, docs/BENCHMARKS.md);
+and a writer only ever names today's keys, so once every row stored on a day is gone no one
+can reference that day's objects again, and retention deletes the day whole
+(``scheduler.message_retention``). Attachments stored before 2026-12-07 are at
+``ab/cd/<sha256>``, shared across days: they are still read, and deleted one by one once no
+row references them. Nothing taken from a message ever becomes part of a key. Every caller —
+the consumer that writes, the API that streams, the commands that read, retention that
+deletes — goes through the interface, never a path.
 
 Objects are durable before the database commit that points at them, and a present key means
 "stored": ``put_many`` returns only when every object of the batch is. In folders, a new
@@ -106,16 +111,21 @@ class BlobStore:
         return open_store(settings.storage_url, settings)
 
     @staticmethod
-    def key_of(sha256: str, raw_day: str | None = None) -> str:
-        if raw_day:
-            return f"raw/{raw_day}/{sha256}.eml"
-        return f"{sha256[:2]}/{sha256[2:4]}/{sha256}"
+    def key_of(sha256: str, day: str, *, raw: bool = False) -> str:
+        """The key of bytes hashing to ``sha256`` stored on ``day`` (YYYY-MM-DD, UTC)."""
+        return f"raw/{day}/{sha256}.eml" if raw else f"parts/{day}/{sha256}"
 
     @staticmethod
     def sha256_of_key(key: str) -> str | None:
         """The content hash a key names, or None if it is not a key this store makes."""
         match = _KEY.fullmatch(key)
-        return (match.group("raw") or match.group("blob")) if match else None
+        return (match.group("raw") or match.group("part") or match.group("blob")) if match else None
+
+    @staticmethod
+    def day_of_key(key: str) -> str | None:
+        """The day a key is filed under; None for a key shared across days (``ab/cd/…``)."""
+        match = _KEY.fullmatch(key)
+        return (match.group("day") or match.group("pday")) if match else None
 
     def put(self, data: bytes, sha256: str | None = None) -> tuple[str, str]:
         """Store one blob durably; return (key, sha256)."""
@@ -127,7 +137,7 @@ class BlobStore:
         results, new, queued = [], [], set()
         for blob in blobs:
             digest = blob.sha256 or hashlib.sha256(blob.data).hexdigest()
-            key = self.key_of(digest, day if blob.raw else None)
+            key = self.key_of(digest, day, raw=blob.raw)
             results.append((key, digest))
             if key not in queued:
                 queued.add(key)
@@ -164,6 +174,18 @@ class BlobStore:
 
     def keys(self) -> Iterator[str]:
         """Every stored key (for migration), in no particular order."""
+        raise NotImplementedError
+
+    def days(self) -> set[str]:
+        """The days (YYYY-MM-DD) some object is filed under."""
+        raise NotImplementedError
+
+    def delete_day(self, day: str) -> int:
+        """Delete every object filed under ``day``; how many there were."""
+        raise NotImplementedError
+
+    def delete(self, keys: list[str]) -> None:
+        """Delete these objects; a key already gone is no error."""
         raise NotImplementedError
 
     def describe(self) -> str:
@@ -267,13 +289,37 @@ class FolderStore(BlobStore):
                 if not name.startswith(".tmp-"):  # a batch's temporary file, never a key
                     yield os.path.relpath(os.path.join(folder, name), root)
 
+    def days(self) -> set[str]:
+        return {name for kind in DAY_FILED if (self.root / kind).is_dir()
+                for name in os.listdir(self.root / kind) if DAY.fullmatch(name)}
+
+    def delete_day(self, day: str) -> int:
+        """A deletion need not be durable: a file that comes back after a crash is no row's,
+        and the next run deletes it again."""
+        if not DAY.fullmatch(day):
+            raise ValueError(f"not a day: {day!r}")
+        deleted = 0
+        for kind in DAY_FILED:
+            folder = self.root / kind / day
+            if not folder.is_dir():
+                continue
+            for entry in os.scandir(folder):
+                os.unlink(entry.path)
+                deleted += not entry.name.startswith(".tmp-")
+            folder.rmdir()
+        return deleted
+
+    def delete(self, keys: list[str]) -> None:
+        for key in keys:
+            (self.root / checked_key(key)).unlink(missing_ok=True)
+
     def _ensure_folder(self, folder: str) -> list[str]:
         """Create ``folder`` if needed; the folders whose entries that changed."""
         if folder in self._folders:
             return []
         changed = []
         parent = os.path.dirname(folder)
-        for level in (parent, folder):  # ab/ then ab/cd/, or raw/ then raw/<day>/
+        for level in (parent, folder):  # raw/ then raw/<day>/, or parts/ then parts/<day>/
             if not os.path.isdir(level):
                 os.makedirs(level, exist_ok=True)
                 changed.append(os.path.dirname(level))
@@ -281,7 +327,10 @@ class FolderStore(BlobStore):
         return changed
 
 
-_KEY = re.compile(r"raw/\d{4}-\d{2}-\d{2}/(?P<raw>[0-9a-f]{64})\.eml"
+DAY_FILED = ("raw", "parts")  # the top folders whose entries are days
+DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
+_KEY = re.compile(r"(?:raw/(?P<day>\d{4}-\d{2}-\d{2})/(?P<raw>[0-9a-f]{64})\.eml"
+                  r"|parts/(?P<pday>\d{4}-\d{2}-\d{2})/(?P<part>[0-9a-f]{64}))"
                   r"|(?P<a>[0-9a-f]{2})/(?P<b>[0-9a-f]{2})/(?P<blob>(?P=a)(?P=b)[0-9a-f]{60})")
 
 

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 from mailferry.cli.common import open_app, print_json, print_table
+from scheduler.message_retention import cleanup_messages
 from scheduler.retention import cleanup_tasks, retention_days
 
 
@@ -12,8 +13,9 @@ def register(sub, groups: dict) -> None:
     cmd = sub.add_parser("scheduler", help="run the scheduler (same as python -m scheduler)")
     cmd.set_defaults(func=lambda args: _run())
 
-    cleanup = sub.add_parser("cleanup", help="delete ended tasks past their retention "
-                                             "(an audit row is written for each)")
+    cleanup = sub.add_parser("cleanup", help="delete ended tasks past their retention (an audit "
+                                             "row each) and, with retention_message_days set, "
+                                             "stored mail past it (an audit row per batch)")
     cleanup.add_argument("--dry-run", action="store_true", help="only count what is due")
     cleanup.add_argument("--json", action="store_true")
     cleanup.set_defaults(func=cleanup_command)
@@ -29,13 +31,28 @@ def _run() -> int:
 def cleanup_command(args) -> int:
     settings = open_app()
     summary = cleanup_tasks(settings, dry_run=args.dry_run)
+    mail = cleanup_messages(settings, dry_run=args.dry_run)
     if args.json:
         print_json({"dry_run": summary.dry_run, "deleted": summary.deleted, "total": summary.total,
-                    "retention_days": retention_days(settings)})
+                    "retention_days": retention_days(settings),
+                    "messages": {"retention_days": settings.retention_message_days,
+                                 "messages": mail.messages, "attachments": mail.attachments,
+                                 "unrouted": mail.unrouted, "days": mail.days,
+                                 "objects": mail.objects}})
         return 0
     verb = "would delete" if args.dry_run else "deleted"
     days = retention_days(settings)
     print_table(["STATUS", "KEPT DAYS", verb.upper()],
                 [[status, days[status], n] for status, n in summary.deleted.items()])
     print(f"{verb} {summary.total} task(s)" + ("" if args.dry_run else ", each with an audit row"))
+    if not settings.retention_message_days:
+        print("stored mail is kept for ever (retention_message_days = 0)")
+    elif args.dry_run:
+        print(f"would delete {mail.messages} message(s) and {mail.unrouted} unrouted, received over "
+              f"{settings.retention_message_days} day(s) ago; object days due: "
+              f"{', '.join(mail.days) or 'none'}")
+    else:
+        print(f"deleted {mail.messages} message(s) ({mail.attachments} attachment(s)) and "
+              f"{mail.unrouted} unrouted, received over {settings.retention_message_days} day(s) "
+              f"ago; {mail.objects} object(s) from storage, days {', '.join(mail.days) or 'none'}")
     return 0

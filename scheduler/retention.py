@@ -50,7 +50,7 @@ def _due(status: str, cutoff: dt.datetime):
         | (EmailTask.completed_at.is_null() & (EmailTask.created_at < cutoff)))
 
 
-def _write_transaction():
+def write_transaction():
     """The batch is read inside the transaction that deletes it, under the write lock, so two
     cleanups at once (the scheduler and `mailferry cleanup`) never audit one task twice."""
     if is_postgres():
@@ -101,7 +101,7 @@ def _delete_in_batches(status: str, condition, batch_size: int, summary: Retenti
                        now: dt.datetime) -> int:
     deleted = 0
     while True:
-        with _write_transaction():
+        with write_transaction():
             query = EmailTask.select().where(condition).order_by(EmailTask.id).limit(batch_size)
             batch = list(query.for_update() if is_postgres() else query)
             if not batch:

@@ -1,4 +1,5 @@
-"""One scheduler tick: stale-task cleanup, IMAP fetch jobs, spool sweep, retention.
+"""One scheduler tick: stale-task cleanup, IMAP fetch jobs, spool sweep, retention (of tasks,
+then of messages).
 
 The steps are independent: one that fails (broker down, database locked, or an error nobody
 foresaw) is logged and counted, and the others still run; no error leaves the tick. The
@@ -17,6 +18,7 @@ from mailferry.config import Settings
 from mailferry.errors import MailferryError
 from scheduler.cleanup import cleanup_stale_tasks
 from scheduler.fetch import FetchSummary, schedule_imap_fetch
+from scheduler.message_retention import MessageRetentionSummary, cleanup_messages
 from scheduler.retention import RetentionSummary, cleanup_tasks
 from scheduler.sweep import SweepSummary, sweep_spool
 
@@ -29,6 +31,7 @@ class TickResult:
     fetch: FetchSummary | None = None
     sweep: SweepSummary | None = None
     retention: RetentionSummary | None = None
+    messages: MessageRetentionSummary | None = None
     failed_steps: list[str] = field(default_factory=list)
     lease_lost: bool = False
     seconds: float = 0.0
@@ -51,6 +54,7 @@ def run_tick(settings: Settings, publisher, *, lease=None, retention: bool = Tru
     ]
     if retention:
         steps.append(("retention", lambda: cleanup_tasks(settings)))
+        steps.append(("messages", lambda: cleanup_messages(settings)))
     for name, step in steps:
         if lease is not None and not _still_ours(lease):
             result.lease_lost = True

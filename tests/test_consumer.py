@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import json
 
 import pika
@@ -96,7 +97,7 @@ def test_hostile_filename_is_stored_under_its_hash(broker_settings):
     digest = hashlib.sha256(b"payload").hexdigest()
     assert att.filename == "../../../etc/x"
     assert att.safe_filename == "x" and "/" not in att.safe_filename and "\\" not in att.safe_filename
-    assert att.file_path == f"{digest[:2]}/{digest[2:4]}/{digest}"
+    assert re.fullmatch(rf"parts/\d{{4}}-\d\d-\d\d/{digest}", att.file_path)
     assert (broker_settings.resolved_storage_dir / att.file_path).read_bytes() == b"payload"
 
 

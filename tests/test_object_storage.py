@@ -42,7 +42,8 @@ def test_every_backend_keeps_the_contract(backend, tmp_path):
     results = backend.put_many(blobs)
     raw_key = results[0][0]
     assert raw_key.startswith("raw/") and raw_key.endswith(f"/{digest}.eml")
-    assert results[1] == results[2] == (backend.key_of(hashlib.sha256(b"logo").hexdigest()),
+    day = raw_key.split("/")[1]  # every key of a batch is filed under the day it was stored
+    assert results[1] == results[2] == (backend.key_of(hashlib.sha256(b"logo").hexdigest(), day),
                                         hashlib.sha256(b"logo").hexdigest())
     assert backend.read(raw_key) == message == backend.read_raw(raw_key)  # never the envelope
     assert backend.read(results[1][0]) == b"logo"
@@ -54,7 +55,7 @@ def test_every_backend_keeps_the_contract(backend, tmp_path):
     assert backend.write_new([(key, Blob(b"logo")) for key, _ in results[1:2]]) == 0
     assert backend.put_many([Blob(b"logo")]) == [results[1]]
     with pytest.raises(FileNotFoundError):
-        backend.open(backend.key_of("0" * 64))
+        backend.open(backend.key_of("0" * 64, day))
 
 
 def test_a_store_that_refuses_the_credentials_fails_the_batch_as_storage_errors_do(s3_prefix, tmp_path):

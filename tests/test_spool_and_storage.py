@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 
 import pytest
 
@@ -54,7 +55,7 @@ def test_blobs_are_named_by_hash_and_stored_once(tmp_path):
     store = FolderStore(tmp_path / "storage")
     first, digest = store.put(b"hello")
     again, _ = store.put(b"hello")
-    assert first == again == f"{digest[:2]}/{digest[2:4]}/{digest}"
+    assert first == again and re.fullmatch(rf"parts/\d{{4}}-\d\d-\d\d/{digest}", first)
     assert store.read(first) == b"hello"
     assert [p.name for p in (tmp_path / "storage").rglob("*") if p.is_file()] == [digest]
 
@@ -184,8 +185,7 @@ def test_a_batch_is_durable_before_its_names_and_its_folders_after_them(tmp_path
     assert all(kind == "fsync_dir" for kind, _ in steps[6:])
     root = str(tmp_path / "storage")
     expected = {root, f"{root}/raw", (store.root / results[0][0]).parent.as_posix()}
-    for digest in files:
-        expected |= {f"{root}/{digest[:2]}", f"{root}/{digest[:2]}/{digest[2:4]}"}
+    expected |= {f"{root}/parts", (store.root / results[1][0]).parent.as_posix()}
     assert set(folders) == expected
     depths = [f.count("/") for f in folders]
     assert depths == sorted(depths, reverse=True)
