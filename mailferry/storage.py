@@ -133,7 +133,7 @@ class BlobStore:
 
     def put_many(self, blobs: list[Blob]) -> list[tuple[str, str]]:
         """Store blobs durably, as one batch; (key, sha256) each, in order."""
-        day = time.strftime("%Y-%m-%d", time.gmtime())
+        day = today()
         results, new, queued = [], [], set()
         for blob in blobs:
             digest = blob.sha256 or hashlib.sha256(blob.data).hexdigest()
@@ -177,7 +177,8 @@ class BlobStore:
         raise NotImplementedError
 
     def days(self) -> set[str]:
-        """The days (YYYY-MM-DD) some object is filed under."""
+        """The days (YYYY-MM-DD) objects are filed under; an object store may still list one
+        emptied a moment ago (its folder is removed after)."""
         raise NotImplementedError
 
     def delete_day(self, day: str) -> int:
@@ -190,6 +191,11 @@ class BlobStore:
 
     def describe(self) -> str:
         raise NotImplementedError
+
+
+def today() -> str:
+    """The day new objects are filed under: today's UTC date."""
+    return time.strftime("%Y-%m-%d", time.gmtime())
 
 
 def open_store(url: str, settings) -> BlobStore:

@@ -69,8 +69,10 @@ def cleanup_messages(settings: Settings, store: BlobStore | None = None, *, dry_
             if _received_before(_day_start(day) + MARGIN):
                 log.error("retention: rows received before %s remain; day %s kept", cutoff, day)
                 break
-            summary.objects += store.delete_day(day)
-            summary.days.append(day)
+            deleted = store.delete_day(day)
+            if deleted:  # a store may list a day it emptied a moment ago (SeaweedFS does)
+                summary.objects += deleted
+                summary.days.append(day)
     metrics.retention_objects_deleted.inc(summary.objects)
     if summary.messages or summary.unrouted or summary.days:
         log.info("retention: deleted %d message(s), %d unrouted, %d object(s) of %d day(s)",
@@ -99,7 +101,10 @@ def _expire_messages(store: BlobStore, cutoff: dt.datetime, batch_size: int,
             "kind": "message", "count": len(batch), "attachments": attachments,
             "first_id": ids[0], "last_id": ids[-1], "received_before": _iso(cutoff),
             "users": len({m.user_id for m in batch}), "bytes": sum(m.size for m in batch)})
-        shared = {key for key in keys if BlobStore.day_of_key(key) is None}
+        # (A column holding no key of this store names nothing to delete: a row is read as
+        # hostile too, and one bad row must not stop retention.)
+        shared = {key for key in keys
+                  if BlobStore.day_of_key(key) is None and BlobStore.sha256_of_key(key)}
         unreferenced = sorted(shared - _referenced(shared))
     store.delete(unreferenced)  # after the commit: a crash here leaves objects, never rows without them
     summary.messages += len(batch)
