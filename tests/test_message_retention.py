@@ -164,3 +164,12 @@ def test_mailferry_cleanup_previews_then_deletes_mail_past_its_retention(setting
     assert done.returncode == 0, done.stderr
     assert "deleted 1 message(s)" in done.stdout and report["days"][0] in done.stdout
     assert [m.id for m in EmailMessage.select()] == [new]
+
+
+def test_a_row_naming_no_key_of_the_store_is_deleted_and_nothing_else_touched(settings, monkeypatch):
+    settings = settings.replace(retention_message_days=KEEP_DAYS)
+    bob = add_user("bob@example.org")
+    [old] = _stored_on(settings, monkeypatch, 40, [mailgen.plain(1)], bob)
+    EmailMessage.update(text_path="../../../etc/passwd").where(EmailMessage.id == old).execute()
+    summary = cleanup_messages(settings)
+    assert summary.messages == 1 and not EmailMessage.select().exists()
