@@ -251,7 +251,7 @@ class EmailAttachment(BaseModel):
     safe_filename = CharField(max_length=255)
     content_type = CharField(max_length=255)
     file_size = IntegerField()
-    file_path = CharField(max_length=255)  # ab/cd/<sha256> under the storage root
+    file_path = CharField(max_length=255)  # parts/<day>/<sha256> (ab/cd/<sha256> before 2026-12-07)
     sha256 = CharField(max_length=64)
     is_image = BooleanField(default=False)
     is_inline = BooleanField(default=False)
