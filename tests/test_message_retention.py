@@ -173,3 +173,16 @@ def test_a_row_naming_no_key_of_the_store_is_deleted_and_nothing_else_touched(se
     EmailMessage.update(text_path="../../../etc/passwd").where(EmailMessage.id == old).execute()
     summary = cleanup_messages(settings)
     assert summary.messages == 1 and not EmailMessage.select().exists()
+
+
+def test_the_scheduler_s_tick_applies_the_retention(settings, monkeypatch):
+    from scheduler.tick import run_tick
+    from tests.test_scheduler import ListPublisher
+    settings = settings.replace(retention_message_days=KEEP_DAYS)
+    bob = add_user("bob@example.org")
+    _stored_on(settings, monkeypatch, 40, [mailgen.plain(1)], bob)
+    [new] = store_messages(settings, [mailgen.plain(2)], bob)
+    result = run_tick(settings, ListPublisher())
+    assert "messages" not in result.failed_steps and result.messages.messages == 1
+    assert len(result.messages.days) == 1 and result.messages.objects >= 1
+    assert [m.id for m in EmailMessage.select()] == [new]
