@@ -27,7 +27,6 @@ import hashlib
 import re
 import signal
 import smtplib
-import socket
 import threading
 import time
 import urllib.request
@@ -37,7 +36,7 @@ from pathlib import Path
 from devstack import mailgen
 from devstack.consumers import consumer_process, dead_letters, wait_consuming, wait_for
 from devstack.haraka import HarakaServer
-from devstack.ports import free_port
+from devstack.ports import free_port, port_open
 from devstack.postgres import PostgresServer
 from devstack.rabbitmq import RabbitMQCluster
 from devstack.seaweedfs import SeaweedServer
@@ -312,7 +311,7 @@ def _served_wrong(hosts: list[Host]) -> list[str]:
     for host in hosts:
         port = host.settings.api_port
         try:
-            wait_for(lambda: _listening(port), timeout=30, message=f"host {host.name}'s API listening")
+            wait_for(lambda: port_open(port), timeout=30, message=f"host {host.name}'s API listening")
         except AssertionError as exc:
             wrong.append(f"{host.name}: {exc}")
             continue
@@ -328,14 +327,6 @@ def _served_wrong(hosts: list[Host]) -> list[str]:
             if hashlib.sha256(body).hexdigest() != message.sha256:
                 wrong.append(f"{host.name}: {message.message_id}: other bytes")
     return wrong
-
-
-def _listening(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        return True
-    except OSError:
-        return False
 
 
 def _sound(store: BlobStore, message: EmailMessage) -> bool:

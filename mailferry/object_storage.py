@@ -106,12 +106,16 @@ class S3Store(BlobStore):
         return StoredObject(result.meta["size"], _chunks(result, key))
 
     def keys(self) -> Iterator[str]:
+        for batch in self._listing():
+            for meta in batch:
+                yield meta["path"]
+
+    def _listing(self, prefix: str | None = None) -> Iterator[list]:
+        """The objects under ``prefix`` (all, if None), a batch of metadata at a time."""
         try:
-            for batch in obstore.list(self._client, chunk_size=1000):
-                for meta in batch:
-                    yield meta["path"]
+            yield from obstore.list(self._client, prefix, chunk_size=1000)
         except Exception as exc:  # noqa: BLE001
-            raise StorageUnavailable("LIST", exc) from exc
+            raise StorageUnavailable(f"LIST {prefix}" if prefix else "LIST", exc) from exc
 
     def days(self) -> set[str]:
         found = set()
@@ -129,25 +133,20 @@ class S3Store(BlobStore):
             raise ValueError(f"not a day: {day!r}")
         deleted = 0
         for kind in DAY_FILED:
-            try:
-                for batch in obstore.list(self._client, f"{kind}/{day}/", chunk_size=1000):
-                    self._delete([meta["path"] for meta in batch])
-                    deleted += len(batch)
-            except StorageUnavailable:
-                raise
-            except Exception as exc:  # noqa: BLE001
-                raise StorageUnavailable(f"LIST {kind}/{day}/", exc) from exc
+            for batch in self._listing(f"{kind}/{day}/"):
+                self._delete([meta["path"] for meta in batch])
+                deleted += len(batch)
         return deleted
 
     def delete(self, keys: list[str]) -> None:
-        for start in range(0, len(keys), 1000):  # DeleteObjects takes 1,000 keys a request
-            self._delete([checked_key(key) for key in keys[start:start + 1000]])
+        self._delete([checked_key(key) for key in keys])
 
     def _delete(self, keys: list[str]) -> None:
         if not keys:
             return
         try:
-            obstore.delete(self._client, keys)  # S3: one DeleteObjects; a missing key is no error
+            # S3: DeleteObjects, 1,000 keys a request (obstore splits them); a missing key is no error.
+            obstore.delete(self._client, keys)
         except Exception as exc:  # noqa: BLE001
             raise StorageUnavailable(f"DELETE {len(keys)} objects", exc) from exc
 

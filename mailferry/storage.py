@@ -335,8 +335,8 @@ class FolderStore(BlobStore):
 
 DAY_FILED = ("raw", "parts")  # the top folders whose entries are days
 DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
-_KEY = re.compile(r"(?:raw/(?P<day>\d{4}-\d{2}-\d{2})/(?P<raw>[0-9a-f]{64})\.eml"
-                  r"|parts/(?P<pday>\d{4}-\d{2}-\d{2})/(?P<part>[0-9a-f]{64}))"
+_KEY = re.compile(rf"(?:raw/(?P<day>{DAY.pattern})/(?P<raw>[0-9a-f]{{64}})\.eml"
+                  rf"|parts/(?P<pday>{DAY.pattern})/(?P<part>[0-9a-f]{{64}}))"
                   r"|(?P<a>[0-9a-f]{2})/(?P<b>[0-9a-f]{2})/(?P<blob>(?P=a)(?P=b)[0-9a-f]{60})")
 
 

@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 
 from mailferry import metrics
 from mailferry.config import Settings
-from mailferry.db import is_postgres, translated
+from mailferry.db import translated
 from mailferry.models import AuditLog, EmailAttachment, EmailMessage, UnroutedMessage, utcnow
 from mailferry.storage import BlobStore
-from scheduler.retention import write_transaction
+from scheduler.retention import locked, write_transaction
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +70,10 @@ def cleanup_messages(settings: Settings, store: BlobStore | None = None, *, dry_
                 log.error("retention: rows received before %s remain; day %s kept", cutoff, day)
                 break
             deleted = store.delete_day(day)
+            metrics.retention_objects_deleted.inc(deleted)
             if deleted:  # a store may list a day it emptied a moment ago (SeaweedFS does)
                 summary.objects += deleted
                 summary.days.append(day)
-    metrics.retention_objects_deleted.inc(summary.objects)
     if summary.messages or summary.unrouted or summary.days:
         log.info("retention: deleted %d message(s), %d unrouted, %d object(s) of %d day(s)",
                  summary.messages, summary.unrouted, summary.objects, len(summary.days))
@@ -88,7 +88,7 @@ def _expire_messages(store: BlobStore, cutoff: dt.datetime, batch_size: int,
                                      EmailMessage.text_path, EmailMessage.html_path,
                                      EmailMessage.size)
                  .where(EmailMessage.received_at < cutoff).order_by(EmailMessage.id).limit(batch_size))
-        batch = list(query.for_update() if is_postgres() else query)
+        batch = locked(query)
         if not batch:
             return False
         ids = [m.id for m in batch]
@@ -107,6 +107,7 @@ def _expire_messages(store: BlobStore, cutoff: dt.datetime, batch_size: int,
                   if BlobStore.day_of_key(key) is None and BlobStore.sha256_of_key(key)}
         unreferenced = sorted(shared - _referenced(shared))
     store.delete(unreferenced)  # after the commit: a crash here leaves objects, never rows without them
+    metrics.retention_objects_deleted.inc(len(unreferenced))
     summary.messages += len(batch)
     summary.attachments += attachments
     summary.objects += len(unreferenced)
@@ -121,7 +122,7 @@ def _expire_unrouted(cutoff: dt.datetime, batch_size: int, summary: MessageReten
         query = (UnroutedMessage.select(UnroutedMessage.id, UnroutedMessage.size)
                  .where(UnroutedMessage.created_at < cutoff).order_by(UnroutedMessage.id)
                  .limit(batch_size))
-        batch = list(query.for_update() if is_postgres() else query)
+        batch = locked(query)
         if not batch:
             return False
         ids = [u.id for u in batch]

@@ -58,6 +58,12 @@ def write_transaction():
     return db.atomic(lock_type="IMMEDIATE")  # SQLite: take the write lock before reading
 
 
+def locked(query) -> list:
+    """A batch read inside ``write_transaction``, its rows locked on PostgreSQL (SQLite's write
+    lock is the transaction's)."""
+    return list(query.for_update() if is_postgres() else query)
+
+
 def audit_details(task: EmailTask) -> dict:
     """Statistics for every task; error and details too for those that did not complete."""
     details = {
@@ -103,7 +109,7 @@ def _delete_in_batches(status: str, condition, batch_size: int, summary: Retenti
     while True:
         with write_transaction():
             query = EmailTask.select().where(condition).order_by(EmailTask.id).limit(batch_size)
-            batch = list(query.for_update() if is_postgres() else query)
+            batch = locked(query)
             if not batch:
                 break
             AuditLog.insert_many([{"action": AUDIT_ACTION, "details": audit_details(t),

@@ -6,6 +6,7 @@ nothing a remaining row names is ever touched."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -31,21 +32,26 @@ def where(request, settings):
     return settings.replace(body_storage="storage")
 
 
-def _stored_on(settings, monkeypatch, days_ago: int, raws: list[bytes], user) -> list[int]:
-    """Messages stored as the consumer stores them, ``days_ago`` days ago: their objects filed
-    under that day, their rows received then."""
+@contextlib.contextmanager
+def _filed_on(monkeypatch, days_ago: int):
+    """Objects stored inside it are filed under the day ``days_ago`` days ago; yields when."""
     when = utcnow() - dt.timedelta(days=days_ago)
     with monkeypatch.context() as patch:
         patch.setattr("mailferry.storage.today", lambda: when.strftime("%Y-%m-%d"))
+        yield when
+
+
+def _stored_on(settings, monkeypatch, days_ago: int, raws: list[bytes], user) -> list[int]:
+    """Messages stored as the consumer stores them, ``days_ago`` days ago: their objects filed
+    under that day, their rows received then."""
+    with _filed_on(monkeypatch, days_ago) as when:
         ids = store_messages(settings, raws, user)
     EmailMessage.update(received_at=when).where(EmailMessage.id.in_(ids)).execute()
     return ids
 
 
 def _unrouted_on(settings, monkeypatch, days_ago: int, raw: bytes) -> UnroutedMessage:
-    when = utcnow() - dt.timedelta(days=days_ago)
-    with monkeypatch.context() as patch:
-        patch.setattr("mailferry.storage.today", lambda: when.strftime("%Y-%m-%d"))
+    with _filed_on(monkeypatch, days_ago) as when:
         [(key, digest)] = BlobStore.of(settings).put_many([Blob(raw, raw=True)])
     return UnroutedMessage.create(queue_id=f"U{days_ago}", message_id="<u@example.net>",
                                   raw_path=key, sha256=digest, size=len(raw), created_at=when)
