@@ -20,7 +20,6 @@ from __future__ import annotations
 import functools
 import logging
 import queue as queue_mod
-import signal
 import threading
 import time
 from typing import Callable
@@ -29,7 +28,7 @@ import pika
 
 from consumer.handler import Delivery, Handler, Outcome
 from consumer.pipeline import Lane, attempts_before
-from mailferry import broker, metrics
+from mailferry import broker, metrics, starting
 from mailferry.config import Settings
 from mailferry.contracts import now_iso
 from mailferry.errors import TransientError
@@ -65,8 +64,7 @@ class Runner:
         self._stop.set()
 
     def install_signal_handlers(self) -> None:
-        signal.signal(signal.SIGTERM, self.stop)
-        signal.signal(signal.SIGINT, self.stop)
+        starting.hand_over(self.stop)
 
     def run(self) -> None:
         for lane in self.lanes:

@@ -18,11 +18,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import threading
 import time
 
-from mailferry import broker, health, metrics, outbox
+from mailferry import broker, health, metrics, outbox, starting
 from mailferry.app import bootstrap
 from mailferry.config import Settings
 from mailferry.db import translated
@@ -84,8 +83,7 @@ def main(settings: Settings | None = None) -> int:
     health.add_readiness_check("relay", lambda: relay.last_error)
     metrics.register_outbox_backlog(outbox.backlog)
     health.serve(settings, settings.relay_metrics_port, role="relay")
-    signal.signal(signal.SIGTERM, relay.stop)
-    signal.signal(signal.SIGINT, relay.stop)
+    starting.hand_over(relay.stop)
     log.info("relay: publishing the outbox to %s every %d ms", broker.EVENTS,
              settings.relay_poll_ms)
     started = time.monotonic()

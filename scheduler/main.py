@@ -8,11 +8,10 @@ the lease is released so a standby takes over at once, and the process exits.
 from __future__ import annotations
 
 import logging
-import signal
 import threading
 import time
 
-from mailferry import health, metrics
+from mailferry import health, metrics, starting
 from mailferry.app import bootstrap
 from mailferry.broker import Publisher
 from mailferry.config import Settings
@@ -45,8 +44,7 @@ class Scheduler:
         self.stopping.set()
 
     def install_signal_handlers(self) -> None:
-        signal.signal(signal.SIGTERM, self.stop)
-        signal.signal(signal.SIGINT, self.stop)
+        starting.hand_over(self.stop)
 
     @property
     def renew_every(self) -> float:
