@@ -116,8 +116,11 @@ class Settings:
         "days stored messages, their attachments and unrouted mail are kept; then they are "
         "deleted, and their objects in storage within two days more. 0 keeps them for ever",
         minimum=0))
+    retention_event_days: int = field(default=30, metadata=_meta(
+        "days published events and webhook attempts are kept (unpublished events always "
+        "are). 0 keeps them for ever", minimum=0))
     retention_batch_size: int = field(default=1_000, metadata=_meta(
-        "tasks, or messages, deleted per retention batch", minimum=1))
+        "tasks, messages or events deleted per retention batch", minimum=1))
     imap_batch_size: int = field(default=100, metadata=_meta(
         "messages fetched from IMAP per batch (one checkpoint per batch)", minimum=1))
     imap_batch_bytes: int = field(default=16 * 1024 * 1024, metadata=_meta(

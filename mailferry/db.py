@@ -110,6 +110,13 @@ def _v9_message_retention(database: peewee.Database) -> None:
                              f'ON "{table}" ("{column}"){where}')
 
 
+def _v10_attempts_by_age(database: peewee.Database) -> None:
+    """Event retention deletes attempts by age (published events go by the outbox's own
+    ``(published_at, id)`` index)."""
+    table = models.WebhookAttempt._meta.table_name
+    database.execute_sql(f'CREATE INDEX IF NOT EXISTS "{table}_created_at" ON "{table}" ("created_at")')
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[peewee.Database], None]]] = [
     (1, "initial schema", _v1_initial),
     (2, "attachments: position and the forwarded message they came in", _v2_attachment_nesting),
@@ -120,6 +127,7 @@ MIGRATIONS: list[tuple[int, str, Callable[[peewee.Database], None]]] = [
     (7, "IDLE leases: which consumer holds which mailbox", _v7_idle_leases),
     (8, "messages: the storage keys of bodies kept out of the database", _v8_body_paths),
     (9, "message retention: indexes by age and by shared storage key", _v9_message_retention),
+    (10, "event retention: webhook attempts by age", _v10_attempts_by_age),
 ]
 
 

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 from mailferry.cli.common import open_app, print_json, print_table
+from scheduler.event_retention import cleanup_events
 from scheduler.message_retention import cleanup_messages
 from scheduler.retention import cleanup_tasks, retention_days
 
@@ -14,8 +15,10 @@ def register(sub, groups: dict) -> None:
     cmd.set_defaults(func=lambda args: _run())
 
     cleanup = sub.add_parser("cleanup", help="delete ended tasks past their retention (an audit "
-                                             "row each) and, with retention_message_days set, "
-                                             "stored mail past it (an audit row per batch)")
+                                             "row each), published events and webhook attempts "
+                                             "past retention_event_days and, with "
+                                             "retention_message_days set, stored mail past it "
+                                             "(an audit row per batch)")
     cleanup.add_argument("--dry-run", action="store_true", help="only count what is due")
     cleanup.add_argument("--json", action="store_true")
     cleanup.set_defaults(func=cleanup_command)
@@ -32,13 +35,16 @@ def cleanup_command(args) -> int:
     settings = open_app()
     summary = cleanup_tasks(settings, dry_run=args.dry_run)
     mail = cleanup_messages(settings, dry_run=args.dry_run)
+    events = cleanup_events(settings, dry_run=args.dry_run)
     if args.json:
         print_json({"dry_run": summary.dry_run, "deleted": summary.deleted, "total": summary.total,
                     "retention_days": retention_days(settings),
                     "messages": {"retention_days": settings.retention_message_days,
                                  "messages": mail.messages, "attachments": mail.attachments,
                                  "unrouted": mail.unrouted, "days": mail.days,
-                                 "objects": mail.objects}})
+                                 "objects": mail.objects},
+                    "events": {"retention_days": settings.retention_event_days,
+                               "events": events.events, "webhook_attempts": events.attempts}})
         return 0
     verb = "would delete" if args.dry_run else "deleted"
     days = retention_days(settings)
@@ -55,4 +61,9 @@ def cleanup_command(args) -> int:
         print(f"deleted {mail.messages} message(s) ({mail.attachments} attachment(s)) and "
               f"{mail.unrouted} unrouted, received over {settings.retention_message_days} day(s) "
               f"ago; {mail.objects} object(s) from storage, days {', '.join(mail.days) or 'none'}")
+    if not settings.retention_event_days:
+        print("published events and webhook attempts are kept for ever (retention_event_days = 0)")
+    else:
+        print(f"{verb} {events.events} published event(s) and {events.attempts} webhook "
+              f"attempt(s) older than {settings.retention_event_days} day(s)")
     return 0

@@ -1,5 +1,5 @@
 """One scheduler tick: stale-task cleanup, IMAP fetch jobs, spool sweep, retention (of tasks,
-then of messages).
+then of messages, then of delivery records).
 
 The steps are independent: one that fails (broker down, database locked, or an error nobody
 foresaw) is logged and counted, and the others still run; no error leaves the tick. The
@@ -17,6 +17,7 @@ from mailferry import metrics
 from mailferry.config import Settings
 from mailferry.errors import MailferryError
 from scheduler.cleanup import cleanup_stale_tasks
+from scheduler.event_retention import EventRetentionSummary, cleanup_events
 from scheduler.fetch import FetchSummary, schedule_imap_fetch
 from scheduler.message_retention import MessageRetentionSummary, cleanup_messages
 from scheduler.retention import RetentionSummary, cleanup_tasks
@@ -32,6 +33,7 @@ class TickResult:
     sweep: SweepSummary | None = None
     retention: RetentionSummary | None = None
     messages: MessageRetentionSummary | None = None
+    events: EventRetentionSummary | None = None
     failed_steps: list[str] = field(default_factory=list)
     lease_lost: bool = False
     seconds: float = 0.0
@@ -55,6 +57,7 @@ def run_tick(settings: Settings, publisher, *, lease=None, retention: bool = Tru
     if retention:
         steps.append(("retention", lambda: cleanup_tasks(settings)))
         steps.append(("messages", lambda: cleanup_messages(settings)))
+        steps.append(("events", lambda: cleanup_events(settings)))
     for name, step in steps:
         if lease is not None and not _still_ours(lease):
             result.lease_lost = True
