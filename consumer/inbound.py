@@ -38,7 +38,7 @@ SOURCE = "smtp"
 # A batch closes at a quarter of the prefetch or once it stands for this much mail (the
 # contracts' sizes), whichever comes first: what a consumer holds parsed stays bounded.
 BATCH_BYTES = 16 * 1024 * 1024
-RECEIPT_COLUMNS = ("queue_id", "outcome", "stored_count", "created_at")
+RECEIPT_COLUMNS = ("queue_id", "outcome", "stored_count", "created_at", "node")
 
 
 @dataclass
@@ -251,12 +251,12 @@ class InboundHandler(Handler):
         for item, result in zip(routed, results):
             outcome, result_counts = _outcome_of(result)
             counts.extend(result_counts)
-            receipts.append((item.job.queue_id, outcome, len(result.stored), now))
+            receipts.append((item.job.queue_id, outcome, len(result.stored), now, self.settings.node))
         unrouted = [item for item in prepared if not item.routes]
         for item in unrouted:
             self._log_unrouted(item)
             counts.append(("unrouted", 1))
-            receipts.append((item.job.queue_id, "unrouted", 0, now))
+            receipts.append((item.job.queue_id, "unrouted", 0, now, self.settings.node))
         if unrouted:
             bulk_insert(UnroutedMessage, [self._unrouted_row(item) for item in unrouted])
             outbox.add([_unrouted_event(item) for item in unrouted])
@@ -290,7 +290,7 @@ class InboundHandler(Handler):
                     outcome, counts = _outcome_of(result)
                     stored_count = len(result.stored)
                 InboundReceipt.create(queue_id=job.queue_id, outcome=outcome,
-                                      stored_count=stored_count)
+                                      stored_count=stored_count, node=self.settings.node)
         except peewee.IntegrityError:
             # The same queue id twice in flight (a sweep republished it): already handled.
             return Outcome.ack(), [("duplicate", 1)]

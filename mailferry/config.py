@@ -117,8 +117,9 @@ class Settings:
         "deleted, and their objects in storage within two days more. 0 keeps them for ever",
         minimum=0))
     retention_event_days: int = field(default=30, metadata=_meta(
-        "days published events and webhook attempts are kept (unpublished events always "
-        "are). 0 keeps them for ever", minimum=0))
+        "days published events, webhook attempts and inbound receipts are kept (unpublished "
+        "events always are, and receipts while a spool may hold their mail). 0 keeps them "
+        "for ever", minimum=0))
     retention_batch_size: int = field(default=1_000, metadata=_meta(
         "tasks, messages or events deleted per retention batch", minimum=1))
     imap_batch_size: int = field(default=100, metadata=_meta(

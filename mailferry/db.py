@@ -110,11 +110,20 @@ def _v9_message_retention(database: peewee.Database) -> None:
                              f'ON "{table}" ("{column}"){where}')
 
 
-def _v10_attempts_by_age(database: peewee.Database) -> None:
-    """Event retention deletes attempts by age (published events go by the outbox's own
-    ``(published_at, id)`` index)."""
-    table = models.WebhookAttempt._meta.table_name
-    database.execute_sql(f'CREATE INDEX IF NOT EXISTS "{table}_created_at" ON "{table}" ("created_at")')
+def _v10_delivery_retention(database: peewee.Database) -> None:
+    """Delivery retention deletes attempts by age (published events go by the outbox's own
+    ``(published_at, id)`` index), and receipts by their spool's node and age, once that
+    spool's sweep has reported a floor (``SpoolFloor``)."""
+    receipt = models.InboundReceipt._meta.table_name
+    if "node" not in {c.name for c in database.get_columns(receipt)}:  # v1 made it
+        migrate(SchemaMigrator.from_database(database).add_column(
+            receipt, "node", models.InboundReceipt._meta.fields["node"]))
+    database.create_tables([models.SpoolFloor], safe=True)  # v1 made it
+    attempt = models.WebhookAttempt._meta.table_name
+    database.execute_sql(f'CREATE INDEX IF NOT EXISTS "{attempt}_created_at" '
+                         f'ON "{attempt}" ("created_at")')
+    database.execute_sql(f'CREATE INDEX IF NOT EXISTS "{receipt}_node_created_at" '
+                         f'ON "{receipt}" ("node", "created_at")')
 
 
 MIGRATIONS: list[tuple[int, str, Callable[[peewee.Database], None]]] = [
@@ -127,7 +136,8 @@ MIGRATIONS: list[tuple[int, str, Callable[[peewee.Database], None]]] = [
     (7, "IDLE leases: which consumer holds which mailbox", _v7_idle_leases),
     (8, "messages: the storage keys of bodies kept out of the database", _v8_body_paths),
     (9, "message retention: indexes by age and by shared storage key", _v9_message_retention),
-    (10, "event retention: webhook attempts by age", _v10_attempts_by_age),
+    (10, "delivery retention: attempts by age, receipts by node and age, spool floors",
+     _v10_delivery_retention),
 ]
 
 

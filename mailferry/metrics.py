@@ -123,9 +123,9 @@ retention_deleted = Counter(
 retention_messages_deleted = Counter(
     "mailferry_retention_messages_deleted", "Stored messages (kind message) and unrouted mail "
     "(kind unrouted) deleted by retention_message_days", ["kind"])
-retention_events_deleted = Counter(
-    "mailferry_retention_events_deleted", "Published events (kind event) and webhook attempts "
-    "(kind webhook_attempt) deleted by retention_event_days", ["kind"])
+retention_deliveries_deleted = Counter(
+    "mailferry_retention_deliveries_deleted", "Published events (kind event), webhook attempts "
+    "(webhook_attempt) and inbound receipts (receipt) deleted by retention_event_days", ["kind"])
 retention_objects_deleted = Counter(
     "mailferry_retention_objects_deleted", "Objects deleted from storage by message retention")
 
@@ -148,9 +148,9 @@ def _initialise_series() -> None:
         scheduler_ticks.labels(outcome)
     for kind in ("message", "unrouted"):
         retention_messages_deleted.labels(kind)
-    for kind in ("event", "webhook_attempt"):
-        retention_events_deleted.labels(kind)
-    for step in ("stale", "fetch", "sweep", "retention", "messages", "events", "tick"):
+    for kind in ("event", "webhook_attempt", "receipt"):
+        retention_deliveries_deleted.labels(kind)
+    for step in ("stale", "fetch", "sweep", "retention", "messages", "deliveries", "tick"):
         scheduler_tick_failures.labels(step)
 
 

@@ -15,7 +15,7 @@ import uuid
 import peewee
 from peewee import (
     BigIntegerField, BooleanField, DatabaseProxy, DateTimeField, ForeignKeyField,
-    IntegerField, Model,
+    IntegerField, Model, SQL,
 )
 
 db = DatabaseProxy()
@@ -287,6 +287,24 @@ class InboundReceipt(BaseModel):
     outcome = CharField(max_length=16)  # stored | duplicate | unrouted
     stored_count = IntegerField(default=0)
     created_at = DateTimeField(default=utcnow, index=True)
+    # Whose spool held it (MAILFERRY_NODE); '' for one host, and for receipts written before
+    # receipts named their node. A default in the schema too: not every writer names it.
+    node = CharField(max_length=64, default="", constraints=[SQL("DEFAULT ''")])
+
+
+class SpoolFloor(BaseModel):
+    """Per host's spool (``node``), reported by its spool sweep: no record left on that spool
+    needs a receipt created before ``floor``, so older receipts of that node may go
+    (``scheduler.delivery_retention``). A host that stops reporting holds its floor."""
+
+    node = CharField(max_length=64, primary_key=True)
+    floor = DateTimeField()
+    reported_at = DateTimeField(default=utcnow)
+
+    @classmethod
+    def report(cls, node: str, floor: dt.datetime, at: dt.datetime) -> None:
+        cls.insert(node=node, floor=floor, reported_at=at).on_conflict(
+            conflict_target=[cls.node], update={cls.floor: floor, cls.reported_at: at}).execute()
 
 
 class AuditLog(BaseModel):
@@ -386,5 +404,5 @@ class ApiToken(BaseModel):
 ALL_MODELS = [
     SchemaVersion, User, EmailAlias, Settings, MailboxState, EmailTask, TaskLog,
     EmailMessage, EmailAttachment, UnroutedMessage, InboundReceipt, AuditLog, SchedulerLease,
-    Event, WebhookEndpoint, WebhookAttempt, ApiToken, IdleLease, IdleHolder,
+    Event, WebhookEndpoint, WebhookAttempt, ApiToken, IdleLease, IdleHolder, SpoolFloor,
 ]

@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 from mailferry.cli.common import open_app, print_json, print_table
-from scheduler.event_retention import cleanup_events
+from scheduler.delivery_retention import cleanup_deliveries, retire_node
 from scheduler.message_retention import cleanup_messages
 from scheduler.retention import cleanup_tasks, retention_days
 
@@ -15,12 +15,16 @@ def register(sub, groups: dict) -> None:
     cmd.set_defaults(func=lambda args: _run())
 
     cleanup = sub.add_parser("cleanup", help="delete ended tasks past their retention (an audit "
-                                             "row each), published events and webhook attempts "
-                                             "past retention_event_days and, with "
+                                             "row each), published events, webhook attempts "
+                                             "and inbound receipts past retention_event_days "
+                                             "and, with "
                                              "retention_message_days set, stored mail past it "
                                              "(an audit row per batch)")
     cleanup.add_argument("--dry-run", action="store_true", help="only count what is due")
     cleanup.add_argument("--json", action="store_true")
+    cleanup.add_argument("--retired-node", metavar="NODE",
+                         help="first record that this MAILFERRY_NODE's spool is gone for good "
+                              "(the host was retired), so its inbound receipts may go")
     cleanup.set_defaults(func=cleanup_command)
 
 
@@ -33,9 +37,11 @@ def _run() -> int:
 
 def cleanup_command(args) -> int:
     settings = open_app()
+    if args.retired_node is not None and not args.dry_run:
+        retire_node(args.retired_node)
     summary = cleanup_tasks(settings, dry_run=args.dry_run)
     mail = cleanup_messages(settings, dry_run=args.dry_run)
-    events = cleanup_events(settings, dry_run=args.dry_run)
+    deliveries = cleanup_deliveries(settings, dry_run=args.dry_run)
     if args.json:
         print_json({"dry_run": summary.dry_run, "deleted": summary.deleted, "total": summary.total,
                     "retention_days": retention_days(settings),
@@ -43,8 +49,11 @@ def cleanup_command(args) -> int:
                                  "messages": mail.messages, "attachments": mail.attachments,
                                  "unrouted": mail.unrouted, "days": mail.days,
                                  "objects": mail.objects},
-                    "events": {"retention_days": settings.retention_event_days,
-                               "events": events.events, "webhook_attempts": events.attempts}})
+                    "deliveries": {"retention_days": settings.retention_event_days,
+                                   "events": deliveries.events,
+                                   "webhook_attempts": deliveries.attempts,
+                                   "receipts": deliveries.receipts,
+                                   "receipts_held_by": deliveries.held}})
         return 0
     verb = "would delete" if args.dry_run else "deleted"
     days = retention_days(settings)
@@ -62,8 +71,16 @@ def cleanup_command(args) -> int:
               f"{mail.unrouted} unrouted, received over {settings.retention_message_days} day(s) "
               f"ago; {mail.objects} object(s) from storage, days {', '.join(mail.days) or 'none'}")
     if not settings.retention_event_days:
-        print("published events and webhook attempts are kept for ever (retention_event_days = 0)")
-    else:
-        print(f"{verb} {events.events} published event(s) and {events.attempts} webhook "
-              f"attempt(s) older than {settings.retention_event_days} day(s)")
+        print("published events, webhook attempts and receipts are kept for ever "
+              "(retention_event_days = 0)")
+        return 0
+    print(f"{verb} {deliveries.events} published event(s), {deliveries.attempts} webhook "
+          f"attempt(s) and {deliveries.receipts} inbound receipt(s) older than "
+          f"{settings.retention_event_days} day(s)")
+    for node, floor in deliveries.held.items():
+        name = f"node {node!r}" if node else "this host (no MAILFERRY_NODE)"
+        print(f"  receipts of {name} kept " + (
+            "for ever: its spool sweep has not reported (a retired host: --retired-node)"
+            if floor is None else f"from before {floor}: its spool still holds mail stored "
+                                  "then, or its sweep stopped reporting then"))
     return 0

@@ -24,6 +24,7 @@ tail (a crash before its fdatasync: never acknowledged) is never read.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
 import stat
@@ -37,7 +38,7 @@ from mailferry import broker, metrics
 from mailferry.config import Settings
 from mailferry.contracts import InboundJob
 from mailferry.errors import ContractError, MailferryError, TransientError
-from mailferry.models import InboundReceipt, TaskSource, TaskStatus
+from mailferry.models import InboundReceipt, SpoolFloor, TaskSource, TaskStatus, utcnow
 from mailferry.spool import (
     ENVELOPE_MAX, NotRegularFile, Spool, read_regular, read_segment, split_envelope,
 )
@@ -55,8 +56,16 @@ class SweepSummary:
     quarantined: int = 0
     deferred: int = 0
     segments_removed: int = 0
+    unread_segments: int = 0
+    oldest_kept_receipt: dt.datetime | None = None  # of a message still on the spool
     task_id: str | None = None
     status: str | None = None
+
+    def keeps(self, receipt_times) -> None:
+        """Messages with receipts written at ``receipt_times`` are still on the spool."""
+        for when in receipt_times:
+            if self.oldest_kept_receipt is None or when < self.oldest_kept_receipt:
+                self.oldest_kept_receipt = when
 
 
 def orphaned_files(spool: Spool, age: int, now: float | None = None) -> list[Path]:
@@ -93,10 +102,11 @@ def envelope_from_file(path: Path, queue_id: str) -> InboundJob | None:
     return job
 
 
-def _receipts(queue_ids: list[str]) -> set[str]:
-    done: set[str] = set()
+def _receipts(queue_ids: list[str]) -> dict[str, dt.datetime]:
+    """The queue ids of these that have a receipt, with when it was written."""
+    done: dict[str, dt.datetime] = {}
     for chunk in peewee.chunked(queue_ids, 500):
-        done.update(row[0] for row in InboundReceipt.select(InboundReceipt.queue_id)
+        done.update(InboundReceipt.select(InboundReceipt.queue_id, InboundReceipt.created_at)
                     .where(InboundReceipt.queue_id.in_(chunk)).tuples())
     return done
 
@@ -129,12 +139,17 @@ def sweep_segments(spool: Spool, settings: Settings, summary: SweepSummary,
             records = read_segment(path)
         except OSError as exc:
             log.error("spool sweep: cannot read segment %s: %s", path.name, exc)
+            summary.unread_segments += 1
             continue
-        left = not_done(spool, records)
+        waiting = [job for job in records.jobs if job.queue_id not in records.withdrawn]
+        stored = _receipts([job.queue_id for job in waiting])
+        left = _not_done(spool, waiting, stored)
         if not left:
             spool.remove(path)
             summary.segments_removed += 1
-        elif info.st_mtime < now - settings.spool_sweep_age:
+            continue
+        summary.keeps(stored.values())  # the segment stays, and the need for these receipts
+        if info.st_mtime < now - settings.spool_sweep_age:
             orphans.append(SegmentOrphans(path, left))
     return orphans
 
@@ -142,17 +157,24 @@ def sweep_segments(spool: Spool, settings: Settings, summary: SweepSummary,
 def not_done(spool: Spool, records) -> list[InboundJob]:
     """A segment's messages neither stored, withdrawn nor quarantined."""
     waiting = [job for job in records.jobs if job.queue_id not in records.withdrawn]
-    stored = _receipts([job.queue_id for job in waiting])
+    return _not_done(spool, waiting, _receipts([job.queue_id for job in waiting]))
+
+
+def _not_done(spool: Spool, waiting: list[InboundJob], stored) -> list[InboundJob]:
     return [job for job in waiting if job.queue_id not in stored
             and not (spool.failed / f"{job.queue_id}.eml").exists()]
 
 
 def sweep_spool(settings: Settings, publisher, now: float | None = None) -> SweepSummary:
+    started = utcnow()
     spool = Spool(settings.resolved_spool_dir).ensure()
     files = orphaned_files(spool, settings.spool_sweep_age, now)
     summary = SweepSummary(found=len(files))
     segment_orphans = sweep_segments(spool, settings, summary, now)
     summary.found += sum(len(s.jobs) for s in segment_orphans)
+    done = _receipts([p.stem for p in files])
+    summary.keeps(done.values())  # removed below, unless that fails
+    _report_floor(settings, summary, started)
     if not summary.found:
         return summary  # nothing to record: a task per idle tick would only fill the table
     task = create_task(TaskSource.HARAKA, None, timeout_seconds=settings.task_timeout,
@@ -162,7 +184,7 @@ def sweep_spool(settings: Settings, publisher, now: float | None = None) -> Swee
     if task.status == TaskStatus.SKIPPED or start_task(task.task_id) is None:
         return summary
     try:
-        _sweep(settings, spool, files, publisher, summary)
+        _sweep(settings, spool, files, done, publisher, summary)
         _republish_segments(settings, segment_orphans, publisher, summary)
     except (MailferryError, peewee.PeeweeException, OSError) as exc:
         fail_task(task.task_id, f"spool sweep failed: {exc}", fetched=summary.found,
@@ -185,8 +207,21 @@ def sweep_spool(settings: Settings, publisher, now: float | None = None) -> Swee
     return summary
 
 
-def _sweep(settings: Settings, spool: Spool, files: list[Path], publisher, summary: SweepSummary) -> None:
-    done = _receipts([p.stem for p in files])
+def _report_floor(settings: Settings, summary: SweepSummary, started: dt.datetime) -> None:
+    """Tell delivery retention which of this node's receipts the spool may still need: those
+    of the messages it holds, and any written from now on. A receipt of a file or a segment
+    too young to be read here was written after that file or segment was (the
+    sweep never republishes what has a receipt), so minutes before ``started``: the retention's
+    margin of a day covers it. A segment that could not be read may need any receipt: no
+    floor then."""
+    if summary.unread_segments:
+        return
+    floor = min(filter(None, [started, summary.oldest_kept_receipt]))
+    SpoolFloor.report(settings.node, floor, started)
+
+
+def _sweep(settings: Settings, spool: Spool, files: list[Path], done, publisher,
+           summary: SweepSummary) -> None:
     key = broker.inbound_key(settings)
     waiting = publisher.queue_depth(broker.inbound_queue(settings))
     for path in files:

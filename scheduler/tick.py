@@ -17,7 +17,7 @@ from mailferry import metrics
 from mailferry.config import Settings
 from mailferry.errors import MailferryError
 from scheduler.cleanup import cleanup_stale_tasks
-from scheduler.event_retention import EventRetentionSummary, cleanup_events
+from scheduler.delivery_retention import DeliveryRetentionSummary, cleanup_deliveries
 from scheduler.fetch import FetchSummary, schedule_imap_fetch
 from scheduler.message_retention import MessageRetentionSummary, cleanup_messages
 from scheduler.retention import RetentionSummary, cleanup_tasks
@@ -33,7 +33,7 @@ class TickResult:
     sweep: SweepSummary | None = None
     retention: RetentionSummary | None = None
     messages: MessageRetentionSummary | None = None
-    events: EventRetentionSummary | None = None
+    deliveries: DeliveryRetentionSummary | None = None
     failed_steps: list[str] = field(default_factory=list)
     lease_lost: bool = False
     seconds: float = 0.0
@@ -57,7 +57,7 @@ def run_tick(settings: Settings, publisher, *, lease=None, retention: bool = Tru
     if retention:
         steps.append(("retention", lambda: cleanup_tasks(settings)))
         steps.append(("messages", lambda: cleanup_messages(settings)))
-        steps.append(("events", lambda: cleanup_events(settings)))
+        steps.append(("deliveries", lambda: cleanup_deliveries(settings)))
     for name, step in steps:
         if lease is not None and not _still_ours(lease):
             result.lease_lost = True
