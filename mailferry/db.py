@@ -126,6 +126,10 @@ def _v10_delivery_retention(database: peewee.Database) -> None:
                          f'ON "{receipt}" ("node", "created_at")')
 
 
+def _v11_pending_deletes(database: peewee.Database) -> None:
+    database.create_tables([models.PendingDelete], safe=True)  # v1 made it
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[peewee.Database], None]]] = [
     (1, "initial schema", _v1_initial),
     (2, "attachments: position and the forwarded message they came in", _v2_attachment_nesting),
@@ -138,6 +142,7 @@ MIGRATIONS: list[tuple[int, str, Callable[[peewee.Database], None]]] = [
     (9, "message retention: indexes by age and by shared storage key", _v9_message_retention),
     (10, "delivery retention: attempts by age, receipts by node and age, spool floors",
      _v10_delivery_retention),
+    (11, "message retention: shared objects pending deletion", _v11_pending_deletes),
 ]
 
 

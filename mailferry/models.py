@@ -292,6 +292,17 @@ class InboundReceipt(BaseModel):
     node = CharField(max_length=64, default="", constraints=[SQL("DEFAULT ''")])
 
 
+class PendingDelete(BaseModel):
+    """An object no row names any more, to be deleted from storage: written in the transaction
+    that deleted its last row, removed once the store has deleted it, so a DELETE that failed
+    (or a crash before it) is retried by the next retention run instead of leaking the object.
+    Only shared keys of before objects were filed by day (``ab/cd/<sha256>``) need it: those
+    are never written again, so nothing can come to name one meanwhile."""
+
+    key = CharField(max_length=255, unique=True)
+    created_at = DateTimeField(default=utcnow)
+
+
 class SpoolFloor(BaseModel):
     """Per host's spool (``node``), reported by its spool sweep: no record left on that spool
     needs a receipt created before ``floor``, so older receipts of that node may go
@@ -405,4 +416,5 @@ ALL_MODELS = [
     SchemaVersion, User, EmailAlias, Settings, MailboxState, EmailTask, TaskLog,
     EmailMessage, EmailAttachment, UnroutedMessage, InboundReceipt, AuditLog, SchedulerLease,
     Event, WebhookEndpoint, WebhookAttempt, ApiToken, IdleLease, IdleHolder, SpoolFloor,
+    PendingDelete,
 ]

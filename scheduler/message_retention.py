@@ -14,7 +14,9 @@ deletes, with no reference counting and no race with a consumer writing the same
 today (today's copy is another key). The objects of duplicates whose rows were refused go
 with their day too. Shared keys from before objects were filed by day (``ab/cd/<sha256>``)
 are never written again, so a reference check inside the deleting transaction is enough:
-one goes when the last row naming it does.
+one goes when the last row naming it does, by a ``PendingDelete`` row written in that
+transaction and removed once the store deleted it (a DELETE that fails is tried again by
+the next run, not leaked).
 """
 
 from __future__ import annotations
@@ -26,7 +28,10 @@ from dataclasses import dataclass, field
 from mailferry import metrics
 from mailferry.config import Settings
 from mailferry.db import translated
-from mailferry.models import AuditLog, EmailAttachment, EmailMessage, UnroutedMessage, utcnow
+from mailferry.db import insert_rows
+from mailferry.models import (
+    AuditLog, EmailAttachment, EmailMessage, PendingDelete, UnroutedMessage, utcnow,
+)
 from mailferry.storage import BlobStore
 from scheduler.retention import locked, write_transaction
 
@@ -56,6 +61,8 @@ def cleanup_messages(settings: Settings, store: BlobStore | None = None, *, dry_
     cutoff = now - dt.timedelta(days=settings.retention_message_days)
     store = store or BlobStore.of(settings)
     with translated("message retention"):
+        if not dry_run:
+            _delete_pending(store, summary)  # what a run before could not
         if dry_run:
             summary.messages = EmailMessage.select().where(EmailMessage.received_at < cutoff).count()
             summary.unrouted = UnroutedMessage.select().where(UnroutedMessage.created_at < cutoff).count()
@@ -106,13 +113,24 @@ def _expire_messages(store: BlobStore, cutoff: dt.datetime, batch_size: int,
         shared = {key for key in keys
                   if BlobStore.day_of_key(key) is None and BlobStore.sha256_of_key(key)}
         unreferenced = sorted(shared - _referenced(shared))
-    store.delete(unreferenced)  # after the commit: a crash here leaves objects, never rows without them
-    metrics.retention_objects_deleted.inc(len(unreferenced))
+        insert_rows(PendingDelete, ("key", "created_at"), [(key, now) for key in unreferenced],
+                    skip_duplicates=True)
     summary.messages += len(batch)
     summary.attachments += attachments
-    summary.objects += len(unreferenced)
     metrics.retention_messages_deleted.labels("message").inc(len(batch))
+    _delete_pending(store, summary)  # after the commit: no row ever names a deleted object
     return len(batch) == batch_size
+
+
+def _delete_pending(store: BlobStore, summary: MessageRetentionSummary) -> None:
+    """Delete the objects pending deletion, then their rows; a failure leaves the rows for the
+    next run."""
+    while keys := [row[0] for row in PendingDelete.select(PendingDelete.key)
+                   .order_by(PendingDelete.id).limit(IN_CHUNK).tuples()]:
+        store.delete(keys)
+        PendingDelete.delete().where(PendingDelete.key.in_(keys)).execute()
+        metrics.retention_objects_deleted.inc(len(keys))
+        summary.objects += len(keys)
 
 
 def _expire_unrouted(cutoff: dt.datetime, batch_size: int, summary: MessageRetentionSummary,

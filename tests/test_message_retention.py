@@ -192,3 +192,28 @@ def test_the_scheduler_s_tick_applies_the_retention(settings, monkeypatch):
     assert "messages" not in result.failed_steps and result.messages.messages == 1
     assert len(result.messages.days) == 1 and result.messages.objects >= 1
     assert [m.id for m in EmailMessage.select()] == [new]
+
+
+def test_a_shared_object_whose_delete_failed_is_deleted_by_the_next_run(where, monkeypatch):
+    """The rows went, the store refused the DELETE: the key waits in PendingDelete, not
+    leaked, and the next run deletes it."""
+    from mailferry.object_storage import StorageUnavailable
+    from mailferry.models import PendingDelete
+    settings = where.replace(retention_message_days=KEEP_DAYS)
+    bob = add_user("bob@example.org")
+    store = BlobStore.of(settings)
+    _stored_on(settings, monkeypatch, 40, [mailgen.with_attachment(1, "old.bin", b"old" * 100)], bob)
+    shared = _legacy(store, EmailAttachment.get(EmailAttachment.filename == "old.bin"))
+
+    def refused(keys):
+        raise StorageUnavailable("DELETE", OSError("503 Slow Down"))
+    with monkeypatch.context() as patch:
+        patch.setattr(store, "delete", refused)
+        with pytest.raises(StorageUnavailable):
+            cleanup_messages(settings, store)
+    assert not EmailMessage.select().exists() and _exists(store, shared)
+    assert [p.key for p in PendingDelete.select()] == [shared]
+
+    summary = cleanup_messages(settings, store)
+    assert summary.messages == 0 and summary.objects >= 1
+    assert not _exists(store, shared) and not PendingDelete.select().exists()
