@@ -55,6 +55,7 @@ class _Due:
     kind: str  # event | webhook_attempt | receipt
     model: type[peewee.Model]
     condition: peewee.Expression
+    age: peewee.Field  # the indexed column the condition bounds: batches are read in its order
     before: dt.datetime
     node: str | None = None  # a receipt's spool
 
@@ -95,10 +96,12 @@ def retire_node(node: str, now: dt.datetime | None = None) -> None:
 
 
 def _due(cutoff: dt.datetime, summary: DeliveryRetentionSummary):
-    yield _Due("event", Event, Event.published_at < cutoff, cutoff)  # NULL (unpublished) is never < cutoff
-    yield _Due("webhook_attempt", WebhookAttempt, WebhookAttempt.created_at < cutoff, cutoff)
+    # (NULL, an unpublished event, is never < cutoff.)
+    yield _Due("event", Event, Event.published_at < cutoff, Event.published_at, cutoff)
+    yield _Due("webhook_attempt", WebhookAttempt, WebhookAttempt.created_at < cutoff,
+               WebhookAttempt.created_at, cutoff)
     floors = dict(SpoolFloor.select(SpoolFloor.node, SpoolFloor.floor).tuples())
-    for (node,) in InboundReceipt.select(InboundReceipt.node).distinct().order_by(InboundReceipt.node).tuples():
+    for node in _receipt_nodes():
         if node not in floors:
             summary.held[node] = None
             continue
@@ -106,7 +109,21 @@ def _due(cutoff: dt.datetime, summary: DeliveryRetentionSummary):
         if before < cutoff:
             summary.held[node] = floors[node].isoformat(timespec="seconds") + "Z"
         yield _Due("receipt", InboundReceipt,
-                   (InboundReceipt.node == node) & (InboundReceipt.created_at < before), before, node)
+                   (InboundReceipt.node == node) & (InboundReceipt.created_at < before),
+                   InboundReceipt.created_at, before, node)
+
+
+def _receipt_nodes() -> list[str]:
+    """The nodes receipts name, one index probe each (a loose index scan on (node,
+    created_at)): a DISTINCT would read every receipt, each tick."""
+    table = InboundReceipt._meta.table_name
+    cursor = InboundReceipt._meta.database.execute_sql(
+        f'WITH RECURSIVE nodes(node) AS ('
+        f' SELECT MIN("node") FROM "{table}"'
+        f' UNION ALL SELECT (SELECT MIN("node") FROM "{table}" WHERE "node" > nodes.node)'
+        f' FROM nodes WHERE nodes.node IS NOT NULL)'
+        f' SELECT node FROM nodes WHERE node IS NOT NULL')
+    return [row[0] for row in cursor.fetchall()]
 
 
 def _apply(due: _Due, batch_size: int, dry_run: bool, now: dt.datetime) -> int:
@@ -126,10 +143,10 @@ def _expire(due: _Due, batch_size: int, now: dt.datetime) -> int:
     model = due.model
     with write_transaction():
         ids = [row.id for row in locked(model.select(model.id).where(due.condition)
-                                        .order_by(model.id).limit(batch_size))]
+                                        .order_by(due.age).limit(batch_size))]
         if not ids:
             return 0
         deleted = model.delete().where(model.id.in_(ids) & due.condition).execute()
         AuditLog.create(action=AUDIT_ACTION, created_at=now, details={
-            **due.audit(), "count": deleted, "first_id": ids[0], "last_id": ids[-1]})
+            **due.audit(), "count": deleted, "first_id": min(ids), "last_id": max(ids)})
     return deleted
