@@ -29,6 +29,7 @@ import peewee
 
 from mailferry import metrics
 from mailferry.config import Settings
+from mailferry.contracts import iso_utc
 from mailferry.db import translated
 from mailferry.models import AuditLog, Event, InboundReceipt, SpoolFloor, WebhookAttempt, utcnow
 from scheduler.retention import locked, write_transaction
@@ -60,7 +61,7 @@ class _Due:
     node: str | None = None  # a receipt's spool
 
     def audit(self) -> dict:
-        return {"kind": self.kind, "before": self.before.isoformat(timespec="seconds") + "Z",
+        return {"kind": self.kind, "before": iso_utc(self.before),
                 **({} if self.node is None else {"node": self.node})}
 
 
@@ -107,7 +108,7 @@ def _due(cutoff: dt.datetime, summary: DeliveryRetentionSummary):
             continue
         before = min(cutoff, floors[node] - FLOOR_MARGIN)
         if before < cutoff:
-            summary.held[node] = floors[node].isoformat(timespec="seconds") + "Z"
+            summary.held[node] = iso_utc(floors[node])
         yield _Due("receipt", InboundReceipt,
                    (InboundReceipt.node == node) & (InboundReceipt.created_at < before),
                    InboundReceipt.created_at, before, node)

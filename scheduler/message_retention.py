@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 from mailferry import metrics
 from mailferry.config import Settings
+from mailferry.contracts import iso_utc
 from mailferry.db import translated
 from mailferry.db import insert_rows
 from mailferry.models import (
@@ -107,7 +108,7 @@ def _expire_messages(store: BlobStore, cutoff: dt.datetime, batch_size: int,
         EmailMessage.delete().where(EmailMessage.id.in_(ids)).execute()
         AuditLog.create(action=AUDIT_ACTION, created_at=now, details={
             "kind": "message", "count": len(batch), "attachments": attachments,
-            "first_id": min(ids), "last_id": max(ids), "received_before": _iso(cutoff),
+            "first_id": min(ids), "last_id": max(ids), "received_before": iso_utc(cutoff),
             "users": len({m.user_id for m in batch}), "bytes": sum(m.size for m in batch)})
         # (A column holding no key of this store names nothing to delete: a row is read as
         # hostile too, and one bad row must not stop retention.)
@@ -148,7 +149,7 @@ def _expire_unrouted(cutoff: dt.datetime, batch_size: int, summary: MessageReten
         UnroutedMessage.delete().where(UnroutedMessage.id.in_(ids)).execute()
         AuditLog.create(action=AUDIT_ACTION, created_at=now, details={
             "kind": "unrouted", "count": len(batch), "first_id": min(ids), "last_id": max(ids),
-            "received_before": _iso(cutoff), "bytes": sum(u.size for u in batch)})
+            "received_before": iso_utc(cutoff), "bytes": sum(u.size for u in batch)})
     summary.unrouted += len(batch)
     metrics.retention_messages_deleted.labels("unrouted").inc(len(batch))
     return len(batch) == batch_size
@@ -180,7 +181,3 @@ def _received_before(moment: dt.datetime) -> bool:
 
 def _day_start(day: str) -> dt.datetime:
     return dt.datetime.strptime(day, "%Y-%m-%d")
-
-
-def _iso(value: dt.datetime) -> str:
-    return value.isoformat(timespec="seconds") + "Z"
