@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from mailferry import metrics
 from mailferry.config import Settings
+from mailferry.contracts import iso_utc
 from mailferry.db import is_postgres, translated
 from mailferry.models import AuditLog, EmailTask, TaskLog, TaskStatus, db, utcnow
 
@@ -68,8 +69,8 @@ def audit_details(task: EmailTask) -> dict:
     """Statistics for every task; error and details too for those that did not complete."""
     details = {
         "task_id": task.task_id, "source": task.email_source, "user_id": task.user_id,
-        "status": task.status, "created_at": _iso(task.created_at),
-        "started_at": _iso(task.started_at), "completed_at": _iso(task.completed_at),
+        "status": task.status, "created_at": iso_utc(task.created_at),
+        "started_at": iso_utc(task.started_at), "completed_at": iso_utc(task.completed_at),
         "duration_seconds": (round((task.completed_at - task.started_at).total_seconds(), 3)
                              if task.started_at and task.completed_at else None),
         "emails_fetched": task.emails_fetched, "emails_saved": task.emails_saved,
@@ -79,10 +80,6 @@ def audit_details(task: EmailTask) -> dict:
         details["error_message"] = task.error_message
         details["details"] = task.details
     return details
-
-
-def _iso(value: dt.datetime | None) -> str | None:
-    return value.isoformat(timespec="seconds") + "Z" if value else None
 
 
 def cleanup_tasks(settings: Settings, *, dry_run: bool = False,
